@@ -1,0 +1,28 @@
+"""One exception type for bad user input, and the command-line wrapper that turns it into one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+#: Exit status of every command for bad input (files, flags, configs), as argparse uses.
+EXIT_USAGE = 2
+
+
+class UserInputError(ValueError):
+    """Bad input from the user: the message is one line saying what, where and how to fix it."""
+
+
+def fail(message: str) -> NoReturn:
+    """Print `error: message` on stderr and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a command's `main`, turning `UserInputError` into one line on stderr and exit status 2."""
+    try:
+        return main(argv) or 0
+    except UserInputError as err:
+        fail(str(err))

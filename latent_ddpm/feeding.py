@@ -1,0 +1,200 @@
+"""Normalisation statistics and the training loop's batch feeder.
+
+`compute_stats` makes one streaming pass over a latent dataset (float64, Chan's parallel merge) and
+returns `LatentStats`, which normalises batches and is saved with the run. `LatentFeeder` yields raw
+(latents, labels) batches in an order fixed by (seed, epoch), sharded over ranks, resumable mid-epoch,
+either from a copy of the whole set on the device or through a DataLoader over the Arrow dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data import DataError, iter_chunks
+
+#: Default budget for keeping the whole dataset on the device (bytes of latents + labels).
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
+#: Modes of `compute_stats`: per-channel mean/std, one mean/std for all channels, or identity.
+STATS_MODES = ("channel", "global", "none")
+
+
+@dataclass
+class LatentStats:
+    """Normalisation of latents: `normalize(x) = (x - mean) / std` per channel; JSON-able via `to_dict`.
+
+    `mode` is "channel", "global", "scale" (from a scaling factor: mean 0, std 1/s) or "none"
+    (`mean`/`std` None, identity). `mean`/`std` have one entry per channel (repeated for "global").
+    """
+
+    mode: str
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return mean, std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Data scale -> model scale, for (C, H, W) or (B, C, H, W) tensors."""
+        if self.mean is None:
+            return x
+        mean, std = self._params(x)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model scale -> data scale (the inverse of `normalize`)."""
+        if self.mean is None:
+            return x
+        mean, std = self._params(x)
+        return x * std + mean
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LatentStats:
+        return cls(mode=d["mode"], mean=d.get("mean"), std=d.get("std"))
+
+
+def compute_stats(ds: datasets.Dataset, mode: str = "channel", scaling_factor: float | None = None,
+                  source: str = "dataset") -> LatentStats:
+    """Per-channel (or global) mean and std of `ds["latents"]` in one streaming float64 pass.
+
+    `scaling_factor=s` skips the pass and gives mean 0, std 1/s (Stable Diffusion VAE convention).
+    Raises `DataError` if a channel (or, for "global", the whole set) is constant (std 0), naming it.
+    """
+    channels = ds.features["latents"].shape[0]
+    if scaling_factor is not None:
+        if not scaling_factor > 0:
+            raise DataError(f"scaling_factor must be > 0, got {scaling_factor}")
+        return LatentStats("scale", [0.0] * channels, [1.0 / scaling_factor] * channels)
+    if mode not in STATS_MODES:
+        raise DataError(f"unknown normalisation mode '{mode}'; use one of {STATS_MODES} or a scaling factor")
+    if mode == "none":
+        return LatentStats("none")
+    n, mean, m2 = 0.0, np.zeros(channels), np.zeros(channels)
+    for _, chunk, _ in iter_chunks(ds, rows=max(1, 2**22 // int(np.prod(ds.features["latents"].shape)))):
+        x = chunk.astype(np.float64).transpose(1, 0, 2, 3).reshape(channels, -1)
+        nb, mb = x.shape[1], x.mean(axis=1)
+        m2b = ((x - mb[:, None]) ** 2).sum(axis=1)
+        n, mean, m2 = _chan_merge(n, mean, m2, nb, mb, m2b)
+    if mode == "global":  # merge the channels, which all have the same count
+        gn, gmean, gm2 = n, mean[:1], m2[:1]
+        for c in range(1, channels):
+            gn, gmean, gm2 = _chan_merge(gn, gmean, gm2, n, mean[c:c + 1], m2[c:c + 1])
+        n, mean, m2 = gn, np.repeat(gmean, channels), np.repeat(gm2, channels)
+    std = np.sqrt(m2 / n)
+    if (std == 0).any():
+        which = "all channels" if mode == "global" else f"channel(s) {np.flatnonzero(std == 0).tolist()}"
+        raise DataError(f"{source}: {which} of the latents are constant (std 0), so they cannot be normalised; "
+                        "drop those channels, or use mode='none' or a scaling factor")
+    return LatentStats(mode, mean.tolist(), std.tolist())
+
+
+def _chan_merge(na, ma, m2a, nb, mb, m2b):
+    """Chan et al.'s parallel merge of (count, mean, sum of squared deviations)."""
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), m2a + m2b + delta**2 * (na * nb / n)
+
+
+class _ArrowBatches(torch.utils.data.Dataset):
+    """Map-style view of an Arrow latent dataset that fetches a whole batch of indices at once."""
+
+    def __init__(self, ds: datasets.Dataset):
+        self.ds = ds.with_format("numpy", columns=[c for c in ("latents", "labels") if c in ds.column_names])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitems__(self, indices: list[int]):
+        rows = self.ds[indices]
+        labels = torch.from_numpy(rows["labels"]) if "labels" in rows else None
+        return torch.from_numpy(np.ascontiguousarray(rows["latents"])), labels
+
+
+def _keep_batch(batch):
+    return batch
+
+
+class LatentFeeder:
+    """Yields (latents, labels) batches for one rank, in an order fixed by (seed, epoch).
+
+    Each epoch draws one global permutation with `torch.Generator().manual_seed(seed + epoch)`; global
+    batch k is `perm[k*B*W:(k+1)*B*W]` and rank r takes its r-th slice of B. The tail that does not fill
+    a global batch is dropped, so every rank gets `len(feeder)` batches. With `random_flip`, each
+    sample's horizontal flip is drawn from the same generator (fixed per seed, epoch and sample index).
+    If the data fits `memory_budget_bytes` (or `in_memory=True`) it is copied to `device` once and
+    batches are gathered by indexing; otherwise a DataLoader reads them from the Arrow dataset.
+    Batches are raw (not normalised): float32 latents and int64 labels (or None) on `device`.
+    """
+
+    def __init__(self, ds: datasets.Dataset, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 device: str | torch.device = "cpu", random_flip: bool = False, in_memory: bool | None = None,
+                 memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, num_workers: int = 0, pin_memory: bool = False):
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+        self.ds, self.batch_size, self.seed = ds, batch_size, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.random_flip, self.num_workers, self.pin_memory = random_flip, num_workers, pin_memory
+        self.num_samples = len(ds)
+        self.has_labels = "labels" in ds.column_names
+        if len(self) == 0:
+            raise DataError(f"dataset: {self.num_samples} samples are fewer than one global batch "
+                            f"({batch_size} x {world_size} ranks); lower the batch size")
+        shape = ds.features["latents"].shape
+        nbytes = self.num_samples * (4 * int(np.prod(shape)) + 8 * self.has_labels)
+        self.in_memory = nbytes <= memory_budget_bytes if in_memory is None else in_memory
+        self.latents = self.labels = None
+        if self.in_memory:
+            self.latents = torch.empty((self.num_samples, *shape), dtype=torch.float32)
+            self.labels = torch.empty(self.num_samples, dtype=torch.int64) if self.has_labels else None
+            for start, chunk, labels in iter_chunks(ds, with_labels=True):
+                self.latents[start:start + len(chunk)] = torch.from_numpy(chunk)
+                if self.has_labels:
+                    self.labels[start:start + len(chunk)] = torch.from_numpy(labels)
+            self.latents = self.latents.to(self.device)
+            self.labels = self.labels.to(self.device) if self.has_labels else None
+
+    def __len__(self) -> int:
+        return self.num_samples // (self.batch_size * self.world_size)
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This epoch's global permutation and, with random_flip, per-sample flip flags (by sample index)."""
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.num_samples, generator=gen)
+        flips = torch.rand(self.num_samples, generator=gen) < 0.5 if self.random_flip else None
+        return perm, flips
+
+    def rank_indices(self, epoch: int, start_batch: int = 0) -> list[torch.Tensor]:
+        """The sample indices of this rank's batches in `epoch`, from `start_batch` on."""
+        perm, _ = self.epoch_order(epoch)
+        gb = self.batch_size * self.world_size
+        lo = self.rank * self.batch_size
+        return [perm[k * gb + lo:k * gb + lo + self.batch_size] for k in range(start_batch, len(self))]
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield this rank's batches of `epoch`, starting at batch `start_batch` (for resuming)."""
+        _, flips = self.epoch_order(epoch)
+        batches = self.rank_indices(epoch, start_batch)
+        if self.in_memory:
+            source = ((self.latents[idx.to(self.device)],
+                       self.labels[idx.to(self.device)] if self.has_labels else None) for idx in batches)
+        else:
+            loader = DataLoader(_ArrowBatches(self.ds), batch_sampler=[idx.tolist() for idx in batches],
+                                collate_fn=_keep_batch, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory and self.device.type == "cuda")
+            source = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True) if y is not None
+                       else None) for x, y in loader)
+        for idx, (x, y) in zip(batches, source, strict=True):
+            if flips is not None:
+                f = flips[idx].to(x.device).view(-1, 1, 1, 1)
+                x = torch.where(f, x.flip(-1), x)
+            yield x, y

@@ -1,0 +1,266 @@
+"""The typed training configuration: one dataclass, its flags, config files and validation.
+
+Every hyperparameter is declared once, below, with its default and a comment (the `help` text).
+`parse_train_args` derives the command-line flags from the fields, reads `--config FILE` (YAML or
+JSON, the same keys), maps the original project's flags onto the new ones, and validates the
+result. Precedence: defaults < config file < command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserInputError
+from .unet import PRESETS
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+NORMALIZATIONS = ("channel", "global", "none")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+
+
+def _f(default, help: str, **kw):  # noqa: A002 - the field's help text doubles as its comment
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train.py` needs; saved as `train/config.json` beside each run."""
+
+    # --- Data -------------------------------------------------------------------------------------
+    train_data: str | None = _f(None, "latents: .npz/.npy file, Arrow/Parquet file or folder, or hub dataset id; "
+                                      "none = the built-in demo latents", alias="--latent")
+    latent_key: str = _f("X", "array key / column of the latents")
+    label_key: str = _f("y", "array key / column of the integer labels (optional)")
+    normalization: str = _f("channel", "latent standardisation: per-channel mean/std (channel), one mean/std "
+                                       "(global) or none", choices=NORMALIZATIONS)
+    scaling_factor: float | None = _f(None, "use a fixed scale instead of statistics, as Stable Diffusion VAEs "
+                                            "(mean 0, std 1/scaling_factor)")
+    random_flip: bool = _f(False, "horizontal-flip augmentation")
+    n_dim: int | None = _f(None, "expected latent channels (the original --n_dim); checked against the data")
+    # --- Model ------------------------------------------------------------------------------------
+    preset: str = _f("seed", "model preset: " + ", ".join(PRESETS) + " (seed = the original project's UNet)",
+                     choices=tuple(PRESETS))
+    model_config: str | None = _f(None, "JSON object (or .json file) overriding preset values, "
+                                        "e.g. '{\"dropout\": 0.1}'")
+    class_conditional: bool = _f(False, "condition on the data's labels (classifier-free guidance ready)")
+    cond_drop_prob: float = _f(0.1, "probability of dropping the label during training (classifier-free guidance)")
+    # --- Diffusion --------------------------------------------------------------------------------
+    num_train_timesteps: int = _f(1000, "diffusion steps T (DDPM paper: 1000)", alias="--n_steps")
+    beta_schedule: str = _f("linear", "noise schedule", choices=BETA_SCHEDULES)
+    beta_start: float = _f(1e-4, "first beta", alias="--lbeta")
+    beta_end: float = _f(0.02, "last beta", alias="--ubeta")
+    prediction_type: str = _f("v_prediction", "model target; v-prediction (Salimans & Ho 2022) trains the "
+                                              "best on latents", choices=PREDICTION_TYPES)
+    snr_gamma: float | None = _f(5.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 0 or none disables")
+    # --- Optimisation -----------------------------------------------------------------------------
+    num_epochs: int | None = _f(None, "epochs (none: as many as max_train_steps needs)", alias="--epochs")
+    max_train_steps: int | None = _f(None, "optimizer steps; overrides num_epochs (default when neither: "
+                                           "50 epochs, the original's default)")
+    train_batch_size: int = _f(32, "batch size per process", alias="--batch_size")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    learning_rate: float = _f(2e-3, "AdamW peak learning rate", alias="--lr")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_weight_decay: float = _f(0.01, "AdamW decoupled weight decay")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    lr_scheduler: str = _f("constant_with_warmup", "diffusers learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(200, "linear warm-up steps")
+    max_grad_norm: float | None = _f(1.0, "gradient clipping by global norm; 0 or none disables")
+    use_ema: bool = _f(True, "keep an exponential moving average of the weights (used for the saved pipeline)")
+    ema_decay: float = _f(0.9999, "EMA decay ceiling")
+    ema_power: float = _f(2 / 3, "EMA warm-up power: decay = 1 - (1 + step)^-power, capped at ema_decay")
+    max_nonfinite_steps: int = _f(10, "stop after this many consecutive non-finite losses (each is skipped)")
+    # --- Performance ------------------------------------------------------------------------------
+    mixed_precision: str | None = _f(None, "no, fp16 or bf16 (default: accelerate's config, else no)",
+                                     choices=MIXED_PRECISION)
+    compile: bool = _f(False, "torch.compile the model")
+    channels_last: bool = _f(False, "channels_last memory format")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory")
+    allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs")
+    data_in_memory: bool | None = _f(None, "keep the whole dataset on the device (default: when it fits)")
+    dataloader_num_workers: int = _f(0, "DataLoader workers when the data is streamed from disk")
+    # --- Outputs, logging, checkpoints ------------------------------------------------------------
+    output_dir: str | None = _f(None, "run folder (default: runs/<data>_ddpm_<C>_<T>_<beta_start>_<beta_end>)")
+    overwrite_output_dir: bool = _f(False, "start fresh in an existing run folder (its checkpoints are deleted)")
+    seed: int = _f(42, "seed of everything: init, data order, noise")
+    logging_steps: int = _f(50, "read the loss and log every N optimizer steps (no host sync in between)")
+    report_to: str = _f("none", "tracker", choices=REPORT_TO)
+    save_images_epochs: int = _f(10, "write a preview grid every N epochs (0: only at the end)")
+    num_preview_samples: int = _f(16, "samples in preview grids")
+    preview_inference_steps: int = _f(25, "DPM-Solver++ steps for previews and the final quality figure")
+    num_eval_samples: int = _f(256, "samples for the final quality figures (0 disables)")
+    checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps")
+    checkpoints_total_limit: int | None = _f(3, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder")
+    dry_run: bool = _f(False, "check the data, model and config, print the plan, write nothing")
+    # --- Hub --------------------------------------------------------------------------------------
+    push_to_hub: bool = _f(False, "upload the final pipeline to the Hugging Face Hub")
+    hub_model_id: str | None = _f(None, "repository id, e.g. user/my-latent-ddpm")
+    hub_private_repo: bool = _f(False, "create the repository as private")
+    hub_token: str | None = _f(None, "token (default: the logged-in one or HF_TOKEN)")
+    push_checkpoints: bool = _f(False, "also upload every checkpoint")
+
+    # -----------------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Raise `UserInputError` naming the flag for the first invalid value."""
+        def need(ok: bool, flag: str, msg: str) -> None:
+            if not ok:
+                raise UserInputError(f"--{flag}: {msg}")
+
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise UserInputError(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
+            if isinstance(value, float):
+                need(math.isfinite(value), f.name, f"must be a finite number, got {value}")
+        need(self.num_train_timesteps >= 2, "num_train_timesteps", f"must be >= 2, got {self.num_train_timesteps}")
+        need(0 < self.beta_start < 1, "beta_start", f"must be in (0, 1), got {self.beta_start}")
+        need(0 < self.beta_end < 1, "beta_end", f"must be in (0, 1), got {self.beta_end}")
+        need(self.beta_start < self.beta_end, "beta_end",
+             f"must be larger than --beta_start ({self.beta_start}), got {self.beta_end}")
+        need(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        need(self.train_batch_size >= 1, "train_batch_size", f"must be >= 1, got {self.train_batch_size}")
+        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+        need(self.num_epochs is None or self.num_epochs >= 1, "num_epochs", "must be >= 1")
+        need(self.max_train_steps is None or self.max_train_steps >= 1, "max_train_steps", "must be >= 1")
+        need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+        need(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        need(self.snr_gamma is None or self.snr_gamma >= 0, "snr_gamma", "must be >= 0")
+        need(0 <= self.cond_drop_prob < 1, "cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
+        need(0 < self.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
+        need(self.ema_power > 0, "ema_power", "must be > 0")
+        need(self.scaling_factor is None or self.scaling_factor > 0, "scaling_factor", "must be > 0")
+        need(self.checkpointing_steps >= 1, "checkpointing_steps", "must be >= 1")
+        need(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             "checkpoints_total_limit", "must be >= 1")
+        need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        need(self.save_images_epochs >= 0, "save_images_epochs", "must be >= 0")
+        need(self.num_preview_samples >= 1, "num_preview_samples", "must be >= 1")
+        need(self.preview_inference_steps >= 1, "preview_inference_steps", "must be >= 1")
+        need(self.num_eval_samples >= 0, "num_eval_samples", "must be >= 0")
+        need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
+        need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
+        need(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "is required with --push_to_hub")
+        self.model_overrides()  # parses --model_config
+        return self
+
+    def model_overrides(self) -> dict:
+        """The `--model_config` JSON (inline or a file) as a dict."""
+        if not self.model_config:
+            return {}
+        text = self.model_config
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise UserInputError(f"--model_config: {text!r} is neither a JSON object nor an existing .json file")
+            text = path.read_text()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"--model_config: invalid JSON ({err.msg} at char {err.pos})") from None
+        if not isinstance(value, dict):
+            raise UserInputError("--model_config: must be a JSON object of AdvancedUNet2DModel arguments")
+        return value
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of every field (the hub token is never written)."""
+        out = dataclasses.asdict(self)
+        out["hub_token"] = None
+        return out
+
+
+# Original flags whose meaning needs more than a rename (the renames are the fields' `alias`es).
+_ORIGINAL_MODE_HELP = "original project's --mode: only 'train' is accepted here; sample with sample.py"
+
+
+def _base_type(tp) -> type:
+    """`int | None` -> int; `str` -> str."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _none_or(conv):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else conv(text)
+    parse.__name__ = conv.__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises `UserInputError` (one line, exit 2 through `run_cli`)."""
+
+    def error(self, message: str):
+        raise UserInputError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The train.py flags, derived from `TrainConfig`; every default is SUPPRESSed so that config
+    files can sit between the defaults and the command line."""
+    parser = _Parser(
+        prog="train.py", description="Train a latent diffusion model (AdvancedUNet2DModel + DDPM) on latents.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML or JSON file with any of the options below (flags override it)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        tp, meta = _base_type(hints[f.name]), f.metadata
+        names = [f"--{f.name}"] + ([meta["alias"]] if "alias" in meta else [])
+        help_text = f"{meta['help']} (default: {f.default})"
+        if tp is bool:
+            parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(*names, dest=f.name, type=_none_or(tp), choices=None, help=help_text,
+                                metavar=tp.__name__.upper())
+    parser.add_argument("--mode", choices=("train",), help=_ORIGINAL_MODE_HELP)
+    return parser
+
+
+def load_config_file(path: str) -> dict:
+    """Read a YAML or JSON config file of `TrainConfig` keys."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserInputError(f"--config: {path} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text())  # YAML is a superset of JSON
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserInputError(f"--config: {path} is not valid YAML/JSON ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"--config: {path} must hold a mapping of option names to values")
+    valid = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise UserInputError(f"--config: {path} has unknown keys {unknown}; see `python train.py --help`")
+    return data
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags (and `--config FILE`) -> a validated `TrainConfig`. Bad input raises `UserInputError`."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    args.pop("mode", None)
+    values = load_config_file(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():  # config files give YAML types; check them like flags
+        tp = _base_type(hints[name])
+        if value is None or isinstance(value, tp) or (tp is float and isinstance(value, int)):
+            continue
+        raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}")
+    return TrainConfig(**values).validate()

@@ -1,0 +1,107 @@
+"""What a training run leaves behind: the pipeline (EMA weights), previews, the loss curve and quality figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+from .pipeline import LatentDDPMPipeline
+from .plots import save_latent_grid, save_loss_curve
+from .unet import AdvancedUNet2DModel
+
+
+def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMScheduler, stats) -> LatentDDPMPipeline:
+    """A CPU/device copy of the model with the EMA weights (when EMA is on), paired with the training
+    schedule and the data's normalisation."""
+    model = AdvancedUNet2DModel.from_config(unet.config).to(next(unet.parameters()).device)
+    model.load_state_dict(unet.state_dict())
+    if ema is not None:
+        ema.copy_to(model.parameters())
+    scheduler = DDPMScheduler.from_config(noise_scheduler.config)
+    pipe = LatentDDPMPipeline(unet=model.eval(), scheduler=scheduler, latents_mean=stats.mean, latents_std=stats.std)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int, num_classes: int | None,
+                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """`num` samples with DPM-Solver++ (`steps` steps), one generator per sample (batch-size independent);
+    class labels cycle through the classes when the model is conditional."""
+    scheduler = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    labels = np.arange(num) % num_classes if num_classes else None
+    out = []
+    try:
+        for start in range(0, num, batch_size):
+            idx = range(start, min(num, start + batch_size))
+            gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+            kw = {"class_labels": labels[start:idx.stop].tolist()} if labels is not None else {}
+            out.append(pipe(batch_size=len(idx), num_inference_steps=steps, generator=gens, **kw).latents)
+    finally:
+        pipe.scheduler = scheduler
+    return np.concatenate(out), labels
+
+
+def preview_grid(unet, ema, noise_scheduler, stats, cfg, path: Path, num_classes: int | None) -> None:
+    """Write a grid of `cfg.num_preview_samples` EMA samples to `path`."""
+    pipe = build_pipeline(unet, ema, noise_scheduler, stats)
+    latents, labels = sample_for_preview(pipe, cfg.num_preview_samples, cfg.preview_inference_steps, cfg.seed,
+                                         num_classes)
+    save_latent_grid(path, latents, labels=labels, title=path.stem)
+
+
+def save_pipeline_atomically(pipe: LatentDDPMPipeline, out: Path) -> None:
+    """save_pretrained into a temporary folder, then swap it in: a crash never leaves half a pipeline."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir: Path, history: dict,
+                 num_classes: int | None, plan: str) -> dict:
+    """Save `run_dir/pipeline`, and under `run_dir/train`: loss_curve.png, samples.png, metrics.json."""
+    train_dir = run_dir / "train"
+    pipe = build_pipeline(unet, ema, noise_scheduler, stats)
+    save_pipeline_atomically(pipe, run_dir / "pipeline")
+    if history["steps"]:
+        save_loss_curve(train_dir / "loss_curve.png", history["steps"], history["losses"],
+                        history["epoch_ends"], history["epoch_means"])
+    metrics: dict = {"plan": plan, "final_loss": history["losses"][-1] if history["losses"] else None,
+                     "skipped_steps": history["skipped"],
+                     "rank_weight_checksums": history.get("rank_weight_checksums")}
+    n_eval = max(cfg.num_eval_samples, cfg.num_preview_samples)
+    if cfg.num_eval_samples or cfg.num_preview_samples:
+        samples, labels = sample_for_preview(pipe, n_eval, cfg.preview_inference_steps, cfg.seed, num_classes)
+        save_latent_grid(train_dir / "samples.png", samples[: cfg.num_preview_samples],
+                         labels=None if labels is None else labels[: cfg.num_preview_samples], title="samples")
+        if cfg.num_eval_samples:
+            metrics.update(quality_figures(samples[: cfg.num_eval_samples], labels, dataset, cfg))
+    (train_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return metrics
+
+
+def quality_figures(samples: np.ndarray, labels: np.ndarray | None, dataset, cfg) -> dict:
+    """Fréchet distance, precision/recall against the training data (and the demo judge on demo data)."""
+    from .data import iter_chunks
+    from .evaluate import evaluate_latents
+
+    n_ref = min(len(dataset), 2048)  # a bounded reference set keeps this a few seconds on CPU
+    ref = dataset.select(range(n_ref)) if n_ref < len(dataset) else dataset
+    ref_x = np.concatenate([x for _, x, _ in iter_chunks(ref)])
+    out = {"evaluation": evaluate_latents(samples, ref_x)}
+    if cfg.train_data is None:
+        from .demo import demo_quality
+
+        out["demo_quality"] = demo_quality(samples, labels)
+    return out

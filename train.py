@@ -1,0 +1,302 @@
+"""Train an AdvancedUNet2DModel on latents and write a LatentDDPMPipeline.
+
+    accelerate launch train.py --train_data latents.npz --max_train_steps 20000
+    python train.py --preset small --max_train_steps 1500      # built-in demo latents, CPU
+
+Reads top to bottom: config -> accelerator -> run folder -> data -> model + EMA -> noise schedule
+-> optimizer -> resume -> loop -> final pipeline, plots and quality figures. Flags: `--help`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from latent_ddpm import AdvancedUNet2DModel
+from latent_ddpm.checkpointing import (
+    RunLock,
+    default_run_dir,
+    generator_state,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    set_generator_state,
+)
+from latent_ddpm.config import TrainConfig, parse_train_args
+from latent_ddpm.data import check_compatible, load_latents
+from latent_ddpm.demo import demo_dataset
+from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
+from latent_ddpm.errors import UserInputError, run_cli
+from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
+from latent_ddpm.reporting import final_report, preview_grid
+
+logger = logging.getLogger("latent_ddpm.train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg: TrainConfig = parse_train_args(argv)
+
+    # 1. Accelerator: devices, processes, mixed precision, trackers.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO,
+                        stream=sys.stdout, force=True)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_seed(cfg.seed, device_specific=False)  # same init on every rank
+
+    # 2. Data: load, check, and compute the normalisation statistics (one streaming pass).
+    if cfg.train_data is None:
+        dataset, data_name = demo_dataset(), "demo"
+    else:
+        dataset = load_latents(cfg.train_data, latent_key=cfg.latent_key, label_key=cfg.label_key)
+        data_name = Path(cfg.train_data.rstrip("/")).stem
+    channels, height, width = dataset.features["latents"].shape
+    if cfg.n_dim is not None and cfg.n_dim != channels:
+        raise UserInputError(f"--n_dim {cfg.n_dim} does not match the data: {cfg.train_data or 'demo'} has "
+                             f"{channels} channels; drop --n_dim or pass --n_dim {channels}")
+    has_labels = "labels" in dataset.column_names
+    if cfg.class_conditional and not has_labels:
+        raise UserInputError(f"--class_conditional needs labels, but {cfg.train_data} has no "
+                             f"'{cfg.label_key}' labels; pass --label_key or drop --class_conditional")
+    num_classes = int(max(dataset["labels"])) + 1 if cfg.class_conditional else None
+
+    # 3. Model: preset + overrides, sized to the data.
+    overrides = {**cfg.model_overrides(), "in_channels": channels, "sample_size": [height, width]}
+    if num_classes:
+        overrides["num_class_embeds"] = num_classes
+    try:
+        unet = AdvancedUNet2DModel.from_preset(cfg.preset, **overrides)
+    except (TypeError, ValueError) as err:
+        raise UserInputError(f"--preset/--model_config: {err}") from None
+    check_compatible(dataset, in_channels=channels, downsample_factor=unet.downsample_factor,
+                     source=cfg.train_data or "demo")
+
+    # 4. Noise schedule (diffusers DDPMScheduler), warning on a schedule that ends far from noise.
+    noise_scheduler = build_noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start,
+                                            cfg.beta_end, cfg.prediction_type)
+    if (msg := terminal_signal_warning(noise_scheduler)) and accelerator.is_main_process:
+        warnings.warn(msg, stacklevel=1)
+
+    # 5. Steps and epochs.
+    world = accelerator.num_processes
+    feeder = LatentFeeder(dataset, cfg.train_batch_size, seed=cfg.seed, rank=accelerator.process_index,
+                          world_size=world, device=accelerator.device, random_flip=cfg.random_flip,
+                          in_memory=cfg.data_in_memory, num_workers=cfg.dataloader_num_workers)
+    if len(feeder) < cfg.gradient_accumulation_steps:
+        raise UserInputError(f"{cfg.train_data or 'demo'}: {len(dataset)} samples give {len(feeder)} batches of "
+                             f"{cfg.train_batch_size} x {world} processes per epoch, fewer than "
+                             f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower the batch size")
+    steps_per_epoch = len(feeder) // cfg.gradient_accumulation_steps
+    max_steps = cfg.max_train_steps or steps_per_epoch * (cfg.num_epochs or 50)
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(
+        data_name, channels, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end)
+    train_dir = run_dir / "train"
+    n_params = sum(p.numel() for p in unet.parameters())
+    plan = (f"{data_name}: {len(dataset)} latents of {channels}x{height}x{width}; {cfg.preset} UNet, "
+            f"{n_params / 1e6:.2f}M parameters; {max_steps} steps = {num_epochs} epochs of {steps_per_epoch} "
+            f"(batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {world} processes); "
+            f"run folder {run_dir}")
+    if cfg.dry_run:
+        if accelerator.is_main_process:
+            print(f"dry run, nothing written: {plan}")
+        return 0
+
+    # 6. Run folder: never overwrite a previous run silently; lock it against a second run.
+    resume = resolve_resume(train_dir, cfg.resume_from_checkpoint)
+    if accelerator.is_main_process:
+        previous = list_checkpoints(train_dir) or (run_dir / "pipeline").exists()
+        if previous and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
+            raise UserInputError(f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, "
+                                 f"start fresh with --overwrite_output_dir, or choose another --output_dir")
+    lock = RunLock(run_dir)
+    if accelerator.is_main_process:
+        lock.acquire()
+        if cfg.overwrite_output_dir and resume is None:
+            for _, old in list_checkpoints(train_dir):
+                shutil.rmtree(old)
+        train_dir.mkdir(parents=True, exist_ok=True)
+        (train_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    accelerator.wait_for_everyone()
+    if cfg.resume_from_checkpoint == "latest" and resume is None:
+        logger.info("no complete checkpoint in %s: starting from scratch", train_dir)
+
+    stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor)
+    if accelerator.is_main_process:
+        (train_dir / "latent_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
+
+    # 7. Model memory format, EMA, optimizer, LR schedule.
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    unet = unet.to(accelerator.device, memory_format=memory_format)
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=cfg.ema_power,
+                       model_cls=AdvancedUNet2DModel, model_config=unet.config, foreach=True)
+        ema.to(accelerator.device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                  foreach=accelerator.device.type != "cuda" or None,
+                                  fused=accelerator.device.type == "cuda" or None)
+    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    model = torch.compile(unet) if cfg.compile else unet
+    model, optimizer = accelerator.prepare(model, optimizer)
+    noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
+
+    # 8. Resume: weights, optimizer, RNG, EMA, LR schedule, data position and history.
+    global_step, history = 0, {"steps": [], "losses": [], "epoch_ends": [], "epoch_means": [], "skipped": 0}
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume, ema)
+        global_step, history = state["global_step"], state["history"]
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        set_generator_state(noise_gen, state["noise_generator"][accelerator.process_index])
+        logger.info("resumed from %s at step %d", resume, global_step)
+    if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.init_trackers("latent_ddpm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
+    logger.info(plan)
+
+    # 9. Train. One optimizer step = gradient_accumulation_steps micro-batches (leftover micro-batches at
+    #    an epoch's end are skipped). The loss stays on the device and is read back every logging_steps;
+    #    only the finite-check flag crosses to the host each step.
+    progress = tqdm(total=max_steps, initial=global_step, disable=not accelerator.is_main_process,
+                    desc="train", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    pending: list[torch.Tensor] = []
+    nonfinite_in_a_row, t_last, samples_since = 0, time.perf_counter(), 0
+    accumulation = cfg.gradient_accumulation_steps
+    epoch = global_step // steps_per_epoch
+    while global_step < max_steps:
+        first = global_step % steps_per_epoch
+        batches = feeder.epoch_batches(epoch, start_batch=first * accumulation)
+        epoch_losses: list[torch.Tensor] = []
+        model.train()
+        for _ in range(first, steps_per_epoch):
+            step_loss = torch.zeros((), device=accelerator.device)
+            for i in range(accumulation):
+                x0, labels = next(batches)
+                x0 = stats.normalize(x0).contiguous(memory_format=memory_format)
+                noise = torch.randn(x0.shape, generator=noise_gen, device=x0.device).contiguous(
+                    memory_format=memory_format)
+                t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), generator=noise_gen, device=x0.device)
+                if num_classes:  # label dropout trains the "no class" embedding (classifier-free guidance)
+                    drop = torch.rand(x0.shape[0], generator=noise_gen, device=x0.device) < cfg.cond_drop_prob
+                    labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+                x_t = noise_scheduler.add_noise(x0, noise, t)  # q(x_t | x_0), Ho et al. 2020 eq. 4
+                sync = nullcontext() if i == accumulation - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    pred = model(x_t, t, class_labels=labels if num_classes else None).sample
+                    err = ((pred.float() - training_target(noise_scheduler, x0, noise, t).float()) ** 2)
+                    err = err.mean(dim=(1, 2, 3))
+                    weights = min_snr_weights(noise_scheduler, t, cfg.snr_gamma)
+                    loss = (err * weights).mean() if weights is not None else err.mean()
+                    accelerator.backward(loss / accumulation)
+                step_loss += loss.detach() / accumulation
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+            mean_loss = accelerator.reduce(step_loss, reduction="mean")
+            finite = torch.isfinite(mean_loss)
+            if accelerator.mixed_precision != "fp16":  # fp16 overflows are the grad scaler's business
+                finite &= torch.isfinite(grad_norm)
+            if bool(finite):  # the one host sync per step; identical on every rank
+                optimizer.step()
+                if ema is not None and not accelerator.optimizer_step_was_skipped:
+                    ema.step(accelerator.unwrap_model(model).parameters())
+                nonfinite_in_a_row = 0
+            else:  # skip: parameters, optimizer state and EMA stay untouched
+                history["skipped"] += 1
+                nonfinite_in_a_row += 1
+                logger.warning("non-finite loss at step %d: skipped (%d in a row)", global_step + 1,
+                               nonfinite_in_a_row)
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    raise UserInputError(f"{nonfinite_in_a_row} non-finite losses in a row at step {global_step + 1}; "
+                                         f"stopping. Lower --learning_rate, use --mixed_precision bf16 or no, or "
+                                         f"check the data; the last good checkpoint is in {train_dir}")
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            global_step += 1
+            samples_since += cfg.train_batch_size * accumulation * world
+            pending.append(mean_loss)
+            epoch_losses.append(mean_loss)
+            progress.update(1)
+
+            if global_step % cfg.logging_steps == 0 or global_step == max_steps:
+                values = torch.stack(pending).tolist()
+                history["steps"] += list(range(global_step - len(values) + 1, global_step + 1))
+                history["losses"] += values
+                pending.clear()
+                now = time.perf_counter()
+                logs = {"loss": sum(values) / len(values), "lr": lr_scheduler.get_last_lr()[0],
+                        "samples_per_s": samples_since / (now - t_last), "skipped": history["skipped"]}
+                t_last, samples_since = now, 0
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
+                                     sps=f"{logs['samples_per_s']:.1f}")
+                if not sys.stderr.isatty():
+                    logger.info("step %d/%d %s", global_step, max_steps,
+                                " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+                accelerator.log(logs, step=global_step)
+
+            if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
+                state = {"global_step": global_step, "epoch": epoch, "history": history,
+                         "lr_scheduler": lr_scheduler.state_dict(),
+                         "noise_generator": _gather_generator_states(noise_gen)}
+                save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
+            if global_step >= max_steps:
+                break
+
+        if global_step % steps_per_epoch == 0:  # the epoch is complete
+            if epoch_losses:
+                history["epoch_ends"].append(global_step)
+                history["epoch_means"].append(torch.stack(epoch_losses).mean().item())
+            epoch += 1
+            if (accelerator.is_main_process and cfg.save_images_epochs and epoch % cfg.save_images_epochs == 0
+                    and global_step < max_steps):
+                preview_grid(accelerator.unwrap_model(model), ema, noise_scheduler, stats, cfg,
+                             train_dir / f"samples_epoch_{epoch}.png", num_classes)
+    progress.close()
+
+    # 10. The final pipeline (EMA weights), loss curve, preview grid and quality figures. DDP keeps the
+    #     ranks' weights identical; the checksums prove it.
+    unwrapped = accelerator.unwrap_model(model)
+    checksums = gather_object([sum(float(p.detach().double().sum()) for p in unwrapped.parameters())])
+    if accelerator.is_main_process:
+        history["rank_weight_checksums"] = checksums
+        final_report(unwrapped, ema, noise_scheduler, stats, cfg, dataset, run_dir, history, num_classes, plan)
+        if cfg.push_to_hub:
+            from latent_ddpm.hub import push_pipeline_to_hub
+
+            push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
+                                 token=cfg.hub_token)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    lock.release()
+    return 0
+
+
+def _gather_generator_states(gen: torch.Generator) -> list[list[int]]:
+    """Every rank's noise-generator state (rank order), so each rank resumes its own noise stream."""
+    return gather_object([generator_state(gen)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,40 @@
+"""Shared pytest fixtures: tiny models (CPU, fast) and the original UNet reference."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from latent_ddpm import AdvancedUNet2DModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tests use tiny models: extra threads only add overhead (10-50x on a busy, shared machine).
+torch.set_num_threads(1)
+
+#: A tiny, fast UNet config: 2 levels (one downsampling), attention everywhere, 8x8 latents.
+TINY_UNET = dict(in_channels=2, down_channels=(8, 16, 16), mid_channels=(16, 16), time_emb_dim=16,
+                 down_sample=(True, False), num_heads=2, norm_num_groups=4, head_channels=8, sample_size=8)
+
+
+@pytest.fixture
+def make_unet():
+    """Build a tiny `AdvancedUNet2DModel` (seeded, eval mode) with any config value overridden."""
+
+    def make(seed: int = 0, **overrides) -> AdvancedUNet2DModel:
+        torch.manual_seed(seed)
+        return AdvancedUNet2DModel(**{**TINY_UNET, **overrides}).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def original_unet():
+    """The `benchmarks/original_unet.py` module (a reference, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("original_unet", ROOT / "benchmarks" / "original_unet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -355,10 +355,18 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
         if suffix in PARQUET_SUFFIXES:
             ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir) if cache_dir else None)
         else:
-            ds = datasets.Dataset.from_file(str(path))
+            ds = _read_arrow(path)
     except (OSError, ValueError, pa.ArrowException) as err:
         raise DataError(f"{path}: not a readable {suffix} file ({err}); re-export it") from err
     return _standardize(ds, str(path), latent_key, label_key)
+
+
+def _read_arrow(path: Path) -> datasets.Dataset:
+    """An Arrow stream file (as `datasets` writes) or an Arrow IPC/feather file, memory-mapped."""
+    try:
+        return datasets.Dataset.from_file(str(path))
+    except (OSError, ValueError, pa.ArrowException):
+        return datasets.Dataset(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
 
 
 def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, kwargs: dict) -> datasets.Dataset:

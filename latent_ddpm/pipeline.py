@@ -102,6 +102,10 @@ class LatentDDPMPipeline(DiffusionPipeline):
             batch_size = latents.shape[0]
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
+        for name in ("latents_mean", "latents_std"):
+            stats = getattr(self.config, name, None)
+            if stats is not None and len(stats) not in (1, c):
+                raise ValueError(f"{name} has {len(stats)} values; expected 1 or one per channel ({c})")
 
         # 1. Class labels; with guidance the batch is [conditional, unconditional].
         labels = None
@@ -118,14 +122,15 @@ class LatentDDPMPipeline(DiffusionPipeline):
         if use_cfg:
             labels = torch.cat([labels, torch.full_like(labels, unet.null_class_label)])
 
-        # 2. Start from x_T ~ N(0, I), scaled as the scheduler expects.
-        if latents is None:
-            latents = randn_tensor((batch_size, c, h, w), generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
+        # 2. Start from x_T ~ N(0, I), scaled as the scheduler expects. set_timesteps comes first:
+        # init_noise_sigma (Euler, Heun, ...) depends on the timesteps it sets.
         if num_inference_steps is None:
             num_inference_steps = self.scheduler.config.num_train_timesteps if isinstance(
                 self.scheduler, DDPMScheduler) else 50
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if latents is None:
+            latents = randn_tensor((batch_size, c, h, w), generator=generator, device=device, dtype=torch.float32)
+        latents = latents.to(device=device, dtype=torch.float32) * self.scheduler.init_noise_sigma
         step_kwargs = {"generator": generator} if _accepts(self.scheduler.step, "generator") else {}
         if _accepts(self.scheduler.step, "eta"):
             step_kwargs["eta"] = eta

@@ -1,0 +1,169 @@
+"""LatentDDPMPipeline: shapes, determinism, generators, schedulers, guidance, normalisation, saving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from latent_ddpm import LatentDDPMPipeline, default_scheduler
+
+T = 20  # training timesteps: small, so a full DDPM run is fast
+
+
+@pytest.fixture
+def make_pipe(make_unet):
+    def make(seed: int = 0, latents_mean=None, latents_std=None, **unet_overrides) -> LatentDDPMPipeline:
+        pipe = LatentDDPMPipeline(unet=make_unet(seed=seed, **unet_overrides),
+                                  scheduler=default_scheduler(num_train_timesteps=T),
+                                  latents_mean=latents_mean, latents_std=latents_std)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_default_scheduler_recipe():
+    s = default_scheduler()
+    assert (s.config.num_train_timesteps, s.config.beta_schedule, s.config.clip_sample) == (1000, "linear", False)
+    assert (s.config.beta_start, s.config.beta_end) == (1e-4, 0.02)
+    assert default_scheduler(num_train_timesteps=50).config.num_train_timesteps == 50
+
+
+@pytest.mark.parametrize("sample_size, hw", [(8, (8, 8)), ((8, 16), (8, 16))])
+def test_output_shape_dtype_and_types(make_pipe, sample_size, hw):
+    pipe = make_pipe(sample_size=sample_size)
+    out = pipe(batch_size=3, num_inference_steps=3, generator=gen(0)).latents
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (3, 2, *hw)
+    assert np.isfinite(out).all()
+    pt = pipe(batch_size=1, num_inference_steps=2, generator=gen(0), output_type="pt", return_dict=False)[0]
+    assert isinstance(pt, torch.Tensor) and pt.shape == (1, 2, *hw)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(num_inference_steps=1, output_type="pil")
+
+
+def test_default_steps_run_every_training_step_for_ddpm(make_pipe):
+    pipe = make_pipe()
+    pipe(batch_size=1, generator=gen(0))
+    assert len(pipe.scheduler.timesteps) == T
+
+
+def test_same_generator_same_latents(make_pipe):
+    pipe = make_pipe()
+    a = pipe(batch_size=2, num_inference_steps=4, generator=gen(1)).latents
+    b = pipe(batch_size=2, num_inference_steps=4, generator=gen(1)).latents
+    c = pipe(batch_size=2, num_inference_steps=4, generator=gen(2)).latents
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_per_sample_generators_do_not_depend_on_batch_split(make_pipe):
+    pipe = make_pipe()
+    both = pipe(batch_size=2, num_inference_steps=5, generator=[gen(10), gen(11)]).latents
+    first = pipe(batch_size=1, num_inference_steps=5, generator=[gen(10)]).latents
+    second = pipe(batch_size=1, num_inference_steps=5, generator=[gen(11)]).latents
+    np.testing.assert_allclose(both, np.concatenate([first, second]), atol=1e-5)
+    assert not np.allclose(first, second)
+    with pytest.raises(ValueError, match="generators"):
+        pipe(batch_size=3, num_inference_steps=1, generator=[gen(0)])
+
+
+def test_given_latents_are_the_starting_noise(make_pipe):
+    pipe = make_pipe()
+    noise = torch.randn(2, 2, 8, 8, generator=gen(5))
+    a = pipe(latents=noise, num_inference_steps=3, generator=gen(0)).latents
+    b = pipe(latents=noise, num_inference_steps=3, generator=gen(0)).latents
+    assert a.shape[0] == 2
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mean, std", [([1.0, -2.0], [3.0, 0.5]), (1.5, 2.0), (None, [2.0, 4.0]), ([0.5, 0.5], None)])
+def test_latents_mean_std_denormalisation(make_pipe, mean, std):
+    noise = torch.randn(2, 2, 8, 8, generator=gen(7))
+    plain = make_pipe()(latents=noise, num_inference_steps=3, generator=gen(0)).latents
+    scaled = make_pipe(latents_mean=mean, latents_std=std)(latents=noise, num_inference_steps=3, generator=gen(0))
+    m = np.asarray(0.0 if mean is None else mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(1.0 if std is None else std, dtype=np.float32).reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(scaled.latents, plain * s + m, rtol=1e-5, atol=1e-5)
+
+
+def test_latents_stats_of_the_wrong_length_are_refused(make_pipe):
+    with pytest.raises(ValueError, match="latents_mean has 3 values"):
+        make_pipe(latents_mean=[0.0, 1.0, 2.0])(num_inference_steps=1)
+
+
+SCHEDULERS = [(DDIMScheduler, {}), (DPMSolverMultistepScheduler, {}), (EulerDiscreteScheduler, {}),
+              (EulerDiscreteScheduler, dict(timestep_spacing="leading")), (UniPCMultistepScheduler, {}),
+              (DDPMScheduler, {})]
+
+
+@pytest.mark.parametrize("cls, kw", SCHEDULERS, ids=[c.__name__ + "".join(f"-{v}" for v in k.values())
+                                                     for c, k in SCHEDULERS])
+def test_scheduler_swap_via_from_config(make_pipe, cls, kw):
+    pipe = make_pipe()
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **kw)
+    assert pipe.scheduler.config.num_train_timesteps == T and pipe.scheduler.config.beta_end == 0.02
+    # The first call must give what later calls give: no state left over from a previous run
+    # (e.g. Euler's init_noise_sigma depends on set_timesteps).
+    a = pipe(batch_size=2, num_inference_steps=4, generator=gen(0)).latents
+    b = pipe(batch_size=2, num_inference_steps=4, generator=gen(0)).latents
+    assert a.shape == (2, 2, 8, 8) and np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert len(pipe.scheduler.timesteps) == 4
+
+
+def test_ddim_eta_is_used(make_pipe):
+    pipe = make_pipe()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    det1 = pipe(batch_size=1, num_inference_steps=4, generator=gen(0), eta=0.0).latents
+    det2 = pipe(latents=torch.randn(1, 2, 8, 8, generator=gen(0)), num_inference_steps=4, generator=gen(9)).latents
+    stoch = pipe(batch_size=1, num_inference_steps=4, generator=gen(0), eta=1.0).latents
+    np.testing.assert_allclose(det1, det2, atol=1e-6)  # eta=0: only the starting noise matters
+    assert not np.allclose(det1, stoch, atol=1e-4)
+
+
+def test_classifier_free_guidance(make_pipe):
+    pipe = make_pipe(num_class_embeds=3)
+    torch.nn.init.normal_(pipe.unet.class_embedding.weight)
+    kw = dict(batch_size=2, num_inference_steps=3, class_labels=[0, 2])
+    base = pipe(generator=[gen(0), gen(1)], guidance_scale=1.0, **kw).latents
+    again = pipe(generator=[gen(0), gen(1)], guidance_scale=1.0, **kw).latents
+    guided = pipe(generator=[gen(0), gen(1)], guidance_scale=3.0, **kw).latents
+    other = pipe(generator=[gen(0), gen(1)], batch_size=2, num_inference_steps=3, class_labels=[1, 1]).latents
+    np.testing.assert_array_equal(base, again)
+    assert guided.shape == base.shape and np.isfinite(guided).all()
+    assert not np.allclose(base, guided, atol=1e-4)
+    assert not np.allclose(base, other, atol=1e-4)
+    with pytest.raises(ValueError, match="got 2 class_labels for a batch of 1"):
+        pipe(batch_size=1, num_inference_steps=1, class_labels=[0, 1])
+    with pytest.raises(ValueError, match=r"lie in 0\.\.2"):
+        pipe(batch_size=1, num_inference_steps=1, class_labels=[3])
+    with pytest.raises(ValueError, match="unconditional"):
+        make_pipe()(batch_size=1, num_inference_steps=1, class_labels=[0])
+
+
+def test_save_pretrained_round_trip(make_pipe, tmp_path):
+    pipe = make_pipe(num_class_embeds=2, latents_mean=[0.5, -1.0], latents_std=2.0, sample_size=(8, 16))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    kw = dict(batch_size=2, num_inference_steps=3, class_labels=[0, 1], guidance_scale=2.0)
+    before = pipe(generator=gen(3), **kw).latents
+    pipe.save_pretrained(tmp_path)
+    names = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert "model_index.json" in names and "diffusion_pytorch_model.safetensors" in names
+    assert not [n for n in names if n.endswith((".bin", ".pkl", ".pt", ".pth"))]
+    loaded = LatentDDPMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.scheduler, DDIMScheduler)
+    assert loaded.config.latents_mean == [0.5, -1.0] and loaded.config.latents_std == [2.0]
+    np.testing.assert_array_equal(loaded(generator=gen(3), **kw).latents, before)

@@ -1,8 +1,5 @@
-"""Latent datasets: load any supported source as one memory-mapped Arrow `datasets.Dataset`, check it,
-convert big `.npy`/`.npz` files in bounded memory, and compute normalisation statistics.
-
-Every dataset returned here has a column `latents` (`Array3D` of shape (C, H, W), float32) and,
-when the source has labels, an int64 column `labels`. See docs/data.md.
+"""Latent datasets: load any source as one Arrow `datasets.Dataset` (column `latents`: Array3D (C, H, W)
+float32; optional `labels`: int64), check it, and convert big `.npy`/`.npz` in bounded memory. docs/data.md.
 
     python -m latent_ddpm.data convert latents.npz latents_arrow/
 """
@@ -105,9 +102,8 @@ class _NaNCounter:
         bad = ~np.isfinite(chunk)
         if bad.any():
             self.count += int(bad.sum())
-            if self.first is None:
-                self.first = tuple(int(i) for i in np.argwhere(bad)[0])
-                self.first = (self.first[0] + offset, *self.first[1:])
+            i, *pos = (int(v) for v in np.argwhere(bad)[0])
+            self.first = self.first or (i + offset, *pos)
 
     def check(self) -> None:
         if self.count:
@@ -120,32 +116,27 @@ def _chunk_rows(shape: tuple[int, ...]) -> int:
     return max(1, CHUNK_BYTES // (4 * math.prod(shape[1:])))
 
 
-def _npy_chunks(path: Path, where: str) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
-    """Shape and a chunk iterator for a `.npy` file, memory-mapped (never fully read into RAM)."""
-    with open(path, "rb") as fp:
-        shape, _, dtype = _read_npy_header(fp, where)
-    _check_latent_meta(where, shape, dtype)
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise DataError(f"{where}: cannot map the array ({err}); the file is probably truncated, re-save it") from err
-    step = _chunk_rows(shape)
-    return shape, (np.asarray(arr[i:i + step]) for i in range(0, shape[0], step))
+def _numpy_chunks(path: Path, member: str | None, where: str) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
+    """Shape and a chunk iterator of a `.npy` (memory-mapped) or a `.npz` member (read sequentially).
 
-
-def _npz_member_chunks(zf: zipfile.ZipFile, name: str, where: str):
-    """Shape and a chunk iterator reading one `.npz` member sequentially (stored or deflated)."""
-    with zf.open(name) as fp:
+    Only the header is read here; chunks of about CHUNK_BYTES come later, so RAM use stays bounded.
+    """
+    with (open(path, "rb") if member is None else zipfile.ZipFile(path).open(member)) as fp:
         shape, fortran, dtype = _read_npy_header(fp, where)
     _check_latent_meta(where, shape, dtype)
+    step, row_bytes = _chunk_rows(shape), dtype.itemsize * math.prod(shape[1:])
+    if member is None or fortran:  # Fortran-order .npz members (rare) are read whole: rows are not contiguous
+        try:
+            arr = (np.load(path, mmap_mode="r", allow_pickle=False) if member is None
+                   else np.load(path, allow_pickle=False)[member[:-4]])
+        except (ValueError, OSError, zipfile.BadZipFile) as err:
+            raise DataError(f"{where}: cannot read the array ({err}); the file is probably truncated, "
+                            "re-save it") from err
+        return shape, (np.asarray(arr[i:i + step]) for i in range(0, shape[0], step))
 
     def chunks() -> Iterator[np.ndarray]:
-        step, row_bytes = _chunk_rows(shape), dtype.itemsize * math.prod(shape[1:])
-        with zf.open(name) as fp:
+        with zipfile.ZipFile(path) as zf, zf.open(member) as fp:
             _read_npy_header(fp, where)
-            if fortran:  # rare: rows are not contiguous, so this member is read whole
-                yield np.lib.format.read_array(fp, allow_pickle=False).reshape(shape, order="F")
-                return
             for i in range(0, shape[0], step):
                 n = min(step, shape[0] - i)
                 try:
@@ -153,63 +144,71 @@ def _npz_member_chunks(zf: zipfile.ZipFile, name: str, where: str):
                 except (zipfile.BadZipFile, OSError, EOFError) as err:
                     raise DataError(f"{where}: the archive is corrupt ({err}); re-save it with np.savez") from err
                 if len(buf) != n * row_bytes:
-                    raise DataError(f"{where}: truncated, the data ends after sample {i + len(buf) // row_bytes}; "
+                    raise DataError(f"{where}: truncated, the data ends in sample {i + len(buf) // row_bytes}; "
                                     "re-save the file")
                 yield np.frombuffer(buf, dtype=dtype).reshape((n, *shape[1:]))
 
     return shape, chunks()
 
 
+def _read_labels(where: str, read, n: int) -> np.ndarray:
+    try:
+        labels = read()
+    except (ValueError, OSError, zipfile.BadZipFile) as err:  # object arrays raise here: never unpickled
+        raise DataError(f"{where}: labels are not a numeric array ({err}); save int64 class ids") from err
+    return _check_labels(where, labels, n)
+
+
 def _open_numpy(path: Path, latent_key: str, label_key: str, labels_file: str | Path | None):
-    """(shape, chunk iterator, labels or None) for a `.npy`/`.npz` file; only the header is read here."""
+    """(shape, chunk iterator, labels or None) for a `.npy`/`.npz` file."""
     labels = None
-    if path.suffix == ".npy":
-        shape, chunks = _npy_chunks(path, str(path))
+    if path.suffix.lower() == ".npy":
+        shape, chunks = _numpy_chunks(path, None, str(path))
     else:
         try:
-            zf = zipfile.ZipFile(path)
+            with zipfile.ZipFile(path) as zf:
+                keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
         except (zipfile.BadZipFile, OSError) as err:
             raise DataError(f"{path}: not a readable .npz archive ({err}); re-save it with np.savez") from err
-        keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
         if latent_key not in keys:
             raise DataError(f"{path}: no array named '{latent_key}'; the file has {keys}; "
                             "pass the right one with --latent_key / latent_key=")
-        shape, chunks = _npz_member_chunks(zf, latent_key + ".npy", f"{path}[{latent_key}]")
+        shape, chunks = _numpy_chunks(path, latent_key + ".npy", f"{path}[{latent_key}]")
         if label_key in keys:
-            with zf.open(label_key + ".npy") as fp:
-                lshape, _, ldtype = _read_npy_header(fp, f"{path}[{label_key}]")
-            if ldtype.hasobject:
-                raise DataError(f"{path}[{label_key}]: labels hold Python objects (never unpickled); save int64 ids")
-            with zf.open(label_key + ".npy") as fp:
-                labels = np.lib.format.read_array(fp, allow_pickle=False)
-            labels = _check_labels(f"{path}[{label_key}]", labels, shape[0])
+            read = lambda: np.load(path, allow_pickle=False)[label_key]
+            labels = _read_labels(f"{path}[{label_key}]", read, shape[0])
     if labels_file is not None:
         if not Path(labels_file).is_file():
             raise DataError(f"{labels_file}: no such labels file; check the path")
-        try:
-            labels = np.load(labels_file, allow_pickle=False)
-        except ValueError as err:
-            raise DataError(f"{labels_file}: not a numeric .npy array ({err}); save int64 class ids") from err
-        labels = _check_labels(str(labels_file), labels, shape[0])
+        labels = _read_labels(str(labels_file), lambda: np.load(labels_file, allow_pickle=False), shape[0])
     return shape, chunks, labels
 
 
-def _write_numpy(path: Path, writer_kwargs: dict, latent_key: str, label_key: str, labels_file) -> ArrowWriter:
-    """Stream a `.npy`/`.npz` into an ArrowWriter chunk by chunk, checking NaN/Inf as it goes."""
-    shape, chunks, labels = _open_numpy(path, latent_key, label_key, labels_file)
+def _write(writer_kwargs: dict, shape: tuple[int, ...], chunks, labels: np.ndarray | None, where: str) -> None:
+    """Write latent chunks (and labels) to an ArrowWriter, checking NaN/Inf as they stream by."""
     writer = ArrowWriter(features=latent_features(shape[1:], labels is not None), **writer_kwargs)
-    nan, start = _NaNCounter(f"{path}[{latent_key}]" if path.suffix == ".npz" else str(path)), 0
+    nan, start = _NaNCounter(where), 0
     for chunk in chunks:
         chunk = chunk.astype(np.float32, copy=False)
         nan.update(chunk, start)
-        batch = {"latents": chunk}
-        if labels is not None:
-            batch["labels"] = labels[start:start + len(chunk)]
+        batch = {"latents": chunk} if labels is None else {"latents": chunk, "labels": labels[start:start + len(chunk)]}
         writer.write_batch(batch)
         start += len(chunk)
     writer.finalize()
     nan.check()
-    return writer
+
+
+def _write_numpy(path: Path, writer_kwargs: dict, latent_key: str, label_key: str, labels_file) -> None:
+    shape, chunks, labels = _open_numpy(path, latent_key, label_key, labels_file)
+    where = f"{path}[{latent_key}]" if path.suffix.lower() == ".npz" else str(path)
+    _write(writer_kwargs, shape, chunks, labels, where)
+
+
+def _in_memory(write) -> datasets.Dataset:
+    """Run `write(writer_kwargs)` into an in-memory Arrow stream and wrap the result as a Dataset."""
+    buf = pa.BufferOutputStream()
+    write(dict(stream=buf))
+    return datasets.Dataset(pa.ipc.open_stream(buf.getvalue()).read_all())
 
 
 def dataset_from_arrays(latents: np.ndarray, labels: np.ndarray | None = None, source: str = "<arrays>"
@@ -217,18 +216,10 @@ def dataset_from_arrays(latents: np.ndarray, labels: np.ndarray | None = None, s
     """An in-memory `Dataset` from arrays (N, C, H, W) and optional labels (N,), with the same checks."""
     latents = np.asarray(latents)
     _check_latent_meta(source, latents.shape, latents.dtype)
-    latents = latents.astype(np.float32, copy=False)
-    nan = _NaNCounter(source)
-    nan.update(latents, 0)
-    nan.check()
-    batch = {"latents": latents}
-    if labels is not None:
-        batch["labels"] = _check_labels(source, np.asarray(labels), len(latents))
-    buf = pa.BufferOutputStream()
-    writer = ArrowWriter(features=latent_features(latents.shape[1:], labels is not None), stream=buf)
-    writer.write_batch(batch)
-    writer.finalize()
-    return datasets.Dataset(pa.ipc.open_stream(buf.getvalue()).read_all())
+    labels = None if labels is None else _check_labels(source, np.asarray(labels), len(latents))
+    step = _chunk_rows(latents.shape)
+    chunks = (latents[i:i + step] for i in range(0, len(latents), step))
+    return _in_memory(lambda kw: _write(kw, latents.shape, chunks, labels, source))
 
 
 def _cached_numpy(path: Path, cache_dir: Path, latent_key: str, label_key: str, labels_file) -> datasets.Dataset:
@@ -255,10 +246,11 @@ def _cached_numpy(path: Path, cache_dir: Path, latent_key: str, label_key: str, 
 def _innermost_dtype(feature) -> str | None:
     while hasattr(feature, "feature"):
         feature = feature.feature
-    return getattr(feature, "dtype", None)
+    return "int64" if isinstance(feature, datasets.ClassLabel) else getattr(feature, "dtype", None)
 
 
-def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: str) -> datasets.Dataset:
+def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: str, verify: bool = True
+                 ) -> datasets.Dataset:
     """Rename the latent/label columns to `latents`/`labels`, cast to the project schema and check it."""
     names = ds.column_names
     lat = next((c for c in (latent_key, *LATENT_COLUMNS) if c in names), None)
@@ -276,8 +268,6 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
     _check_latent_meta(where, (len(ds), *first.shape), dtype)
     if lab is not None:
         ldtype = _innermost_dtype(ds.features["labels"])
-        if isinstance(ds.features["labels"], datasets.ClassLabel):
-            ldtype = "int64"
         if ldtype is None or np.dtype(ldtype).kind not in "iu":
             raise DataError(f"{where}: labels column '{lab}' must be integer class ids, got {ds.features['labels']}")
     want = latent_features(first.shape, lab is not None)
@@ -288,7 +278,7 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
             raise DataError(f"{where}: latents cannot be read as one (C, H, W) float32 array per sample ({err}); "
                             "all samples must have the same shape") from err
     nan = _NaNCounter(where)
-    for start, chunk, labels in iter_chunks(ds, with_labels=True):
+    for start, chunk, labels in iter_chunks(ds, with_labels=True) if verify else ():
         nan.update(chunk, start)
         if labels is not None and len(labels) and labels.min() < 0:
             i = start + int(np.argmin(labels))
@@ -310,15 +300,17 @@ def iter_chunks(ds: datasets.Dataset, rows: int | None = None, with_labels: bool
 
 def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key: str = "y", split: str = "train",
                  labels_file: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES, **hub_kwargs) -> datasets.Dataset:
+                 in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES, verify: bool = True, **hub_kwargs
+                 ) -> datasets.Dataset:
     """Load latents from `.npz`, `.npy`, a `save_to_disk` folder, Parquet/Arrow files or a hub dataset id.
 
     Returns an Arrow `Dataset` with `latents` (C, H, W) float32 and, if present, `labels` int64, after
     checking it (shape, dtype, NaN/Inf, labels). `.npy`/`.npz` files bigger than `in_memory_max_bytes`
     are converted once, in bounded memory, to an Arrow file under `cache_dir` (default
     ~/.cache/latent_ddpm or $LATENT_DDPM_CACHE) keyed by path, size and mtime, and memory-mapped.
-    `labels_file` gives labels for a `.npy`. Hub ids go to `datasets.load_dataset(source, split=split,
-    **hub_kwargs)`. Raises `DataError` with one clear line for any bad input.
+    `labels_file` gives labels for a `.npy`. `verify=False` skips the full NaN/Inf and label scan of
+    Arrow/Parquet/hub sources (shape and dtype are still checked). Hub ids (owner/name) go to
+    `datasets.load_dataset(source, split=split, **hub_kwargs)`. Raises `DataError` (one line) on bad input.
     """
     path = Path(source)
     if path.is_dir():
@@ -333,13 +325,13 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
             if split not in ds:
                 raise DataError(f"{path}: no split '{split}'; the splits are {list(ds)}; pass split=")
             ds = ds[split]
-        return _standardize(ds, str(path), latent_key, label_key)
+        return _standardize(ds, str(path), latent_key, label_key, verify)
     suffix = path.suffix.lower()
     known = NUMPY_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
     if not path.exists():
         if suffix in known or path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1:
             raise DataError(f"{source}: no such file or folder; check the path")
-        return _load_hub(str(source), split, latent_key, label_key, hub_kwargs)
+        return _load_hub(str(source), split, latent_key, label_key, verify, hub_kwargs)
     if suffix not in known:
         raise DataError(f"{path}: unknown format '{suffix}'; use .npz, .npy, .parquet, .arrow or a saved dataset "
                         "folder")
@@ -347,9 +339,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
         raise DataError(f"{path}: the file is not readable (permissions); check them")
     if suffix in NUMPY_SUFFIXES:
         if path.stat().st_size <= in_memory_max_bytes:
-            buf = pa.BufferOutputStream()
-            _write_numpy(path, dict(stream=buf), latent_key, label_key, labels_file)
-            return datasets.Dataset(pa.ipc.open_stream(buf.getvalue()).read_all())
+            return _in_memory(lambda kw: _write_numpy(path, kw, latent_key, label_key, labels_file))
         return _cached_numpy(path, Path(cache_dir or DEFAULT_CACHE_DIR), latent_key, label_key, labels_file)
     try:
         if suffix in PARQUET_SUFFIXES:
@@ -358,7 +348,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
             ds = _read_arrow(path)
     except (OSError, ValueError, pa.ArrowException) as err:
         raise DataError(f"{path}: not a readable {suffix} file ({err}); re-export it") from err
-    return _standardize(ds, str(path), latent_key, label_key)
+    return _standardize(ds, str(path), latent_key, label_key, verify)
 
 
 def _read_arrow(path: Path) -> datasets.Dataset:
@@ -369,14 +359,15 @@ def _read_arrow(path: Path) -> datasets.Dataset:
         return datasets.Dataset(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
 
 
-def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, kwargs: dict) -> datasets.Dataset:
+def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify: bool, kwargs: dict
+              ) -> datasets.Dataset:
     """A hub dataset via `datasets.load_dataset` (network; not exercised by the tests)."""
     try:
         ds = datasets.load_dataset(repo_id, split=split, **kwargs)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
         raise DataError(f"{repo_id}: not a local file and cannot be loaded from the hub ({err}); "
                         "check the path or the dataset id") from err
-    return _standardize(ds, f"hub:{repo_id}", latent_key, label_key)
+    return _standardize(ds, f"hub:{repo_id}", latent_key, label_key, verify)
 
 
 def check_compatible(ds: datasets.Dataset, in_channels: int | None = None, downsample_factor: int | None = None,
@@ -429,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help=".npz/.npy -> Arrow dataset folder (save_to_disk layout), bounded memory")
     conv.add_argument("input", help="a .npz (arrays X, y) or .npy (N, C, H, W) file")
-    conv.add_argument("output", help="folder to create; load it with load_latents or datasets.load_from_disk")
+    conv.add_argument("output", help="folder to create (load it with load_latents or datasets.load_from_disk)")
     conv.add_argument("--latent_key", default="X", help="array name of the latents in a .npz (default X)")
     conv.add_argument("--label_key", default="y", help="array name of the labels in a .npz (default y)")
     conv.add_argument("--labels_file", default=None, help="a .npy of int labels for a .npy input")
@@ -441,14 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.output}: {len(ds)} samples of shape {tuple(ds.features['latents'].shape)}"
           + (", with labels" if "labels" in ds.column_names else ", no labels"))
     return 0
-
-
-def __getattr__(name: str):
-    # Normalisation and feeding live in feeding.py; re-exported lazily here (no import cycle).
-    if name in ("LatentStats", "compute_stats", "LatentFeeder"):
-        from . import feeding
-        return getattr(feeding, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

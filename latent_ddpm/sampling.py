@@ -1,0 +1,256 @@
+"""Pieces of `sample.py`: schedulers by name, per-sample generators, class labels, run folders, and a
+streaming `.npz` writer (bounded memory however many samples; several processes may write one file).
+
+Reproducibility: sample `i` of a run with seed `s` draws all its noise (initial and per step) from its
+own `torch.Generator` seeded with `sample_seed(s, i)`, on the CPU, so the noise does not depend on the
+batch size, the number of processes or the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .errors import UserInputError
+from .pipeline import LatentDDPMPipeline
+
+# Sampler name -> (diffusers class, config overrides). All are built with `from_config` from the
+# saved (training) scheduler config, so they share its betas and prediction type.
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
+    "ddpm": (DDPMScheduler, {}),  # ancestral sampling, the original's sampler
+    "ddim": (DDIMScheduler, {}),  # deterministic at eta=0 (Song et al. 2021)
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),  # 2nd-order, 10-25 steps
+    "sde-dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),  # stochastic variant
+    "unipc": (UniPCMultistepScheduler, {}),  # predictor-corrector, good at 5-20 steps
+    "euler": (EulerDiscreteScheduler, {}),  # Karras et al. 2022 Euler ODE
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),  # Euler, ancestral (stochastic)
+    "heun": (HeunDiscreteScheduler, {}),  # 2nd-order, two UNet calls per step
+}
+# `--mixed_precision` -> the dtype of the UNet weights (the scheduler always works in float32).
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Bytes copied per read when assembling the final .npz: bounds the writer's memory.
+COPY_CHUNK_BYTES = 8 * 2**20
+# Name of the run folder's pipeline subfolder and of the samples folder (the original's layout).
+PIPELINE_SUBDIR, GENERATED_SUBDIR = "pipeline", "generated"
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises `UserInputError` (one line and exit status 2 through `run_cli`)."""
+
+    def error(self, message: str):
+        raise UserInputError(f"{message} (see {self.prog} --help)")
+
+
+def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device | str = "cpu") -> LatentDDPMPipeline:
+    """Load a saved `LatentDDPMPipeline` from a folder or a hub id onto `device`, its UNet in the dtype of
+    `mixed_precision` (no, fp16, bf16); any failure is one `UserInputError` line."""
+    path = Path(model)
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            hint = f"; did you mean {path / PIPELINE_SUBDIR}?" if (path / PIPELINE_SUBDIR).is_dir() else ""
+            raise UserInputError(f"--model {model}: not a saved pipeline (no model_index.json){hint}")
+    elif model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UserInputError(f"--model {model}: no such folder (and not a hub id of the form owner/name)")
+    try:
+        pipe = LatentDDPMPipeline.from_pretrained(model)
+    except Exception as err:  # noqa: BLE001 - hub, file and config errors all mean "cannot load this"
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserInputError(f"--model {model}: cannot load the pipeline ({type(err).__name__}: {first})") from err
+    pipe.to(device)
+    # The pipeline casts the UNet's input and output itself; plain Module.to skips diffusers' dtype warning.
+    torch.nn.Module.to(pipe.unet, DTYPES[mixed_precision])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def distributed_state() -> PartialState:
+    """accelerate's process state, for `accelerate launch` and `torchrun` alike.
+
+    CPU processes are used when ACCELERATE_USE_CPU is set (as `accelerate launch --cpu` does) or when
+    several processes are launched without CUDA; a launch that accelerate does not pick up is an error
+    (each process would otherwise compute every sample).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (world > 1 and not torch.cuda.is_available()))
+    if state.num_processes != world:
+        raise UserInputError(f"launched as {world} processes but accelerate sees {state.num_processes}; "
+                             "on CPU set ACCELERATE_USE_CPU=1 (or use accelerate launch --cpu)")
+    return state
+
+
+def make_scheduler(name: str, config) -> SchedulerMixin:
+    """Build the scheduler `name` (see `SCHEDULERS`) from a saved scheduler config."""
+    if name not in SCHEDULERS:
+        raise UserInputError(f"unknown --scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(config, **overrides)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` in a run with `seed`: a SeedSequence hash, so nearby seeds do not overlap."""
+    hi, lo = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32)
+    return (int(hi) << 31) ^ int(lo)  # < 2**63, a valid torch seed
+
+
+def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample index (CPU noise is the same on every device)."""
+    return [torch.Generator("cpu").manual_seed(sample_seed(seed, int(i))) for i in indices]
+
+
+def parse_class_labels(spec: Sequence[str] | None, num_classes: int | None) -> list[int] | None:
+    """`--class_labels` values -> a list of labels to cycle through (None: unconditional).
+
+    `all` cycles through 0..num_classes-1. Labels must be integers in range; a model without class
+    embeddings accepts none.
+    """
+    if not spec:
+        return None
+    if num_classes is None:
+        raise UserInputError("--class_labels given, but the model is unconditional (num_class_embeds=None)")
+    if list(spec) == ["all"]:
+        return list(range(num_classes))
+    try:
+        labels = [int(v) for v in spec]
+    except ValueError:
+        raise UserInputError(f"--class_labels takes integers or 'all', got {' '.join(spec)}") from None
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise UserInputError(f"--class_labels {bad} out of range: this model has classes 0..{num_classes - 1}")
+    return labels
+
+
+def labels_for(indices: Sequence[int], cycle: list[int] | None) -> list[int] | None:
+    """The label of each sample index: `cycle[i % len(cycle)]` (independent of batches and processes)."""
+    return None if cycle is None else [cycle[int(i) % len(cycle)] for i in indices]
+
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def locate_run(latent: str | os.PathLike, runs_dir: str | os.PathLike = "runs", n_dim: int | None = None,
+               n_steps: int | None = None, lbeta: float | None = None, ubeta: float | None = None) -> Path:
+    """Find the run folder of the original's flags: `<runs_dir>/<stem>_ddpm_<n_dim>_<n_steps>_<lbeta>_<ubeta>/`.
+
+    Folders must hold a `pipeline/` subfolder. Given flags must match (numerically, so 1e-4 matches
+    0.0001); `n_steps` filters only when some folder matches it, since it is also the number of
+    sampling steps. Exactly one folder must remain, else a `UserInputError` says what was looked for.
+    """
+    runs_dir, stem = Path(runs_dir), Path(latent).stem
+    pattern = "_".join([f"{stem}_ddpm"] + ["*" if v is None else str(v) for v in (n_dim, n_steps, lbeta, ubeta)])
+    found = []
+    for path in sorted(runs_dir.glob(f"{stem}_ddpm_*")) if runs_dir.is_dir() else []:
+        fields = path.name[len(stem) + len("_ddpm_"):].split("_")
+        if len(fields) != 4 or not (path / PIPELINE_SUBDIR).is_dir():
+            continue
+        dim, steps, lo, hi = (_num(f) for f in fields)
+        if all(want is None or got == want for want, got in ((n_dim, dim), (lbeta, lo), (ubeta, hi))):
+            found.append((steps, path))
+    if n_steps is not None and any(steps == n_steps for steps, _ in found):
+        found = [(steps, path) for steps, path in found if steps == n_steps]
+    where = f"{runs_dir / pattern}/{PIPELINE_SUBDIR}"
+    if not found:
+        raise UserInputError(f"no trained run for --latent {latent}: looked for {where}; train first, or pass "
+                             "--model DIR (or --runs_dir, --n_dim, --lbeta, --ubeta)")
+    if len(found) > 1:
+        names = ", ".join(path.name for _, path in found)
+        raise UserInputError(f"--latent {latent} matches several runs ({names}) under {runs_dir}; pick one with "
+                             "--n_dim/--n_steps/--lbeta/--ubeta or pass --model DIR")
+    return found[0][1]
+
+
+def run_dir_of(model: str) -> Path:
+    """The run folder that owns a pipeline: `<run>/pipeline` -> `<run>`; a hub id -> `runs/<owner>--<name>`."""
+    path = Path(model)
+    if path.is_dir():
+        return path.parent if path.name == PIPELINE_SUBDIR else path
+    return Path("runs") / model.replace("/", "--")
+
+
+def default_output(run_dir: Path, seed: int, num_samples: int) -> Path:
+    """The original's output path: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz`."""
+    return run_dir / GENERATED_SUBDIR / f"seed_{seed}" / f"samples_{seed}_{num_samples}.npz"
+
+
+def partial_path(output: Path) -> Path:
+    """Where the samples are gathered before the final .npz is written (next to it, hidden)."""
+    return output.with_name(f".{output.name}.partial.npy")
+
+
+class NpyRowWriter:
+    """A `.npy` file of a known shape filled row-range by row-range with seek + write (no memory map).
+
+    The main process `create`s it (header + a sparse file of the full size); then any process may
+    `write(start, rows)` its own disjoint rows, in any order.
+    """
+
+    def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype=np.float32, create: bool = False):
+        self.path, self.shape, self.dtype = Path(path), tuple(int(s) for s in shape), np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "wb") as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                self.offset = f.tell()
+                f.truncate(self.offset + self.shape[0] * self.row_bytes)
+        else:
+            with open(self.path, "rb") as f:
+                np.lib.format.read_magic(f)
+                np.lib.format.read_array_header_2_0(f)
+                self.offset = f.tell()
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Write `rows` (n, *shape[1:]) at row `start`."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or not 0 <= start <= start + len(rows) <= self.shape[0]:
+            raise ValueError(f"rows {rows.shape} at {start} do not fit a {self.shape} array")
+        with open(self.path, "r+b") as f:
+            f.seek(self.offset + start * self.row_bytes)
+            f.write(rows.tobytes())
+
+
+def write_npz(output: str | os.PathLike, arrays: dict[str, np.ndarray | str | os.PathLike]) -> Path:
+    """Write a normal (uncompressed, zip64) `.npz` atomically: temp file, then rename.
+
+    Each value is an array (written whole: keep those small) or the path of a `.npy` file, copied in
+    `COPY_CHUNK_BYTES` pieces, so memory stays bounded whatever its size.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, value in arrays.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as dst:
+                    if isinstance(value, (str, os.PathLike)):
+                        with open(value, "rb") as src:
+                            shutil.copyfileobj(src, dst, COPY_CHUNK_BYTES)
+                    else:
+                        np.lib.format.write_array(dst, np.asarray(value), allow_pickle=False)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output

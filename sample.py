@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Generate latents with a trained LatentDDPMPipeline (see docs/sampling.md).
+
+    python sample.py --model runs/x_ddpm_4_1000_0.0001_0.02/pipeline --num_samples 1000 \\
+        --scheduler dpmsolver++ --num_inference_steps 25 --seed 0
+    python sample.py --latent x.npz --n_samples 64          # the original's flags: finds the run folder
+    accelerate launch --num_processes 4 sample.py --model DIR --num_samples 50000   # same samples, faster
+
+Output: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz` (or --output) with `samples`
+(N, C, H, W) float32 in the data's scale and `labels` (N,) int64 when class-conditional, plus a PNG
+grid next to it. Sample i depends only on (seed, i), never on the batch size or process count.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from diffusers.utils import logging as diffusers_logging
+from tqdm.auto import tqdm
+
+from latent_ddpm.errors import UserInputError, run_cli
+from latent_ddpm.plots import save_latent_grid
+from latent_ddpm.sampling import (
+    DTYPES,
+    PIPELINE_SUBDIR,
+    SCHEDULERS,
+    ArgParser,
+    NpyRowWriter,
+    default_output,
+    distributed_state,
+    labels_for,
+    load_pipeline,
+    locate_run,
+    make_scheduler,
+    parse_class_labels,
+    partial_path,
+    run_dir_of,
+    sample_generators,
+    write_npz,
+)
+
+# Most samples shown in the PNG preview grid.
+GRID_SAMPLES = 64
+
+
+def parse_args(argv: list[str] | None = None):
+    p = ArgParser(prog="sample.py", description="Generate latents with a trained LatentDDPMPipeline.")
+    p.add_argument("--model", help="pipeline folder or hub id (default: derived from --latent)")
+    p.add_argument("--num_samples", "--n_samples", type=int, default=16, help="how many samples (default 16)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per UNet batch and process (default 64)")
+    p.add_argument("--num_inference_steps", "--n_steps", type=int, default=None,
+                   help="denoising steps (default: every training step for ddpm, 50 otherwise)")
+    p.add_argument("--scheduler", default=None,
+                   help=f"sampler: {', '.join(SCHEDULERS)} (default: the pipeline's saved scheduler)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
+    p.add_argument("--seed", type=int, default=42, help="base seed; sample i uses (seed, i) (default 42)")
+    p.add_argument("--class_labels", nargs="+", default=None,
+                   help="labels to cycle through (sample i gets labels[i %% len]), or 'all' for 0..K-1")
+    p.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance weight (1 = off)")
+    p.add_argument("--mixed_precision", choices=tuple(DTYPES), default="no", help="UNet weights dtype")
+    p.add_argument("--output", help="output .npz (default: <run>/generated/seed_<seed>/samples_<seed>_<n>.npz)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--no_grid", action="store_true", help="do not write the PNG preview grid")
+    original = p.add_argument_group("the original project's flags (to locate runs/<stem>_ddpm_<n_dim>_<n_steps>_"
+                                    "<lbeta>_<ubeta>/)")
+    original.add_argument("--latent", help="the training latent file; its stem names the run folder")
+    original.add_argument("--n_dim", type=int, help="latent channels in the run folder name")
+    original.add_argument("--lbeta", type=float, help="first beta in the run folder name")
+    original.add_argument("--ubeta", type=float, help="last beta in the run folder name")
+    original.add_argument("--runs_dir", default="runs", help="where run folders live (default runs)")
+    original.add_argument("--mode", choices=("sample",), help="accepted for compatibility (train with train.py)")
+    args = p.parse_args(argv)
+    for flag in ("num_samples", "batch_size", "num_inference_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.model is None and args.latent is None:
+        raise UserInputError("pass --model DIR_OR_HUB_ID (a saved pipeline) or the original's --latent FILE")
+    if args.guidance_scale != 1.0 and not args.class_labels:
+        raise UserInputError("--guidance_scale needs --class_labels (guidance steers towards a class)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    state = distributed_state()
+
+    # 1. Where the model is and where the samples go; refuse to overwrite before any work.
+    model = args.model
+    if model is None:
+        model = str(locate_run(args.latent, args.runs_dir, args.n_dim, args.num_inference_steps, args.lbeta,
+                               args.ubeta) / PIPELINE_SUBDIR)
+    output = Path(args.output) if args.output else default_output(run_dir_of(model), args.seed, args.num_samples)
+    if output.suffix != ".npz":
+        raise UserInputError(f"--output {output} must end in .npz")
+    if output.exists() and not args.overwrite:
+        raise UserInputError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        raise UserInputError(f"unknown --scheduler {args.scheduler!r}; valid names: {', '.join(SCHEDULERS)}")
+
+    # 2. The pipeline, with the requested sampler built from the saved scheduler config.
+    diffusers_logging.disable_progress_bar()
+    pipe = load_pipeline(model, args.mixed_precision, state.device)
+    if args.scheduler is not None:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    unet = pipe.unet.config
+    cycle = parse_class_labels(args.class_labels, unet.num_class_embeds)
+    size = unet.sample_size
+    shape = (args.num_samples, unet.in_channels, *((size, size) if isinstance(size, int) else size))
+
+    # 3. The main process creates the gathering file; every process fills its own contiguous rows.
+    partial = partial_path(output)
+    if state.is_main_process:
+        NpyRowWriter(partial, shape, create=True)
+    state.wait_for_everyone()
+    writer = NpyRowWriter(partial, shape)
+    try:
+        with state.split_between_processes(list(range(args.num_samples))) as mine:
+            start_time = time.perf_counter()
+            bar = tqdm(total=args.num_samples, desc="sampling", unit="sample", disable=not state.is_main_process)
+            for start in range(0, len(mine), args.batch_size):
+                idx = mine[start:start + args.batch_size]
+                out = pipe(batch_size=len(idx), num_inference_steps=args.num_inference_steps,
+                           generator=sample_generators(args.seed, idx), class_labels=labels_for(idx, cycle),
+                           guidance_scale=args.guidance_scale, eta=args.eta)
+                writer.write(idx[0], out.latents)
+                bar.update(min(len(idx) * state.num_processes, bar.total - bar.n))  # others run in step
+            bar.close()
+        state.wait_for_everyone()
+
+        # 4. One normal .npz, written by streaming (memory stays bounded), atomically; then the preview.
+        if state.is_main_process:
+            arrays = {"samples": partial}
+            if cycle is not None:
+                arrays["labels"] = np.asarray(labels_for(range(args.num_samples), cycle), dtype=np.int64)
+            write_npz(output, arrays)
+            elapsed = time.perf_counter() - start_time
+            if not args.no_grid:
+                preview = np.load(partial, mmap_mode="r", allow_pickle=False)[:GRID_SAMPLES]
+                labels = arrays.get("labels")
+                save_latent_grid(output.with_suffix(".png"), np.array(preview),
+                                 None if labels is None else labels[:GRID_SAMPLES],
+                                 title=f"{output.name} ({args.scheduler or type(pipe.scheduler).__name__})")
+            print(f"wrote {args.num_samples} samples {shape[1:]} to {output} "
+                  f"({args.num_samples / elapsed:.2f} samples/s over {state.num_processes} process(es))")
+    finally:
+        if state.is_main_process:
+            partial.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

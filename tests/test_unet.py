@@ -150,6 +150,13 @@ def test_wrong_timestep_shape_raises(make_unet, bad):
         make_unet()(_x(), bad)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 9, 8), (1, 2, 8, 6), (2, 8, 8)])
+def test_bad_sample_shape_raises(make_unet, shape):
+    model = make_unet(down_sample=(True, True))  # H and W must be divisible by 4
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(shape), 1)
+
+
 def test_class_labels_condition_the_output(make_unet):
     model, x, t = make_unet(num_class_embeds=3), _x(), torch.tensor([3, 3])
     with torch.no_grad():

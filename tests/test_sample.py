@@ -1,0 +1,209 @@
+"""sample.py and latent_ddpm/sampling.py on a tiny pipeline (4x8x8 latents, 2-3 denoising steps)."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, sampling
+from latent_ddpm.errors import run_cli
+from latent_ddpm.sampling import SCHEDULERS, NpyRowWriter, locate_run, sample_generators, write_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sample_script", ROOT / "sample.py")
+sample_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample_script)
+
+RUN = "x_ddpm_4_1000_0.0001_0.02"  # the original's run folder name for x.npz, 4 channels, 1000 steps
+FAST = ["--num_inference_steps", "2", "--no_grid"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """An unconditional pipeline in runs/<RUN>/pipeline and a 3-class one in cond/pipeline."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    for where, classes in ((root / "runs" / RUN / "pipeline", None), (root / "cond" / "pipeline", 3)):
+        unet = AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8, num_class_embeds=classes)
+        pipe = LatentDDPMPipeline(unet=unet, scheduler=default_scheduler(), latents_mean=[0.0, 1.0, 2.0, 3.0],
+                                  latents_std=2.0)
+        pipe.save_pretrained(where)
+    return root
+
+
+def run(argv, capsys=None) -> int:
+    """sample.py's main through run_cli, as the command line runs it: returns the exit status."""
+    try:
+        return run_cli(sample_script.main, [str(a) for a in argv])
+    except SystemExit as err:
+        return err.code
+
+
+def load(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_every_scheduler(models, tmp_path):
+    for name in SCHEDULERS:
+        out = tmp_path / f"{name}.npz"
+        assert run(["--model", models / "cond" / "pipeline", "--scheduler", name, "--num_samples", 2, "--eta", 0.5,
+                    "--output", out, *FAST]) == 0
+        x = load(out)["samples"]
+        assert x.shape == (2, 4, 8, 8) and x.dtype == np.float32 and np.isfinite(x).all(), name
+
+
+def test_batch_size_invariance(models, tmp_path):
+    common = ["--model", models / "cond" / "pipeline", "--num_samples", 5, "--scheduler", "ddpm", "--seed", 3,
+              "--class_labels", "all", "--guidance_scale", 2.0, *FAST]
+    for bs in (2, 5, 1):
+        assert run([*common, "--batch_size", bs, "--output", tmp_path / f"b{bs}.npz"]) == 0
+    b2, b5, b1 = (load(tmp_path / f"b{bs}.npz") for bs in (2, 5, 1))
+    # The noise is identical by construction; the UNet's float arithmetic (BLAS kernels chosen by batch
+    # shape) may differ in the last bits, so the outputs agree to float32 rounding.
+    np.testing.assert_allclose(b2["samples"], b5["samples"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(b1["samples"], b5["samples"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(b2["labels"], [0, 1, 2, 0, 1])
+    # A different seed gives different samples.
+    assert run([*common, "--seed", 4, "--output", tmp_path / "s4.npz"]) == 0
+    assert np.abs(load(tmp_path / "s4.npz")["samples"] - b5["samples"]).max() > 0.1
+
+
+def test_per_sample_noise_does_not_depend_on_batch():
+    alone = [torch.randn(3, generator=g) for g in sample_generators(7, [4, 2])]
+    batch = [torch.randn(3, generator=g) for g in sample_generators(7, range(6))]
+    assert torch.equal(alone[0], batch[4]) and torch.equal(alone[1], batch[2])
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_two_processes_match_one(models, tmp_path):
+    common = ["--model", models / "cond" / "pipeline", "--num_samples", 6, "--batch_size", 3, "--seed", 1,
+              "--class_labels", "all", "--scheduler", "euler_a", *FAST]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv = [*torchrun, str(ROOT / "sample.py"), *map(str, common), "--output", str(tmp_path / "two.npz")]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "over 2 process(es)" in proc.stdout
+    assert run([*common, "--output", tmp_path / "one.npz"]) == 0
+    one, two = load(tmp_path / "one.npz"), load(tmp_path / "two.npz")
+    # Same batches on each side (rank 0: 0-2, rank 1: 3-5), hence bit-identical.
+    np.testing.assert_array_equal(one["samples"], two["samples"])
+    np.testing.assert_array_equal(one["labels"], two["labels"])
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_original_flags_locate_the_run(models, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    shutil.copytree(models / "runs", work / "runs")
+    monkeypatch.chdir(work)
+    assert run(["--latent", "data/x.npz", "--n_samples", 3, "--n_steps", 2, "--seed", 7, "--mode", "sample"]) == 0
+    out = work / "runs" / RUN / "generated" / "seed_7" / "samples_7_3.npz"
+    assert load(out)["samples"].shape == (3, 4, 8, 8) and "labels" not in load(out)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert locate_run("x.npz", n_dim=4, lbeta=1e-4, ubeta=0.02, n_steps=50) == Path("runs") / RUN
+    # A second run with 50 steps: ambiguous without --n_steps, picked with it.
+    shutil.copytree(work / "runs" / RUN / "pipeline", work / "runs" / "x_ddpm_4_50_0.0001_0.02" / "pipeline")
+    assert locate_run("x.npz", n_steps=50).name == "x_ddpm_4_50_0.0001_0.02"
+    with pytest.raises(ValueError, match="matches several runs"):
+        locate_run("x.npz")
+    with pytest.raises(ValueError, match=r"looked for runs/x_ddpm_3_\*_\*_\*/pipeline"):
+        locate_run("x.npz", n_dim=3)
+
+
+def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    out.write_bytes(b"precious")
+    argv = ["--model", models / "runs" / RUN / "pipeline", "--num_samples", 2, "--output", out, *FAST]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[0] and "--overwrite" in err[0]
+    assert out.read_bytes() == b"precious"
+    assert run([*argv, "--overwrite"]) == 0
+    assert load(out)["samples"].shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scheduler", "nope"], "valid names: ddpm, ddim, dpmsolver++"),
+    (["--num_samples", "0"], "at least 1"),
+    (["--mixed_precision", "fp8"], "invalid choice"),
+    (["--output", "x.txt"], "must end in .npz"),
+    (["--class_labels", "1"], "unconditional"),
+    (["--guidance_scale", "3"], "needs --class_labels"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_flags_one_line(models, tmp_path, capsys, extra, message):
+    assert run(["--model", models / "runs" / RUN / "pipeline", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_bad_models_and_labels(models, tmp_path, capsys):
+    cond = models / "cond" / "pipeline"
+    for argv, message in [(["--model", tmp_path / "missing"], "no such folder"),
+                          (["--model", models / "cond"], "did you mean"),
+                          ([], "--model DIR_OR_HUB_ID"),
+                          (["--model", cond, "--class_labels", "3"], "out of range"),
+                          (["--model", cond, "--class_labels", "a"], "integers or 'all'")]:
+        assert run([*argv, "--output", tmp_path / "o.npz"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_cli_subprocess_exit_status(models):
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(models / "cond" / "pipeline"),
+                           "--scheduler", "bogus"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: unknown --scheduler 'bogus'; valid names: {', '.join(SCHEDULERS)}"]
+
+
+def test_labels_mixed_precision_and_grid(models, tmp_path):
+    out = tmp_path / "c.npz"
+    assert run(["--model", models / "cond" / "pipeline", "--num_samples", 3, "--class_labels", 2, 0,
+                "--guidance_scale", 1.5, "--mixed_precision", "bf16", "--num_inference_steps", 2, "--output", out]) == 0
+    got = load(out)
+    np.testing.assert_array_equal(got["labels"], [2, 0, 2])
+    assert got["labels"].dtype == np.int64 and np.isfinite(got["samples"]).all()
+    assert out.with_suffix(".png").exists()
+
+
+def test_streaming_writer_memory_is_bounded(tmp_path, monkeypatch):
+    """Peak Python/numpy allocations stay near one batch + one copy chunk, far below the data size."""
+    monkeypatch.setattr(sampling, "COPY_CHUNK_BYTES", 2**20)
+    n, shape, batch = 16_000, (4, 8, 8), 250  # 16.4 MB of float32 in all
+    total = n * int(np.prod(shape)) * 4
+    tracemalloc.start()
+    try:
+        partial = tmp_path / "p.npy"
+        writer = NpyRowWriter(partial, (n, *shape), create=True)
+        for start in reversed(range(0, n, batch)):  # any order
+            rows = np.arange(start, min(start + batch, n), dtype=np.float32)[:, None, None, None]
+            writer.write(start, np.broadcast_to(rows, (len(rows), *shape)))
+        write_npz(tmp_path / "big.npz", {"samples": partial, "labels": np.arange(n) % 3})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 2**20 and peak < total / 5, peak
+    with np.load(tmp_path / "big.npz", allow_pickle=False) as f:
+        x = f["samples"]
+        assert x.shape == (n, *shape) and x.dtype == np.float32
+        np.testing.assert_array_equal(x[:, 1, 2, 3], np.arange(n))
+        np.testing.assert_array_equal(f["labels"], np.arange(n) % 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz", "p.npy"]  # no temporary left
+
+
+def test_writer_rejects_misplaced_rows(tmp_path):
+    writer = NpyRowWriter(tmp_path / "p.npy", (4, 2), create=True)
+    with pytest.raises(ValueError):
+        writer.write(3, np.zeros((2, 2)))
+    with pytest.raises(ValueError):
+        writer.write(0, np.zeros((1, 3)))

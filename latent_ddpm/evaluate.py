@@ -1,0 +1,314 @@
+"""Sample-quality metrics for latents of any shape (C, H, W), in a fixed feature space (docs/sampling.md).
+
+    python -m latent_ddpm.evaluate --samples samples_42_1000.npz --reference latents.npz --out metrics.json
+
+Feature space phi(x), fixed for a given reference set and latent shape:
+1. standardise: z = (x - m_c) / s_c with the reference's per-channel mean m_c and std s_c;
+2. `NUM_PROJECTIONS` random projections of the flattened z (D = C*H*W values): z @ P, with
+   P ~ N(0, 1/D) drawn from numpy's PCG64 seeded with `PROJECTION_SEED` (a unit-variance z gives
+   unit-variance projections);
+3. z average-pooled to a coarse `POOL_GRID` x `POOL_GRID` grid per channel (fewer cells if H or W is smaller);
+4. the spatial mean and std of each channel of z.
+phi(x) = concat(2, 3, 4); metrics use float64.
+
+Metrics: Fréchet distance FD = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) between
+Gaussians fit to the features (matrix square roots by symmetric eigendecomposition, no scipy);
+precision and recall with k-NN manifolds (Kynkäänniemi et al. 2019); per-channel mean/std errors in
+the data's scale; per-class FD when both sides have labels; and a reference-vs-reference baseline
+(FD between two random halves of the reference) to read FD against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserInputError, run_cli
+
+# Width of the random projection of the flattened standardised latent.
+NUM_PROJECTIONS = 256
+# Seed of the projection matrix: part of the feature space's definition, never change it.
+PROJECTION_SEED = 0
+# Side of the coarse average-pooling grid per channel.
+POOL_GRID = 4
+# k of the k-NN manifold radii in precision/recall (the paper's default).
+K_NEIGHBOURS = 3
+# Precision/recall use at most this many points per side (k-NN distances are O(n^2) work).
+MAX_PR_SAMPLES = 5000
+# The reference set is subsampled to at most this many latents (memory and time).
+MAX_REFERENCE = 10_000
+# Rows per chunk when computing features and distances (bounds memory).
+CHUNK_ROWS = 512
+# Floor for the reference's per-channel std, so constant channels do not divide by zero.
+STD_FLOOR = 1e-8
+# Seed of every subsampling and of the baseline's split.
+SPLIT_SEED = 0
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over (N, H, W), float64, computed in chunks."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for i in range(0, len(x), CHUNK_ROWS):
+        chunk = np.asarray(x[i:i + CHUNK_ROWS], dtype=np.float64)
+        total = total + chunk.sum(axis=(0, 2, 3))
+        total_sq = total_sq + (chunk**2).sum(axis=(0, 2, 3))
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    mean = total / count
+    return mean, np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+
+
+class FeatureSpace:
+    """The fixed map phi: (N, C, H, W) latents -> (N, F) float64 features (see the module docstring)."""
+
+    def __init__(self, reference: np.ndarray, num_projections: int = NUM_PROJECTIONS, pool_grid: int = POOL_GRID):
+        self.shape = tuple(reference.shape[1:])
+        c, h, w = self.shape
+        self.mean, std = channel_stats(reference)
+        self.std = np.maximum(std, STD_FLOOR)
+        d = c * h * w
+        rng = np.random.Generator(np.random.PCG64(PROJECTION_SEED))
+        projection = rng.standard_normal((d, num_projections)) / math.sqrt(d)
+        self.projection, self.num_projections = torch.from_numpy(projection.astype(np.float32)), num_projections
+        self.grid = (min(pool_grid, h), min(pool_grid, w))
+        self.dim = num_projections + c * (self.grid[0] * self.grid[1] + 2)
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray:
+        if tuple(latents.shape[1:]) != self.shape:
+            raise UserInputError(f"latents of shape {tuple(latents.shape[1:])} do not match the reference's "
+                                 f"{self.shape}")
+        mean, std = (torch.from_numpy(v).view(1, -1, 1, 1) for v in (self.mean, self.std))
+        out = []
+        for i in range(0, len(latents), CHUNK_ROWS):
+            z = (torch.from_numpy(np.asarray(latents[i:i + CHUNK_ROWS], dtype=np.float64)) - mean) / std
+            proj = (z.float().flatten(1) @ self.projection).double()
+            pooled = F.adaptive_avg_pool2d(z, self.grid).flatten(1)
+            out.append(torch.cat([proj, pooled, z.mean((2, 3)), z.std((2, 3), correction=0)], dim=1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim))
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased, rows are samples) of (N, F) features, float64."""
+    f = np.asarray(features, dtype=np.float64)
+    if len(f) < 2:
+        raise UserInputError(f"need at least 2 latents for a covariance, got {len(f)}")
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (negative eigenvalues clipped to 0)."""
+    vals, vecs = np.linalg.eigh((a + a.T) / 2)
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2), the squared 2-Wasserstein distance of two Gaussians."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(v, dtype=np.float64) for v in (mu1, mu2, sigma1, sigma2))
+    root1 = _sqrtm_psd(sigma1)
+    middle = root1 @ sigma2 @ root1
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    diff = mu1 - mu2
+    return max(float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * cross), 0.0)
+
+
+def fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fit to two (N, F) feature sets."""
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.maximum(d, 0.0)
+
+
+def knn_radii(x: np.ndarray, k: int = K_NEIGHBOURS) -> np.ndarray:
+    """Squared distance of each point to its k-th nearest other point of `x`."""
+    if len(x) <= k:
+        raise UserInputError(f"need more than k={k} points for k-NN radii, got {len(x)}")
+    return np.concatenate([np.partition(_sq_dists(x[i:i + CHUNK_ROWS], x), k, axis=1)[:, k]
+                           for i in range(0, len(x), CHUNK_ROWS)])
+
+
+def _covered(queries: np.ndarray, points: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Whether each query lies in at least one ball (point, radius)."""
+    return np.concatenate([(_sq_dists(queries[i:i + CHUNK_ROWS], points) <= radii[None, :]).any(axis=1)
+                           for i in range(0, len(queries), CHUNK_ROWS)])
+
+
+def _subsample(n: int, limit: int, seed: int = SPLIT_SEED) -> np.ndarray:
+    return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = K_NEIGHBOURS,
+                     max_samples: int = MAX_PR_SAMPLES) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of (N, F) features.
+
+    precision: the share of fake points inside the real manifold (the union of balls around each real
+    point reaching its k-th nearest real neighbour); recall: the share of real points inside the fake
+    manifold. Each side is subsampled (seeded) to `max_samples` points.
+    """
+    real = np.asarray(real, dtype=np.float64)[_subsample(len(real), max_samples)]
+    fake = np.asarray(fake, dtype=np.float64)[_subsample(len(fake), max_samples)]
+    precision = _covered(fake, real, knn_radii(real, k)).mean()
+    recall = _covered(real, fake, knn_radii(fake, k)).mean()
+    return float(precision), float(recall)
+
+
+class Evaluator:
+    """Reference-side state, computed once (feature space, features, statistics): call it on samples.
+
+    For preview metrics during training, build it once and call it on a few hundred samples.
+    """
+
+    def __init__(self, reference: np.ndarray, labels: np.ndarray | None = None, k: int = K_NEIGHBOURS,
+                 max_reference: int = MAX_REFERENCE, max_pr_samples: int = MAX_PR_SAMPLES,
+                 num_projections: int = NUM_PROJECTIONS, pool_grid: int = POOL_GRID):
+        keep = _subsample(len(reference), max_reference)
+        self.reference = np.asarray(reference[keep] if len(keep) < len(reference) else reference, dtype=np.float32)
+        self.labels = None if labels is None else np.asarray(labels).reshape(-1)[keep]
+        self.k, self.max_pr_samples = k, max_pr_samples
+        self.space = FeatureSpace(self.reference, num_projections, pool_grid)
+        self.features = self.space(self.reference)
+        self.stats = feature_stats(self.features)
+
+    def describe(self) -> dict:
+        """The feature space's definition, for the JSON report."""
+        return {"num_projections": self.space.num_projections, "projection_seed": PROJECTION_SEED,
+                "pool_grid": list(self.space.grid), "dim": self.space.dim,
+                "standardised_by": "reference per-channel mean/std",
+                "reference_channel_mean": self.space.mean.tolist(), "reference_channel_std": self.space.std.tolist()}
+
+    def _compare(self, feats: np.ndarray, ref_feats: np.ndarray, labels, ref_labels, stats=None) -> dict:
+        fd = frechet_distance(*feature_stats(feats), *(stats or feature_stats(ref_feats)))
+        precision, recall = precision_recall(ref_feats, feats, self.k, self.max_pr_samples)
+        out = {"fd": fd, "precision": precision, "recall": recall}
+        if labels is not None and ref_labels is not None:
+            per_class = {}
+            for c in sorted(set(np.unique(labels).tolist()) & set(np.unique(ref_labels).tolist())):
+                a, b = feats[labels == c], ref_feats[ref_labels == c]
+                if len(a) >= 2 and len(b) >= 2:
+                    per_class[str(c)] = {"fd": fd_from_features(a, b), "num_samples": len(a), "num_reference": len(b)}
+            out["per_class"] = per_class
+            out["class_fd_mean"] = float(np.mean([v["fd"] for v in per_class.values()])) if per_class else None
+        return out
+
+    def __call__(self, samples: np.ndarray, labels: np.ndarray | None = None) -> dict:
+        """Metrics of `samples` (N, C, H, W) in the data's scale, with optional labels (N,)."""
+        samples = np.asarray(samples)
+        finite = np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)
+        labels = None if labels is None else np.asarray(labels).reshape(-1)[finite]
+        samples = samples[finite]
+        out = {"num_samples": int(len(samples)), "num_nonfinite_samples": int((~finite).sum()),
+               "num_reference": int(len(self.reference))}
+        out.update(self._compare(self.space(samples), self.features, labels, self.labels, self.stats))
+        s_mean, s_std = channel_stats(samples)
+        r_mean, r_std = self.space.mean, self.space.std
+        out["channel"] = {"mean_error": (s_mean - r_mean).tolist(), "std_error": (s_std - r_std).tolist(),
+                          "max_abs_mean_error_in_std": float(np.max(np.abs(s_mean - r_mean) / r_std)),
+                          "max_abs_log_std_ratio": float(np.max(np.abs(np.log(np.maximum(s_std, STD_FLOOR) / r_std))))}
+        return out
+
+    def baseline(self) -> dict:
+        """The same metrics between two random halves of the reference: the real-vs-real level of each number.
+
+        Each half holds N/2 latents; FD grows as sample sizes shrink, so compare with samples of a similar count.
+        """
+        perm = np.random.default_rng(SPLIT_SEED).permutation(len(self.features))
+        a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
+        labels = (None, None) if self.labels is None else (self.labels[a], self.labels[b])
+        out = {"num_per_half": int(len(a))}
+        out.update(self._compare(self.features[a], self.features[b], *labels))
+        return out
+
+
+def evaluate(samples: np.ndarray, reference: np.ndarray, sample_labels: np.ndarray | None = None,
+             reference_labels: np.ndarray | None = None, baseline: bool = True, **kwargs) -> dict:
+    """All metrics of `samples` against `reference` (both (N, C, H, W)); `kwargs` go to `Evaluator`.
+
+    With `baseline`, adds the reference-vs-reference figures and `fd_ratio` = fd / baseline fd.
+    """
+    ev = Evaluator(reference, reference_labels, **kwargs)
+    out = {"feature_space": ev.describe(), **ev(samples, sample_labels)}
+    if baseline:
+        out["baseline"] = ev.baseline()
+        out["fd_ratio"] = out["fd"] / out["baseline"]["fd"] if out["baseline"]["fd"] > 0 else None
+    return out
+
+
+def reference_baseline(reference: np.ndarray, labels: np.ndarray | None = None, **kwargs) -> dict:
+    """FD, precision and recall between two random halves of `reference` (see `Evaluator.baseline`)."""
+    return Evaluator(reference, labels, **kwargs).baseline()
+
+
+def load_samples(path: str | Path, key: str = "samples",
+                 label_key: str = "labels") -> tuple[np.ndarray, np.ndarray | None]:
+    """A sample.py output (or any .npz/.npy of (N, C, H, W)) -> (samples, labels or None); never unpickles."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file; pass the .npz written by sample.py")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False), None
+        with np.load(path, allow_pickle=False) as f:
+            if key not in f.files:
+                raise UserInputError(f"{path}: no array '{key}' (it has {', '.join(f.files)}); pass --samples_key")
+            return f[key], (f[label_key] if label_key in f.files else None)
+    except UserInputError:
+        raise
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"{path}: not a readable .npz/.npy file ({err})") from err
+
+
+def load_reference(source: str, latent_key: str = "X", label_key: str = "y",
+                   limit: int = MAX_REFERENCE) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reference latents from any source `latent_ddpm.data.load_latents` reads, subsampled (seeded) to `limit`."""
+    from .data import load_latents
+
+    ds = load_latents(source, latent_key=latent_key, label_key=label_key)
+    rows = ds.select(_subsample(len(ds), limit)).with_format("numpy")[:]
+    return np.asarray(rows["latents"], dtype=np.float32), rows.get("labels")
+
+
+def main(argv: list[str] | None = None) -> int:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            raise UserInputError(f"{message} (see --help)")
+
+    p = Parser(prog="python -m latent_ddpm.evaluate", description="FD, precision/recall and channel statistics of "
+               "generated latents against a reference set; JSON on stdout.")
+    p.add_argument("--samples", required=True, help=".npz from sample.py (array 'samples', optional 'labels')")
+    p.add_argument("--reference", required=True, help="reference latents: any source latent_ddpm.data reads")
+    p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--latent_key", default="X", help="array of latents in a reference .npz (default X)")
+    p.add_argument("--label_key", default="y", help="array of labels in a reference .npz (default y)")
+    p.add_argument("--samples_key", default="samples", help="array of latents in the samples file (default samples)")
+    p.add_argument("--k", type=int, default=K_NEIGHBOURS, help="k of the k-NN radii (default 3)")
+    p.add_argument("--max_reference", type=int, default=MAX_REFERENCE, help="reference subsample size")
+    p.add_argument("--max_pr_samples", type=int, default=MAX_PR_SAMPLES, help="precision/recall subsample size")
+    p.add_argument("--num_projections", type=int, default=NUM_PROJECTIONS, help="projection width (default 256)")
+    p.add_argument("--no_baseline", action="store_true", help="skip the reference-vs-reference baseline")
+    args = p.parse_args(argv)
+    samples, labels = load_samples(args.samples, args.samples_key)
+    reference, ref_labels = load_reference(args.reference, args.latent_key, args.label_key, args.max_reference)
+    if samples.ndim != 4 or samples.shape[1:] != reference.shape[1:]:
+        raise UserInputError(f"samples of shape {samples.shape} do not match reference latents {reference.shape[1:]}")
+    report = evaluate(samples, reference, labels, ref_labels, baseline=not args.no_baseline, k=args.k,
+                      max_reference=args.max_reference, max_pr_samples=args.max_pr_samples,
+                      num_projections=args.num_projections)
+    report = {"samples": str(args.samples), "reference": str(args.reference), **report}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -145,17 +145,18 @@ def _subsample(n: int, limit: int, seed: int = SPLIT_SEED) -> np.ndarray:
     return np.arange(n) if n <= limit else np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = K_NEIGHBOURS,
-                     max_samples: int = MAX_PR_SAMPLES) -> tuple[float, float]:
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = K_NEIGHBOURS, max_samples: int = MAX_PR_SAMPLES,
+                     real_radii: np.ndarray | None = None) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of (N, F) features.
 
     precision: the share of fake points inside the real manifold (the union of balls around each real
     point reaching its k-th nearest real neighbour); recall: the share of real points inside the fake
-    manifold. Each side is subsampled (seeded) to `max_samples` points.
+    manifold. Each side is subsampled (seeded) to `max_samples` points; `real_radii` (squared k-NN
+    radii of the subsampled `real`, from `knn_radii`) skips recomputing them.
     """
     real = np.asarray(real, dtype=np.float64)[_subsample(len(real), max_samples)]
     fake = np.asarray(fake, dtype=np.float64)[_subsample(len(fake), max_samples)]
-    precision = _covered(fake, real, knn_radii(real, k)).mean()
+    precision = _covered(fake, real, knn_radii(real, k) if real_radii is None else real_radii).mean()
     recall = _covered(real, fake, knn_radii(fake, k)).mean()
     return float(precision), float(recall)
 
@@ -176,6 +177,7 @@ class Evaluator:
         self.space = FeatureSpace(self.reference, num_projections, pool_grid)
         self.features = self.space(self.reference)
         self.stats = feature_stats(self.features)
+        self.radii = knn_radii(self.features[_subsample(len(self.features), max_pr_samples)], k)
 
     def describe(self) -> dict:
         """The feature space's definition, for the JSON report."""
@@ -184,9 +186,9 @@ class Evaluator:
                 "standardised_by": "reference per-channel mean/std",
                 "reference_channel_mean": self.space.mean.tolist(), "reference_channel_std": self.space.std.tolist()}
 
-    def _compare(self, feats: np.ndarray, ref_feats: np.ndarray, labels, ref_labels, stats=None) -> dict:
+    def _compare(self, feats: np.ndarray, ref_feats: np.ndarray, labels, ref_labels, stats=None, radii=None) -> dict:
         fd = frechet_distance(*feature_stats(feats), *(stats or feature_stats(ref_feats)))
-        precision, recall = precision_recall(ref_feats, feats, self.k, self.max_pr_samples)
+        precision, recall = precision_recall(ref_feats, feats, self.k, self.max_pr_samples, radii)
         out = {"fd": fd, "precision": precision, "recall": recall}
         if labels is not None and ref_labels is not None:
             per_class = {}
@@ -206,7 +208,7 @@ class Evaluator:
         samples = samples[finite]
         out = {"num_samples": int(len(samples)), "num_nonfinite_samples": int((~finite).sum()),
                "num_reference": int(len(self.reference))}
-        out.update(self._compare(self.space(samples), self.features, labels, self.labels, self.stats))
+        out.update(self._compare(self.space(samples), self.features, labels, self.labels, self.stats, self.radii))
         s_mean, s_std = channel_stats(samples)
         r_mean, r_std = self.space.mean, self.space.std
         out["channel"] = {"mean_error": (s_mean - r_mean).tolist(), "std_error": (s_std - r_std).tolist(),

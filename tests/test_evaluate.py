@@ -127,6 +127,17 @@ def test_cli_json(tmp_path, capsys):
     assert keys <= set(printed)
 
 
+def test_reference_from_saved_dataset(tmp_path):
+    from latent_ddpm.data import dataset_from_arrays
+    from latent_ddpm.evaluate import load_reference
+
+    ref = _latents(30)
+    dataset_from_arrays(ref, np.arange(30) % 3).save_to_disk(str(tmp_path / "ds"))
+    x, y = load_reference(str(tmp_path / "ds"), limit=20)
+    assert x.shape == (20, 4, 8, 8) and x.dtype == np.float32 and y.shape == (20,)
+    assert all(any(np.array_equal(row, r) for r in ref) for row in x)
+
+
 @pytest.mark.parametrize("samples, message", [("missing.npz", "no such file"), ("bad_key.npz", "no array 'samples'"),
                                               ("wrong_shape.npz", "do not match")])
 def test_cli_errors_one_line(tmp_path, capsys, samples, message):

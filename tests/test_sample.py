@@ -38,7 +38,7 @@ def models(tmp_path_factory):
     return root
 
 
-def run(argv, capsys=None) -> int:
+def run(argv) -> int:
     """sample.py's main through run_cli, as the command line runs it: returns the exit status."""
     try:
         return run_cli(sample_script.main, [str(a) for a in argv])

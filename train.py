@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                                 " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
                 accelerator.log(logs, step=global_step)
 
-            if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
+            # No periodic checkpoint inside a non-finite streak: the last one before it stays the newest.
+            if (global_step % cfg.checkpointing_steps == 0 and not nonfinite_in_a_row) or global_step == max_steps:
                 state = {"global_step": global_step, "epoch": epoch, "history": history,
                          "lr_scheduler": lr_scheduler.state_dict(),
                          "noise_generator": _gather_generator_states(noise_gen)}

@@ -15,6 +15,9 @@ from .pipeline import LatentDDPMPipeline
 from .plots import save_latent_grid, save_loss_curve
 from .unet import AdvancedUNet2DModel
 
+# Reference latents for the end-of-run quality figures: a bounded set keeps them a few seconds on CPU.
+MAX_REFERENCE = 4096
+
 
 def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMScheduler, stats) -> LatentDDPMPipeline:
     """A CPU/device copy of the model with the EMA weights (when EMA is on), paired with the training
@@ -94,12 +97,14 @@ def final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir: Path,
 def quality_figures(samples: np.ndarray, labels: np.ndarray | None, dataset, cfg) -> dict:
     """Fréchet distance, precision/recall against the training data (and the demo judge on demo data)."""
     from .data import iter_chunks
-    from .evaluate import evaluate_latents
+    from .evaluate import evaluate
 
-    n_ref = min(len(dataset), 2048)  # a bounded reference set keeps this a few seconds on CPU
+    n_ref = min(len(dataset), MAX_REFERENCE)
     ref = dataset.select(range(n_ref)) if n_ref < len(dataset) else dataset
-    ref_x = np.concatenate([x for _, x, _ in iter_chunks(ref)])
-    out = {"evaluation": evaluate_latents(samples, ref_x)}
+    chunks = list(iter_chunks(ref, with_labels=labels is not None))
+    ref_x = np.concatenate([x for _, x, _ in chunks])
+    ref_y = np.concatenate([y for _, _, y in chunks]) if labels is not None else None
+    out = {"evaluation": evaluate(samples, ref_x, sample_labels=labels, reference_labels=ref_y)}
     if cfg.train_data is None:
         from .demo import demo_quality
 

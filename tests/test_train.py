@@ -1,0 +1,250 @@
+"""End-to-end tests of train.py: tiny models on tiny demo latents, CPU, fp32."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from safetensors.torch import load_file
+
+from latent_ddpm import LatentDDPMPipeline
+from latent_ddpm.demo import make_demo_latents
+from latent_ddpm.errors import UserInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402  (the script; its main(argv) is called in-process)
+
+# Small and fast: the tiny preset, 8x8 latents, no preview sampling unless a test asks.
+FAST = ["--preset", "tiny", "--train_batch_size", "8", "--num_eval_samples", "0", "--num_preview_samples", "2",
+        "--preview_inference_steps", "2", "--logging_steps", "1", "--save_images_epochs", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    x, y = make_demo_latents(num_samples=64, seed=0, size=8)
+    path = tmp_path_factory.mktemp("data") / "demo8.npz"
+    np.savez(path, X=x, y=y)
+    return path
+
+
+def run(argv: list[str]) -> int:
+    """train.main in this process, with accelerate's process-wide state reset around it."""
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    try:
+        return train.main(argv)
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_training_writes_the_run_and_lowers_the_loss(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "80", "--output_dir", str(out), "--lr_warmup_steps", "5",
+                "--checkpointing_steps", "40", *FAST, "--train_batch_size", "32", "--num_eval_samples", "8",
+                "--num_preview_samples", "4"]) == 0
+    train_dir = out / "train"
+    for name in ("config.json", "latent_stats.json", "loss_curve.png", "samples.png", "metrics.json"):
+        assert (train_dir / name).is_file(), name
+    assert sorted(p.name for p in train_dir.glob("checkpoint-*")) == ["checkpoint-40", "checkpoint-80"]
+    state = json.loads((train_dir / "checkpoint-80" / "trainer_state.json").read_text())
+    losses = state["history"]["losses"]
+    assert len(losses) == 80 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    metrics = json.loads((train_dir / "metrics.json").read_text())
+    assert "evaluation" in metrics and metrics["skipped_steps"] == 0
+    pipe = LatentDDPMPipeline.from_pretrained(out / "pipeline")
+    stats = json.loads((train_dir / "latent_stats.json").read_text())
+    assert pipe.config.latents_mean == pytest.approx(stats["mean"]) and pipe.config.latents_std == pytest.approx(
+        stats["std"])
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and not pipe.scheduler.config.clip_sample
+
+
+def test_resume_mid_epoch_is_bit_identical(data, tmp_path):
+    # 64 samples / batch 4 = 16 micro-batches = 8 steps per epoch with accumulation 2; the crash at step 3
+    # lands mid-epoch, and the run continues into a second epoch.
+    args = ["--latent", str(data), "--max_train_steps", "10", "--checkpointing_steps", "3", *FAST,
+            "--train_batch_size", "4", "--gradient_accumulation_steps", "2", "--class_conditional", "--random_flip",
+            "--model_config", '{"dropout": 0.1}']
+    # Both runs in subprocesses: the same thread count gives the same float arithmetic.
+    assert cli(*args, "--output_dir", str(tmp_path / "a")).returncode == 0
+    crashed = cli(*args, "--output_dir", str(tmp_path / "b"), env={"LATENT_DDPM_EXIT_AFTER_CHECKPOINT": "3"})
+    assert crashed.returncode == 3 and (tmp_path / "b/train/checkpoint-3/COMPLETE").exists()
+    assert not (tmp_path / "b/pipeline").exists()
+    assert cli(*args, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest").returncode == 0
+    a, b = tmp_path / "a/train/checkpoint-10", tmp_path / "b/train/checkpoint-10"
+    for name in ("model.safetensors", "ema.safetensors"):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    opt_a = torch.load(a / "optimizer.bin", weights_only=True)["state"]
+    opt_b = torch.load(b / "optimizer.bin", weights_only=True)["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+
+
+def test_resume_latest_without_checkpoint_starts_fresh(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST,
+                "--resume_from_checkpoint", "latest"]) == 0
+    assert (out / "pipeline" / "model_index.json").is_file()
+
+
+def test_existing_run_is_never_overwritten_silently(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST]
+    assert run(args) == 0
+    before = weights(out)
+    with pytest.raises(UserInputError, match="already holds a run"):
+        run(args)
+    after = weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert run([*args, "--overwrite_output_dir", "--seed", "1"]) == 0
+    assert not all(torch.equal(before[k], weights(out)[k]) for k in before)
+
+
+def test_original_flags_and_default_run_folder(data, tmp_path):
+    # --latent/--n_steps/--lbeta/--ubeta/--epochs/--batch_size/--lr/--seed/--n_dim, run from tmp_path.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--mode", "train", "--latent", str(data), "--n_steps", "100",
+         "--lbeta", "0.0001", "--ubeta", "0.02", "--epochs", "1", "--batch_size", "16", "--lr", "1e-3",
+         "--seed", "7", "--n_dim", "4", *FAST[:2], "--num_eval_samples", "0", "--num_preview_samples", "2",
+         "--preview_inference_steps", "2"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = tmp_path / "runs" / "demo8_ddpm_4_100_0.0001_0.02"
+    cfg = json.loads((run_dir / "train" / "config.json").read_text())
+    assert (cfg["num_train_timesteps"], cfg["num_epochs"], cfg["train_batch_size"], cfg["learning_rate"],
+            cfg["seed"]) == (100, 1, 16, 1e-3, 7)
+    assert (run_dir / "train" / "checkpoint-4").is_dir()  # 64 samples / 16 = 4 steps in the one epoch
+
+
+def test_config_file_with_flag_override(data, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(f"train_data: {data}\nmax_train_steps: 3\nlearning_rate: 0.0005\npreset: tiny\n")
+    out = tmp_path / "run"
+    assert run(["--config", str(cfg_file), "--learning_rate", "0.001", "--output_dir", str(out), *FAST]) == 0
+    saved = json.loads((out / "train" / "config.json").read_text())
+    assert saved["max_train_steps"] == 3 and saved["learning_rate"] == 0.001 and saved["train_data"] == str(data)
+
+
+def test_dry_run_writes_nothing(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--output_dir", str(out), "--dry_run", *FAST]) == 0
+    assert "dry run" in capsys.readouterr().out and not out.exists()
+
+
+@pytest.mark.parametrize("extra", [
+    ["--prediction_type", "epsilon", "--beta_schedule", "scaled_linear"],
+    ["--prediction_type", "sample", "--beta_schedule", "squaredcos_cap_v2", "--snr_gamma", "none"],
+    ["--mixed_precision", "bf16", "--channels_last", "--gradient_checkpointing"],
+    ["--no_use_ema", "--lr_scheduler", "cosine", "--max_grad_norm", "0"],
+    ["--normalization", "global", "--random_flip"],
+    ["--scaling_factor", "0.18215", "--class_conditional", "--cond_drop_prob", "0.2"],
+])
+def test_switches_train_end_to_end(data, tmp_path, extra):
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "3", "--output_dir", str(out), *FAST, *extra]) == 0
+    pipe = LatentDDPMPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    kw = {"class_labels": [0, 1], "guidance_scale": 2.0} if "--class_conditional" in extra else {}
+    sample = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw).latents
+    assert sample.shape == (2, 4, 8, 8) and np.isfinite(sample).all()
+
+
+def test_non_finite_losses_are_skipped_then_stop(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.training_target
+
+    def poisoned(scheduler, x0, noise, t):  # steps 3 and onwards get a NaN target
+        calls["n"] += 1
+        target = real(scheduler, x0, noise, t)
+        return target * float("nan") if calls["n"] >= 3 else target
+
+    monkeypatch.setattr(train, "training_target", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(UserInputError, match="3 non-finite losses in a row"):
+        run(["--latent", str(data), "--max_train_steps", "20", "--output_dir", str(out), *FAST,
+             "--checkpointing_steps", "2", "--max_nonfinite_steps", "3"])
+    ckpt = out / "train" / "checkpoint-2"
+    assert (ckpt / "COMPLETE").exists() and not (out / "train" / "checkpoint-4").exists()
+
+
+def test_skipped_step_leaves_parameters_and_ema_untouched(data, tmp_path, monkeypatch):
+    real = train.training_target
+    calls = {"n": 0}
+
+    def poisoned(scheduler, x0, noise, t):  # only step 3 is poisoned
+        calls["n"] += 1
+        target = real(scheduler, x0, noise, t)
+        return target * float("inf") if calls["n"] == 3 else target
+
+    monkeypatch.setattr(train, "training_target", poisoned)
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "3", "--checkpointing_steps", "2", "--output_dir",
+                str(out), *FAST]) == 0
+    for name in ("model.safetensors", "ema.safetensors"):
+        two, three = load_file(out / f"train/checkpoint-2/{name}"), load_file(out / f"train/checkpoint-3/{name}")
+        assert all(torch.equal(two[k], three[k]) for k in two), name
+    assert json.loads((out / "train/metrics.json").read_text())["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learning_rate", "-1"], "--learning_rate: must be > 0"),
+    (["--beta_start", "0.02", "--beta_end", "0.01"], "--beta_end: must be larger than --beta_start"),
+    (["--num_train_timesteps", "0"], "--num_train_timesteps: must be >= 2"),
+    (["--prediction_type", "noise"], "--prediction_type: 'noise' is not one of"),
+    (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
+    (["--n_dim", "3"], "--n_dim 3 does not match the data"),
+    (["--model_config", "{not json"], "--model_config: invalid JSON"),
+    (["--model_config", '{"down_channels": [8, 16]}'], "mid_channels[0]"),
+    (["--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml does not exist"),
+])
+def test_bad_flags_exit_2_with_one_line(data, tmp_path, args, message):
+    result = cli("--latent", str(data), "--output_dir", str(tmp_path / "run"), *FAST, *args)
+    assert result.returncode == 2, result.stderr[-1000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_short_schedule_warns(data, tmp_path):
+    result = cli("--latent", str(data), "--n_steps", "50", "--dry_run", *FAST)
+    assert result.returncode == 0 and "keeps 60% of the signal" in result.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo 2-process run tested on Linux")
+def test_two_process_run_and_resume(data, tmp_path):
+    def torchrun(*args, env=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+
+    args = ["--latent", str(data), "--max_train_steps", "6", "--checkpointing_steps", "3", *FAST,
+            "--train_batch_size", "4"]
+    full = torchrun(*args, "--output_dir", str(tmp_path / "a"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    checksums = json.loads((tmp_path / "a/train/metrics.json").read_text())["rank_weight_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert (tmp_path / "a/train/checkpoint-6/random_states_1.pkl").exists()
+    crashed = torchrun(*args, "--output_dir", str(tmp_path / "b"), env={"LATENT_DDPM_EXIT_AFTER_CHECKPOINT": "3"})
+    assert crashed.returncode != 0 and (tmp_path / "b/train/checkpoint-3/COMPLETE").exists()
+    resumed = torchrun(*args, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

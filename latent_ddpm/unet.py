@@ -74,6 +74,11 @@ class ResnetBlock(nn.Module):
         return h + self.conv_shortcut(x)
 
 
+# PyTorch's CPU flash-attention kernel runs head_dim 4 or 8 up to 1.8x slower than 16 (skinny GEMMs),
+# so on CPU q, k, v are zero-padded to this head width (see docs/benchmarks.md).
+_CPU_MIN_HEAD_DIM = 16
+
+
 class SelfAttention(nn.Module):
     """GroupNorm, then multi-head self-attention over the H*W tokens, added back as a residual.
 
@@ -94,8 +99,14 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         # (B, C, H, W) -> (B, HW, C): a view for channels_last inputs, one copy otherwise.
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        q, k, v = self.to_qkv(tokens).view(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, head_dim)
+        head_dim = c // self.num_heads
+        qkv = self.to_qkv(tokens).view(b, h * w, 3, self.num_heads, head_dim)
+        pad = _CPU_MIN_HEAD_DIM - head_dim if x.device.type == "cpu" else 0
+        if pad > 0:
+            # Exact: zero columns add nothing to q.k, and the output's padded columns are zero (dropped).
+            qkv = F.pad(qkv, (0, pad))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # views, (B, heads, HW, head_dim); the kernels take the strides
+        out = F.scaled_dot_product_attention(q, k, v, scale=head_dim**-0.5)[..., :head_dim]
         out = self.to_out(out.transpose(1, 2).reshape(b, h * w, c))
         return x + out.view(b, h, w, c).permute(0, 3, 1, 2)
 

@@ -43,7 +43,8 @@ from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
 from latent_ddpm.errors import UserInputError, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
-from latent_ddpm.reporting import final_report, preview_grid
+from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
+from latent_ddpm.reporting import final_report, preview_grid, push_checkpoint
 
 logger = logging.getLogger("latent_ddpm.train")
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{n_params / 1e6:.2f}M parameters; {max_steps} steps = {num_epochs} epochs of {steps_per_epoch} "
             f"(batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {world} processes); "
             f"run folder {run_dir}")
+    hub_token = check_hub_access(cfg.hub_model_id, cfg.hub_token) if cfg.push_to_hub else None  # fail fast
     if cfg.dry_run:
         if accelerator.is_main_process:
             print(f"dry run, nothing written: {plan}")
@@ -261,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 state = {"global_step": global_step, "epoch": epoch, "history": history,
                          "lr_scheduler": lr_scheduler.state_dict(),
                          "noise_generator": _gather_generator_states(noise_gen)}
-                save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
+                ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
+                if cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process:
+                    push_checkpoint(accelerator.unwrap_model(model), ema, noise_scheduler, stats, ckpt, cfg, hub_token)
             if global_step >= max_steps:
                 break
 
@@ -284,10 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         history["rank_weight_checksums"] = checksums
         final_report(unwrapped, ema, noise_scheduler, stats, cfg, dataset, run_dir, history, num_classes, plan)
         if cfg.push_to_hub:
-            from latent_ddpm.hub import push_pipeline_to_hub
-
-            push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
-                                 token=cfg.hub_token)
+            url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
+                                       token=hub_token, train_dir=train_dir)
+            logger.info("pushed the pipeline to %s", url)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     lock.release()

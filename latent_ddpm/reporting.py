@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,20 @@ def save_pipeline_atomically(pipe: LatentDDPMPipeline, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def push_checkpoint(unet, ema, noise_scheduler, stats, ckpt: Path, cfg, token: str | None) -> None:
+    """Save checkpoint `ckpt` as a pipeline (EMA weights) in `ckpt/pipeline` and upload it as one commit.
+    A failed upload only warns: training goes on, and the final push happens anyway."""
+    from .errors import UserInputError
+    from .hub import push_pipeline_to_hub
+
+    save_pipeline_atomically(build_pipeline(unet, ema, noise_scheduler, stats), ckpt / "pipeline")
+    try:
+        push_pipeline_to_hub(ckpt / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo, token=token,
+                             commit_message=f"checkpoint {ckpt.name}", train_dir=ckpt.parent)
+    except UserInputError as err:
+        warnings.warn(f"could not push {ckpt.name}: {err}", stacklevel=2)
 
 
 def final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir: Path, history: dict,

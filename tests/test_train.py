@@ -248,3 +248,48 @@ def test_two_process_run_and_resume(data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_push_to_hub_uploads_final_pipeline_and_checkpoints(data, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    uploads: list[dict] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        names = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        uploads.append({"repo_id": repo_id, "files": names, "message": kwargs.get("commit_message")})
+        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message="",
+                                          commit_description="", oid="1", pr_url=None)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir",
+                str(out), *FAST, "--push_to_hub", "--hub_model_id", "me/demo", "--hub_token", "hf_x",
+                "--push_checkpoints"]) == 0
+    assert [u["message"] for u in uploads] == ["checkpoint checkpoint-2", "checkpoint checkpoint-4",
+                                               "Upload LatentDDPMPipeline"]
+    final = uploads[-1]["files"]
+    assert "README.md" in final and "unet/diffusion_pytorch_model.safetensors" in final
+    assert "loss_curve.png" in final or any(f.endswith("loss_curve.png") for f in final)
+    assert "hf_x" not in (out / "train" / "config.json").read_text()
+
+
+def test_push_to_hub_without_token_fails_before_training(data, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    out = tmp_path / "run"
+    with pytest.raises(UserInputError, match="no Hugging Face token"):
+        run(["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST, "--push_to_hub",
+             "--hub_model_id", "me/demo"])
+    assert not out.exists()

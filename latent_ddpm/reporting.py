@@ -9,11 +9,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler
 
 from .pipeline import LatentDDPMPipeline
 from .plots import save_latent_grid, save_loss_curve
+from .sampling import make_scheduler, sample_generators
 from .unet import AdvancedUNet2DModel
 
 # Reference latents for the end-of-run quality figures: a bounded set keeps them a few seconds on CPU.
@@ -38,13 +38,13 @@ def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int
     """`num` samples with DPM-Solver++ (`steps` steps), one generator per sample (batch-size independent);
     class labels cycle through the classes when the model is conditional."""
     scheduler = pipe.scheduler
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    pipe.scheduler = make_scheduler("dpmsolver++", scheduler.config)
     labels = np.arange(num) % num_classes if num_classes else None
     out = []
     try:
         for start in range(0, num, batch_size):
             idx = range(start, min(num, start + batch_size))
-            gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+            gens = sample_generators(seed, idx)
             kw = {"class_labels": labels[start:idx.stop].tolist()} if labels is not None else {}
             out.append(pipe(batch_size=len(idx), num_inference_steps=steps, generator=gens, **kw).latents)
     finally:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -19,13 +19,18 @@ from .unet import AdvancedUNet2DModel
 DEFAULT_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False
 )
+# `output_type`s: latents ("np" float32 numpy, "pt" torch) and, with a `vae`, decoded images ("pil" a
+# list of PIL images, "np_image" float numpy (B, H, W, 3) in [0, 1]).
+LATENT_OUTPUT_TYPES, IMAGE_OUTPUT_TYPES = ("np", "pt"), ("pil", "np_image")
 
 
 @dataclass
 class LatentPipelineOutput(BaseOutput):
-    """Output of `LatentDDPMPipeline`: `latents` (B, C, H, W) in the data's own scale."""
+    """Output of `LatentDDPMPipeline`: `latents` (B, C, H, W) in the data's own scale and, for the image
+    output types, the decoded `images` (a list of PIL images, or float numpy (B, H, W, 3) in [0, 1])."""
 
     latents: np.ndarray | torch.Tensor
+    images: list | np.ndarray | None = None
 
 
 def default_scheduler(**overrides) -> DDPMScheduler:
@@ -43,9 +48,15 @@ class LatentDDPMPipeline(DiffusionPipeline):
         latents_mean, latents_std: the normalisation used in training, a list per channel or one
             number. The UNet works on `(x - mean) / std`; the pipeline returns `x` in the data's
             own scale. None means identity.
+        vae: optional diffusers autoencoder (`AutoencoderKL`, `AutoencoderTiny`, ... anything with
+            `.decode`) for `output_type="pil"`/`"np_image"`. Its `decode` gets the latents in the
+            data's scale, so the data must be the autoencoder's raw (unscaled) latents, as
+            `python -m latent_ddpm.encode` stores them (see docs/encode.md for scaled data). Saved
+            with the pipeline (`vae/` subfolder), like diffusers' own pipelines.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
 
     def __init__(
         self,
@@ -53,9 +64,10 @@ class LatentDDPMPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         latents_mean: list[float] | float | None = None,
         latents_std: list[float] | float | None = None,
+        vae: AutoencoderKL | AutoencoderTiny | None = None,
     ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self.register_to_config(latents_mean=_as_list(latents_mean), latents_std=_as_list(latents_std))
 
     # Hub hooks (implemented in latent_ddpm/hub.py). The hub copy of this file (pipeline.py in uploaded
@@ -109,10 +121,16 @@ class LatentDDPMPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance weight w (Ho & Salimans 2022); 1 disables it.
             eta: DDIM's eta (0 is deterministic); used by schedulers whose `step` accepts it.
             latents: starting noise (B, C, H, W) instead of drawing it.
-            output_type: "np" (float32 numpy) or "pt" (torch tensor).
+            output_type: "np" (float32 numpy) or "pt" (torch tensor) latents; with a `vae`, "pil" (a list
+                of PIL images) or "np_image" (float numpy (B, H, W, 3) in [0, 1]) decoded images, with
+                the latents still in `.latents` (numpy). `return_dict=False` gives `(latents,)` or `(images,)`.
         """
-        if output_type not in ("np", "pt"):
-            raise ValueError(f"output_type must be 'np' or 'pt', got {output_type!r}")
+        if output_type not in LATENT_OUTPUT_TYPES + IMAGE_OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {LATENT_OUTPUT_TYPES + IMAGE_OUTPUT_TYPES}, "
+                             f"got {output_type!r}")
+        if output_type in IMAGE_OUTPUT_TYPES and getattr(self, "vae", None) is None:
+            raise ValueError(f"output_type={output_type!r} decodes with a vae, but this pipeline has none; pass "
+                             "vae= (e.g. AutoencoderKL.from_pretrained(...)) or use output_type='np'")
         unet, device = self.unet, self._execution_device
         c, size = unet.config.in_channels, unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -166,9 +184,28 @@ class LatentDDPMPipeline(DiffusionPipeline):
 
         # 4. Back to the data's scale.
         latents = self._denormalize(latents)
+
+        # 5. Optionally decode: the data's scale is the autoencoder's raw latent scale.
+        if output_type in IMAGE_OUTPUT_TYPES:
+            images = self.decode_latents(latents, output_type)
+            self.maybe_free_model_hooks()
+            out = LatentPipelineOutput(latents=latents.cpu().numpy(), images=images)
+            return out if return_dict else (images,)
         self.maybe_free_model_hooks()
         out = latents.cpu().numpy() if output_type == "np" else latents
         return LatentPipelineOutput(latents=out) if return_dict else (out,)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor | np.ndarray, output_type: str = "np_image") -> list | np.ndarray:
+        """Decode raw latents (B, C, H, W) with `self.vae.decode` into "pil" images or "np_image" floats in [0, 1]."""
+        vae = self.vae
+        channels = getattr(vae.config, "latent_channels", None)
+        if channels is not None and latents.shape[1] != channels:
+            raise ValueError(f"the vae decodes {channels}-channel latents, but these have {latents.shape[1]}")
+        z = torch.as_tensor(latents).to(device=vae.device, dtype=vae.dtype)
+        image = vae.decode(z, return_dict=False)[0]
+        image = (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [-1, 1] -> [0, 1]
+        return self.numpy_to_pil(image) if output_type == "pil" else image
 
 
 def _as_list(value: list[float] | float | np.ndarray | torch.Tensor | None) -> list[float] | None:

@@ -2,243 +2,45 @@
 float32; optional `labels`: int64), check it, and convert big `.npy`/`.npz` in bounded memory. docs/data.md.
 
     python -m latent_ddpm.data convert latents.npz latents_arrow/
+
+The public entry points live here; `.npy`/`.npz` reading is in `npyio`, the shared checks in `validation`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import os
 import shutil
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
-from datasets.arrow_writer import ArrowWriter
 
-from .errors import UserInputError, run_cli
+from .errors import run_cli
+from .npyio import (
+    CACHE_VERSION,
+    DEFAULT_CACHE_DIR,
+    IN_MEMORY_MAX_BYTES,
+    cached_numpy,
+    dataset_from_arrays,
+    in_memory,
+    write_numpy,
+)
+from .validation import CHUNK_BYTES, DataError, NaNCounter, check_latent_meta, chunk_rows, latent_features
 
-#: Bytes of latents read per step when streaming (conversion, checks, statistics): bounds memory.
-CHUNK_BYTES = 32 * 2**20
-#: `.npy`/`.npz` files up to this size load straight into memory; bigger ones go to the Arrow cache.
-IN_MEMORY_MAX_BYTES = 256 * 2**20
-#: Where `load_latents` caches big `.npy`/`.npz` files as Arrow (override with $LATENT_DDPM_CACHE).
-DEFAULT_CACHE_DIR = Path(os.environ.get("LATENT_DDPM_CACHE", Path.home() / ".cache" / "latent_ddpm"))
-#: Bump when the cached Arrow layout changes, so that old cache files are not reused.
-CACHE_VERSION = 1
+# Re-exported for `from latent_ddpm.data import ...`. CHUNK_BYTES is read from `latent_ddpm.validation`:
+# patch it there (rebinding `data.CHUNK_BYTES` changes nothing).
+__all__ = ["ARROW_SUFFIXES", "CACHE_VERSION", "CHUNK_BYTES", "DEFAULT_CACHE_DIR", "DataError", "IN_MEMORY_MAX_BYTES",
+           "LABEL_COLUMNS", "LATENT_COLUMNS", "NUMPY_SUFFIXES", "PARQUET_SUFFIXES", "check_compatible", "convert",
+           "dataset_from_arrays", "iter_chunks", "latent_features", "load_latents", "main"]
+
 #: Accepted column names for latents and labels in Arrow/Parquet/hub sources (besides the keys given).
 LATENT_COLUMNS, LABEL_COLUMNS = ("latents", "X"), ("labels", "y")
 #: File suffixes read as numpy, Parquet and Arrow.
 NUMPY_SUFFIXES, PARQUET_SUFFIXES, ARROW_SUFFIXES = (".npz", ".npy"), (".parquet",), (".arrow",)
-
-
-class DataError(UserInputError):
-    """A data source is missing, unreadable or invalid; the message names the file, the problem and the fix."""
-
-
-def latent_features(shape: tuple[int, int, int], labels: bool) -> datasets.Features:
-    """The project's Arrow schema: `latents` Array3D float32 (C, H, W), optional `labels` int64."""
-    feats = {"latents": datasets.Array3D(shape=tuple(int(s) for s in shape), dtype="float32")}
-    if labels:
-        feats["labels"] = datasets.Value("int64")
-    return datasets.Features(feats)
-
-
-# ----------------------------------------------------------------------------- numpy sources
-
-def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """Shape, Fortran order and dtype from a `.npy` header, without reading (or unpickling) the data."""
-    try:
-        version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            return np.lib.format.read_array_header_1_0(fp)
-        if version == (2, 0):
-            return np.lib.format.read_array_header_2_0(fp)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{where}: not a readable .npy array ({err}); re-save it with np.save/np.savez") from err
-    raise DataError(f"{where}: unsupported .npy format version {version}; re-save it with np.save/np.savez")
-
-
-def _check_latent_meta(where: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    if dtype.hasobject:
-        raise DataError(f"{where}: holds Python objects (dtype object), which are never unpickled; "
-                        "save a numeric array, e.g. np.stack(list_of_arrays).astype(np.float32)")
-    if len(shape) != 4:
-        hint = " (add a channel axis: X[:, None])" if len(shape) == 3 else ""
-        raise DataError(f"{where}: latents must be 4-D (N, C, H, W), got shape {tuple(shape)}{hint}")
-    if dtype.kind != "f":
-        raise DataError(f"{where}: latents must be floating point, got dtype {dtype}; "
-                        "convert them with X.astype(np.float32)")
-    if shape[0] == 0:
-        raise DataError(f"{where}: the dataset is empty (0 samples); check that the right array was saved")
-
-
-def _check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:
-    """Labels must be a 1-D non-negative integer array of length n; returns them as int64."""
-    if y.dtype.hasobject or y.dtype.kind not in "iu":
-        raise DataError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {y.dtype}; "
-                        "map class names to ids, e.g. np.unique(y, return_inverse=True)[1]")
-    if y.ndim != 1 or len(y) != n:
-        raise DataError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(y.shape)}")
-    if n and y.min() < 0:
-        raise DataError(f"{where}: labels must be >= 0, found {int(y.min())} at index {int(np.argmin(y))}; "
-                        "use class ids 0..K-1")
-    return y.astype(np.int64, copy=False)
-
-
-class _NaNCounter:
-    """Counts non-finite values over streamed chunks and remembers where the first one is."""
-
-    def __init__(self, where: str):
-        self.where, self.count, self.first = where, 0, None
-
-    def update(self, chunk: np.ndarray, offset: int) -> None:
-        bad = ~np.isfinite(chunk)
-        if bad.any():
-            self.count += int(bad.sum())
-            i, *pos = (int(v) for v in np.argwhere(bad)[0])
-            self.first = self.first or (i + offset, *pos)
-
-    def check(self) -> None:
-        if self.count:
-            i, c, h, w = self.first
-            raise DataError(f"{self.where}: {self.count} NaN/Inf values in the latents, the first in sample {i} "
-                            f"at (channel {c}, row {h}, col {w}); remove or fix those samples before training")
-
-
-def _chunk_rows(shape: tuple[int, ...]) -> int:
-    return max(1, CHUNK_BYTES // (4 * math.prod(shape[1:])))
-
-
-def _numpy_chunks(path: Path, member: str | None, where: str) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
-    """Shape and a chunk iterator of a `.npy` (memory-mapped) or a `.npz` member (read sequentially).
-
-    Only the header is read here; chunks of about CHUNK_BYTES come later, so RAM use stays bounded.
-    """
-    with (open(path, "rb") if member is None else zipfile.ZipFile(path).open(member)) as fp:
-        shape, fortran, dtype = _read_npy_header(fp, where)
-    _check_latent_meta(where, shape, dtype)
-    step, row_bytes = _chunk_rows(shape), dtype.itemsize * math.prod(shape[1:])
-    if member is None or fortran:  # Fortran-order .npz members (rare) are read whole: rows are not contiguous
-        try:
-            arr = (np.load(path, mmap_mode="r", allow_pickle=False) if member is None
-                   else np.load(path, allow_pickle=False)[member[:-4]])
-        except (ValueError, OSError, zipfile.BadZipFile) as err:
-            raise DataError(f"{where}: cannot read the array ({err}); the file is probably truncated, "
-                            "re-save it") from err
-        return shape, (np.asarray(arr[i:i + step]) for i in range(0, shape[0], step))
-
-    def chunks() -> Iterator[np.ndarray]:
-        with zipfile.ZipFile(path) as zf, zf.open(member) as fp:
-            _read_npy_header(fp, where)
-            for i in range(0, shape[0], step):
-                n = min(step, shape[0] - i)
-                try:
-                    buf = fp.read(n * row_bytes)
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
-                    raise DataError(f"{where}: the archive is corrupt ({err}); re-save it with np.savez") from err
-                if len(buf) != n * row_bytes:
-                    raise DataError(f"{where}: truncated, the data ends in sample {i + len(buf) // row_bytes}; "
-                                    "re-save the file")
-                yield np.frombuffer(buf, dtype=dtype).reshape((n, *shape[1:]))
-
-    return shape, chunks()
-
-
-def _read_labels(where: str, read, n: int) -> np.ndarray:
-    try:
-        labels = read()
-    except (ValueError, OSError, zipfile.BadZipFile) as err:  # object arrays raise here: never unpickled
-        raise DataError(f"{where}: labels are not a numeric array ({err}); save int64 class ids") from err
-    return _check_labels(where, labels, n)
-
-
-def _open_numpy(path: Path, latent_key: str, label_key: str, labels_file: str | Path | None):
-    """(shape, chunk iterator, labels or None) for a `.npy`/`.npz` file."""
-    labels = None
-    if path.suffix.lower() == ".npy":
-        shape, chunks = _numpy_chunks(path, None, str(path))
-    else:
-        try:
-            with zipfile.ZipFile(path) as zf:
-                keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-        except (zipfile.BadZipFile, OSError) as err:
-            raise DataError(f"{path}: not a readable .npz archive ({err}); re-save it with np.savez") from err
-        if latent_key not in keys:
-            raise DataError(f"{path}: no array named '{latent_key}'; the file has {keys}; "
-                            "pass the right one with --latent_key / latent_key=")
-        shape, chunks = _numpy_chunks(path, latent_key + ".npy", f"{path}[{latent_key}]")
-        if label_key in keys:
-            read = lambda: np.load(path, allow_pickle=False)[label_key]
-            labels = _read_labels(f"{path}[{label_key}]", read, shape[0])
-    if labels_file is not None:
-        if not Path(labels_file).is_file():
-            raise DataError(f"{labels_file}: no such labels file; check the path")
-        labels = _read_labels(str(labels_file), lambda: np.load(labels_file, allow_pickle=False), shape[0])
-    return shape, chunks, labels
-
-
-def _write(writer_kwargs: dict, shape: tuple[int, ...], chunks, labels: np.ndarray | None, where: str) -> None:
-    """Write latent chunks (and labels) to an ArrowWriter, checking NaN/Inf as they stream by."""
-    writer = ArrowWriter(features=latent_features(shape[1:], labels is not None), **writer_kwargs)
-    nan, start = _NaNCounter(where), 0
-    for chunk in chunks:
-        chunk = chunk.astype(np.float32, copy=False)
-        nan.update(chunk, start)
-        batch = {"latents": chunk} if labels is None else {"latents": chunk, "labels": labels[start:start + len(chunk)]}
-        writer.write_batch(batch)
-        start += len(chunk)
-    writer.finalize()
-    nan.check()
-
-
-def _write_numpy(path: Path, writer_kwargs: dict, latent_key: str, label_key: str, labels_file) -> None:
-    shape, chunks, labels = _open_numpy(path, latent_key, label_key, labels_file)
-    where = f"{path}[{latent_key}]" if path.suffix.lower() == ".npz" else str(path)
-    _write(writer_kwargs, shape, chunks, labels, where)
-
-
-def _in_memory(write) -> datasets.Dataset:
-    """Run `write(writer_kwargs)` into an in-memory Arrow stream and wrap the result as a Dataset."""
-    buf = pa.BufferOutputStream()
-    write(dict(stream=buf))
-    return datasets.Dataset(pa.ipc.open_stream(buf.getvalue()).read_all())
-
-
-def dataset_from_arrays(latents: np.ndarray, labels: np.ndarray | None = None, source: str = "<arrays>"
-                        ) -> datasets.Dataset:
-    """An in-memory `Dataset` from arrays (N, C, H, W) and optional labels (N,), with the same checks."""
-    latents = np.asarray(latents)
-    _check_latent_meta(source, latents.shape, latents.dtype)
-    labels = None if labels is None else _check_labels(source, np.asarray(labels), len(latents))
-    step = _chunk_rows(latents.shape)
-    chunks = (latents[i:i + step] for i in range(0, len(latents), step))
-    return _in_memory(lambda kw: _write(kw, latents.shape, chunks, labels, source))
-
-
-def _cached_numpy(path: Path, cache_dir: Path, latent_key: str, label_key: str, labels_file) -> datasets.Dataset:
-    """Arrow copy of a big `.npy`/`.npz` under cache_dir, keyed by path, size, mtime and keys."""
-    st = path.stat()
-    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, latent_key, label_key,
-                      str(labels_file), CACHE_VERSION])
-    target = cache_dir / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
-    if not target.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".arrow.tmp", dir=cache_dir)
-        os.close(fd)
-        try:
-            _write_numpy(path, dict(path=tmp), latent_key, label_key, labels_file)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return datasets.Dataset.from_file(str(target))
 
 
 # ----------------------------------------------------------------------------- Arrow sources
@@ -265,7 +67,7 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
     feat = ds.features["latents"]
     dtype = np.dtype(getattr(feat, "dtype", None) or _innermost_dtype(feat) or "O")
     first = np.asarray(ds.with_format("numpy")[0]["latents"])
-    _check_latent_meta(where, (len(ds), *first.shape), dtype)
+    check_latent_meta(where, (len(ds), *first.shape), dtype)
     if lab is not None:
         ldtype = _innermost_dtype(ds.features["labels"])
         if ldtype is None or np.dtype(ldtype).kind not in "iu":
@@ -277,7 +79,7 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
         except (ValueError, TypeError, pa.ArrowInvalid) as err:
             raise DataError(f"{where}: latents cannot be read as one (C, H, W) float32 array per sample ({err}); "
                             "all samples must have the same shape") from err
-    nan = _NaNCounter(where)
+    nan = NaNCounter(where)
     for start, chunk, labels in iter_chunks(ds, with_labels=True) if verify else ():
         nan.update(chunk, start)
         if labels is not None and len(labels) and labels.min() < 0:
@@ -290,7 +92,7 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
 def iter_chunks(ds: datasets.Dataset, rows: int | None = None, with_labels: bool = False
                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Yield (start index, latents (n, C, H, W) float32, labels or None) over `ds` in bounded chunks."""
-    rows = rows or _chunk_rows((0, *ds.features["latents"].shape))
+    rows = rows or chunk_rows((0, *ds.features["latents"].shape))
     cols = ["latents", "labels"] if with_labels and "labels" in ds.column_names else ["latents"]
     view = ds.with_format("numpy", columns=cols)
     for start in range(0, len(ds), rows):
@@ -339,8 +141,8 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
         raise DataError(f"{path}: the file is not readable (permissions); check them")
     if suffix in NUMPY_SUFFIXES:
         if path.stat().st_size <= in_memory_max_bytes:
-            return _in_memory(lambda kw: _write_numpy(path, kw, latent_key, label_key, labels_file))
-        return _cached_numpy(path, Path(cache_dir or DEFAULT_CACHE_DIR), latent_key, label_key, labels_file)
+            return in_memory(lambda kw: write_numpy(path, kw, latent_key, label_key, labels_file))
+        return cached_numpy(path, Path(cache_dir or DEFAULT_CACHE_DIR), latent_key, label_key, labels_file)
     try:
         if suffix in PARQUET_SUFFIXES:
             ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir) if cache_dir else None)
@@ -402,7 +204,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, latent_key: str =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_numpy(src, dict(path=str(tmp / "raw.arrow")), latent_key, label_key, labels_file)
+        write_numpy(src, dict(path=str(tmp / "raw.arrow")), latent_key, label_key, labels_file)
         ds = datasets.Dataset.from_file(str(tmp / "raw.arrow"))
         ds.save_to_disk(str(tmp / "dataset"))
         del ds

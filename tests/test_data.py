@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from latent_ddpm import data
+from latent_ddpm import data, validation
 from latent_ddpm.data import DataError, check_compatible, convert, dataset_from_arrays, load_latents
 from latent_ddpm.errors import UserInputError, run_cli
 
@@ -62,7 +62,7 @@ def test_npy_with_labels_file_and_float64(tmp_path, xy):
 
 def test_big_file_goes_to_arrow_cache(tmp_path, xy, monkeypatch):
     np.savez(tmp_path / "a.npz", X=xy[0], y=xy[1])
-    monkeypatch.setattr(data, "CHUNK_BYTES", 3 * C * H * W * 4)  # 3 samples per chunk: several chunks
+    monkeypatch.setattr(validation, "CHUNK_BYTES", 3 * C * H * W * 4)  # 3 samples per chunk: several chunks
     ds = load_latents(tmp_path / "a.npz", cache_dir=tmp_path / "cache", in_memory_max_bytes=0)
     assert_same(ds, *xy)
     assert len(os.listdir(tmp_path / "cache")) == 1 and ds.cache_files  # memory-mapped, not in RAM
@@ -109,7 +109,7 @@ def test_hub_id_goes_to_load_dataset(monkeypatch, xy):
 
 def test_convert_round_trip(tmp_path, xy, monkeypatch):
     np.savez_compressed(tmp_path / "a.npz", X=xy[0], y=xy[1])
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4 * C * H * W * 4)
+    monkeypatch.setattr(validation, "CHUNK_BYTES", 4 * C * H * W * 4)
     out = tmp_path / "out"
     assert data.main(["convert", str(tmp_path / "a.npz"), str(out)]) == 0
     assert_same(datasets.load_from_disk(str(out)), *xy)
@@ -136,7 +136,7 @@ def test_convert_nan_fails_after_streaming_and_leaves_nothing(tmp_path, xy, monk
     x = xy[0].copy()
     x[7, 2, 1, 3] = np.nan
     np.save(tmp_path / "x.npy", x)
-    monkeypatch.setattr(data, "CHUNK_BYTES", 2 * C * H * W * 4)
+    monkeypatch.setattr(validation, "CHUNK_BYTES", 2 * C * H * W * 4)
     with pytest.raises(DataError, match=r"1 NaN/Inf .* sample 7 at \(channel 2, row 1, col 3\)"):
         convert(tmp_path / "x.npy", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]

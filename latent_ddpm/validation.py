@@ -1,0 +1,88 @@
+"""Validation primitives shared by the numpy (`npyio`) and Arrow (`data`) readers: the schema, the error
+type, shape/dtype/label checks, streaming NaN/Inf counting and the chunk size. docs/data.md, "Errors".
+"""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import numpy as np
+
+from .errors import UserInputError
+
+#: Bytes of latents read per step when streaming (conversion, checks, statistics): bounds memory.
+CHUNK_BYTES = 32 * 2**20
+
+
+class DataError(UserInputError):
+    """A data source is missing, unreadable or invalid; the message names the file, the problem and the fix."""
+
+
+def latent_features(shape: tuple[int, int, int], labels: bool) -> datasets.Features:
+    """The project's Arrow schema: `latents` Array3D float32 (C, H, W), optional `labels` int64."""
+    feats = {"latents": datasets.Array3D(shape=tuple(int(s) for s in shape), dtype="float32")}
+    if labels:
+        feats["labels"] = datasets.Value("int64")
+    return datasets.Features(feats)
+
+
+def check_latent_meta(where: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Raise `DataError` unless latents of this shape and dtype are a non-empty 4-D (N, C, H, W) float array.
+
+    Needs only the metadata (shape, dtype), so it runs before any data is read; objects are refused
+    outright (never unpickled).
+    """
+    if dtype.hasobject:
+        raise DataError(f"{where}: holds Python objects (dtype object), which are never unpickled; "
+                        "save a numeric array, e.g. np.stack(list_of_arrays).astype(np.float32)")
+    if len(shape) != 4:
+        hint = " (add a channel axis: X[:, None])" if len(shape) == 3 else ""
+        raise DataError(f"{where}: latents must be 4-D (N, C, H, W), got shape {tuple(shape)}{hint}")
+    if dtype.kind != "f":
+        raise DataError(f"{where}: latents must be floating point, got dtype {dtype}; "
+                        "convert them with X.astype(np.float32)")
+    if shape[0] == 0:
+        raise DataError(f"{where}: the dataset is empty (0 samples); check that the right array was saved")
+
+
+def check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:
+    """Labels must be a 1-D non-negative integer array of length n; returns them as int64."""
+    if y.dtype.hasobject or y.dtype.kind not in "iu":
+        raise DataError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {y.dtype}; "
+                        "map class names to ids, e.g. np.unique(y, return_inverse=True)[1]")
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(y.shape)}")
+    if n and y.min() < 0:
+        raise DataError(f"{where}: labels must be >= 0, found {int(y.min())} at index {int(np.argmin(y))}; "
+                        "use class ids 0..K-1")
+    return y.astype(np.int64, copy=False)
+
+
+class NaNCounter:
+    """Counts non-finite values over streamed chunks and remembers where the first one is.
+
+    Call `update(chunk, offset)` for each chunk (offset: index of its first sample), then `check()`,
+    which raises `DataError` with the count and the position of the first NaN/Inf.
+    """
+
+    def __init__(self, where: str):
+        self.where, self.count, self.first = where, 0, None
+
+    def update(self, chunk: np.ndarray, offset: int) -> None:
+        bad = ~np.isfinite(chunk)
+        if bad.any():
+            self.count += int(bad.sum())
+            i, *pos = (int(v) for v in np.argwhere(bad)[0])
+            self.first = self.first or (i + offset, *pos)
+
+    def check(self) -> None:
+        if self.count:
+            i, c, h, w = self.first
+            raise DataError(f"{self.where}: {self.count} NaN/Inf values in the latents, the first in sample {i} "
+                            f"at (channel {c}, row {h}, col {w}); remove or fix those samples before training")
+
+
+def chunk_rows(shape: tuple[int, ...]) -> int:
+    """Samples per streamed chunk for latents of `shape` (N, C, H, W): about CHUNK_BYTES of float32, at least 1."""
+    return max(1, CHUNK_BYTES // (4 * math.prod(shape[1:])))

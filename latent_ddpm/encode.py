@@ -1,0 +1,397 @@
+"""Encode images to latents with a diffusers autoencoder, as a latent dataset `train.py` reads (docs/encode.md).
+
+    python -m latent_ddpm.encode --data images/ --vae stabilityai/sd-vae-ft-mse --resolution 256 --output latents/
+    accelerate launch -m latent_ddpm.encode --data user/images --vae DIR --resolution 512 --output latents/
+
+Latents are the posterior mean (or a sample with --sample_posterior), stored RAW: not multiplied by the
+autoencoder's scaling_factor. `OUTPUT/encoding.json` records the autoencoder, its scaling factors and the
+settings. The work goes in shards of --shard_size images under `OUTPUT.partial/`; a rerun of the same
+command skips the complete shards, and the last step concatenates them into OUTPUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import datasets
+import diffusers
+import numpy as np
+import torch
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
+
+from .data import DataError, latent_features
+from .errors import UserInputError, run_cli
+from .images import prepare_image, to_model_range
+from .sampling import DTYPES, ArgParser, distributed_state, sample_seed
+
+#: The file beside the latent dataset that describes the encoding (read by sampling and training).
+ENCODING_FILE = "encoding.json"
+#: Version of the encoding.json layout.
+ENCODING_FORMAT = 1
+#: Images per shard: the unit of resumption (a rerun redoes at most one shard per process).
+DEFAULT_SHARD_SIZE = 1024
+#: Column names tried for the images when --image_column is not given and no column has the Image feature.
+IMAGE_COLUMNS = ("image", "img", "images", "png", "jpg")
+#: Skipped images listed by name in encoding.json (all are counted); and messages printed per kind.
+MAX_LISTED_SKIPS, MAX_PRINTED = 100, 10
+#: The autoencoder config values copied to encoding.json (absent ones are stored as null).
+VAE_CONFIG_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "latent_channels")
+#: Settings that must match when a partial encode is resumed.
+RESUME_KEYS = ("data", "split", "image_column", "label_column", "vae", "vae_subfolder", "resolution", "flip_augment",
+               "sample_posterior", "seed", "min_size", "shard_size", "mixed_precision")
+
+
+def read_encoding_info(train_data: str | os.PathLike | None) -> dict | None:
+    """The `encoding.json` of a latent dataset folder written by this module, or None (other sources)."""
+    if train_data is None:
+        return None
+    path = Path(train_data) / ENCODING_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not readable JSON ({err}); re-encode or delete it") from err
+
+
+def run_encoding_info(run_dir: str | os.PathLike) -> dict | None:
+    """The encoding.json of the data a training run used (`<run>/train/config.json`'s train_data), or None."""
+    config = Path(run_dir) / "train" / "config.json"
+    try:
+        train_data = json.loads(config.read_text()).get("train_data") if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return read_encoding_info(train_data)
+
+
+def load_vae(id_or_path: str | os.PathLike, subfolder: str | None = None, torch_dtype: torch.dtype | None = None):
+    """Load any diffusers autoencoder by local path or hub id; the class comes from its config's `_class_name`.
+
+    A pipeline folder/repo (with a `vae/` subfolder) works too. Weights are read from safetensors only.
+    Raises `UserInputError` (one line) when it cannot be loaded.
+    """
+    source = os.fspath(id_or_path)
+    config, last = None, None
+    for sub in [subfolder] if subfolder is not None else [None, "vae"]:
+        try:
+            config = diffusers.AutoencoderKL.load_config(source, subfolder=sub)
+            subfolder = sub
+            break
+        except (OSError, ValueError) as err:
+            last = err
+    if config is None:
+        raise UserInputError(f"--vae {source}: no autoencoder config found ({str(last).splitlines()[0]}); pass a "
+                             "diffusers autoencoder folder or hub id (with --vae_subfolder for a pipeline)")
+    name = config.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and hasattr(cls, "encode") and hasattr(cls, "decode")):
+        raise UserInputError(f"--vae {source}: config class {name!r} is not a diffusers autoencoder")
+    try:
+        vae = cls.from_pretrained(source, subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserInputError(f"--vae {source}: cannot load the {name} weights (safetensors only; "
+                             f"{str(err).splitlines()[0]})") from err
+    vae.eval().requires_grad_(False)
+    vae.latent_ddpm_source = {"id": _vae_id(source), "subfolder": subfolder}
+    return vae
+
+
+def _vae_id(source: str) -> str:
+    """A local path made absolute (found again from anywhere); a hub id unchanged."""
+    return str(Path(source).resolve()) if Path(source).exists() else source
+
+
+def vae_info(vae) -> dict[str, Any]:
+    """What encoding.json records about an autoencoder: id, class and its scaling config values."""
+    info = dict(getattr(vae, "latent_ddpm_source", {"id": None, "subfolder": None}), class_name=type(vae).__name__)
+    info.update({k: _plain(vae.config.get(k)) for k in VAE_CONFIG_KEYS})
+    return info
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def open_image_dataset(data: str, split: str = "train", cache_dir: str | None = None) -> datasets.Dataset:
+    """An image folder (imagefolder: class subfolders give labels), a save_to_disk folder, Parquet file(s)
+    (a glob is fine) or a hub dataset id, as a `datasets.Dataset`."""
+    path = Path(data)
+    try:
+        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        elif path.is_dir():
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, cache_dir=cache_dir)
+        elif data.endswith(".parquet"):
+            ds = datasets.load_dataset("parquet", data_files=data, split="train", cache_dir=cache_dir)
+        elif path.exists() or data.startswith((".", "/", "~")) or data.count("/") != 1:
+            raise DataError(f"--data {data}: not an image folder, saved dataset, .parquet file or hub id")
+        else:
+            ds = datasets.load_dataset(data, split=split, cache_dir=cache_dir)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - datasets/hub raise many types; all mean "cannot read it"
+        raise DataError(f"--data {data}: cannot load the images ({type(err).__name__}: "
+                        f"{(str(err).splitlines() or [''])[0]})") from err
+    if len(ds) == 0:
+        raise DataError(f"--data {data}: no images found (split {split!r})")
+    return ds
+
+
+def pick_columns(ds: datasets.Dataset, image_column: str | None, label_column: str | None, where: str
+                 ) -> tuple[datasets.Dataset, str, np.ndarray | None, list[str] | None]:
+    """The image column (undecoded) and labels as int64 ids with their names: from `label_column`, or
+    the ClassLabel `label` column that imagefolder makes from class subfolders."""
+    cols, feats = ds.column_names, ds.features
+    if image_column is None:
+        image_column = next((c for c in cols if isinstance(feats[c], datasets.Image)),
+                            next((c for c in IMAGE_COLUMNS if c in cols), None))
+    if image_column not in cols:
+        raise DataError(f"{where}: no image column {image_column or ''} (columns: {cols}); pass --image_column")
+    if isinstance(feats[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decoded here, with checks
+    if label_column is None and isinstance(feats.get("label"), datasets.ClassLabel):
+        label_column = "label"
+    if label_column is None:
+        return ds, image_column, None, None
+    if label_column not in cols:
+        raise DataError(f"{where}: no label column {label_column!r} (columns: {cols})")
+    values, feat = ds[label_column], feats[label_column]
+    if isinstance(feat, datasets.ClassLabel):
+        return ds, image_column, np.asarray(values, np.int64), list(feat.names)
+    if all(isinstance(v, str) for v in values):
+        names = sorted(set(values))
+        ids = {n: i for i, n in enumerate(names)}
+        return ds, image_column, np.asarray([ids[v] for v in values], np.int64), names
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise DataError(f"{where}: labels in {label_column!r} must be class names or integer ids >= 0")
+    return ds, image_column, np.asarray(values, np.int64), None
+
+
+class Tally:
+    """Counts skipped and adjusted images; prints the first `MAX_PRINTED` messages of each kind to stderr."""
+
+    def __init__(self, counts: dict | None = None, skipped: list | None = None):
+        self.counts, self.skipped = dict(counts or {}), list(skipped or [])
+
+    def add(self, kind: str, where: str, message: str, skipped: bool = False) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if skipped and len(self.skipped) < MAX_LISTED_SKIPS:
+            self.skipped.append({"image": where, "reason": message})
+        if self.counts[kind] <= MAX_PRINTED:
+            more = f" (more are counted in {ENCODING_FILE})" if self.counts[kind] == MAX_PRINTED else ""
+            tqdm.write(f"{'warning' if skipped or kind == 'upscaled' else 'note'}: {where}: {message}{more}",
+                       file=sys.stderr)
+
+
+@torch.no_grad()
+def encode_batch(vae, pixels: np.ndarray, rows: list[int], sample: bool, seed: int) -> np.ndarray:
+    """uint8 images (B, H, W, 3) -> raw latents (B, C, h, w) float32: the posterior mean, or a sample whose
+    noise for output row r comes from `sample_seed(seed, r)` (independent of batches and processes)."""
+    x = torch.from_numpy(to_model_range(pixels)).to(device=vae.device, dtype=vae.dtype)
+    out = vae.encode(x, return_dict=False)[0]
+    if hasattr(out, "mean") and hasattr(out, "std"):  # a posterior (AutoencoderKL & co.)
+        z = out.mean.float()
+        if sample:
+            noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(sample_seed(seed, r)))
+                                 for r in rows]).to(z.device)
+            z = z + out.std.float() * noise
+    else:  # deterministic encoders (AutoencoderTiny, ...) return the latents
+        z = out.float()
+    z = z.cpu().numpy()
+    if not np.isfinite(z).all():
+        raise UserInputError("the autoencoder produced NaN/Inf latents; with --mixed_precision fp16 use bf16 or no "
+                             "(or an fp16-safe VAE)")
+    return z
+
+
+def encode_shard(vae, ds, image_column: str, labels: np.ndarray | None, rows: range, args, shape, out: Path,
+                 bar) -> None:
+    """Encode images `rows` into the Arrow file `out` (written to a temp name, then renamed) and write
+    `out`.done.json with its counts: the shard's completion marker."""
+    tally = Tally()
+    tmp = out.with_name(out.name + ".tmp")
+    writer = ArrowWriter(features=latent_features(shape, labels is not None), path=str(tmp))
+    for start in range(rows.start, rows.stop, args.batch_size):
+        idx = range(start, min(rows.stop, start + args.batch_size))
+        entries = ds[idx.start:idx.stop][image_column]
+        kept, pixels = [], []
+        for i, entry in zip(idx, entries, strict=True):
+            where = _describe(entry, i)
+            prepared = prepare_image(entry, args.resolution, args.min_size)
+            if prepared.pixels is None:
+                kind, message = prepared.skip.split(": ", 1)
+                tally.add(kind, where, f"skipped, {message}", skipped=True)
+                continue
+            for kind, message in prepared.notes:
+                tally.add(kind, where, message)
+            kept.append(i)
+            pixels.append(prepared.pixels)
+        bar.update(len(idx))
+        if not kept:
+            continue
+        pixels = np.stack(pixels)
+        if args.flip_augment:  # each image, then its mirror image: rows 2i and 2i + 1
+            pixels = np.stack([pixels, pixels[:, :, ::-1]], axis=1).reshape(-1, *pixels.shape[1:])
+        copies = 2 if args.flip_augment else 1
+        out_rows = [copies * i + k for i in kept for k in range(copies)]
+        z = encode_batch(vae, pixels, out_rows, args.sample_posterior, args.seed)
+        batch = {"latents": z}
+        if labels is not None:
+            batch["labels"] = np.repeat(labels[kept], copies)
+        writer.write_batch(batch)
+    writer.finalize()
+    os.replace(tmp, out)
+    marker = {"images": len(rows), "counts": tally.counts, "skipped": tally.skipped}
+    out.with_name(out.name + ".done.json").write_text(json.dumps(marker))
+
+
+def _describe(entry, index: int) -> str:
+    path = entry.get("path") if isinstance(entry, dict) else entry if isinstance(entry, str) else None
+    return f"{path} (image {index})" if path else f"image {index}"
+
+
+def encode_images(args) -> dict:
+    """Run the whole encode for parsed arguments (see `parse_args`); returns the encoding.json content."""
+    state = distributed_state()
+    output = Path(args.output)
+    partial = output.with_name(output.name + ".partial")
+    if output.exists() and not args.overwrite:
+        raise UserInputError(f"--output {output} exists; pass --overwrite to replace it, or choose another folder")
+    settings = {k: getattr(args, k) for k in RESUME_KEYS}
+    settings["vae"] = _vae_id(args.vae)
+
+    # 1. Images, labels and the autoencoder; the latent shape from one dummy encode.
+    ds = open_image_dataset(args.data, args.split, args.cache_dir)
+    ds, image_column, labels, label_names = pick_columns(ds, args.image_column, args.label_column, args.data)
+    vae = load_vae(args.vae, args.vae_subfolder, DTYPES[args.mixed_precision]).to(state.device)
+    try:
+        with torch.no_grad():
+            probe = vae.encode(torch.zeros(1, 3, args.resolution, args.resolution, device=vae.device,
+                                           dtype=vae.dtype), return_dict=False)[0]
+    except (RuntimeError, ValueError) as err:
+        raise UserInputError(f"--resolution {args.resolution}: the autoencoder cannot encode that size "
+                             f"({str(err).splitlines()[0]}); use a multiple of its downsampling factor") from err
+    shape = tuple((probe.mean if hasattr(probe, "mean") else probe).shape[1:])
+
+    # 2. The work folder: a resumed run must use the same settings.
+    num_shards = -(-len(ds) // args.shard_size)
+    if state.is_main_process:
+        saved = partial / "settings.json"
+        if partial.exists() and (args.overwrite or not saved.is_file()):
+            shutil.rmtree(partial)
+        if saved.is_file() and json.loads(saved.read_text()) != settings:
+            old = json.loads(saved.read_text())
+            diff = ", ".join(f"--{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
+            raise UserInputError(f"{partial} holds an interrupted encode with other settings ({diff}); rerun with "
+                                 "the same flags to resume, or pass --overwrite to start again")
+        partial.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(settings, indent=2))
+    state.wait_for_everyone()
+
+    # 3. This process's shards (shard k goes to process k % num_processes); complete ones are skipped.
+    shard_path = [partial / f"shard-{k:05d}.arrow" for k in range(num_shards)]
+    done = [p.with_name(p.name + ".done.json").is_file() for p in shard_path]
+    mine = [k for k in range(state.process_index, num_shards, state.num_processes)]
+    todo = [k for k in mine if not done[k]]
+    size = lambda k: min(len(ds), (k + 1) * args.shard_size) - k * args.shard_size  # noqa: E731
+    bar = tqdm(total=sum(size(k) for k in mine), initial=sum(size(k) for k in mine if done[k]), unit="image",
+               desc="encoding", disable=not state.is_main_process)
+    for k in todo:
+        rows = range(k * args.shard_size, k * args.shard_size + size(k))
+        encode_shard(vae, ds, image_column, labels, rows, args, shape, shard_path[k], bar)
+    bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+
+    # 4. Concatenate the shards into OUTPUT (saved beside, then renamed) with encoding.json.
+    tally, parts = Tally(), []
+    for path in shard_path:
+        marker = json.loads(path.with_name(path.name + ".done.json").read_text())
+        for kind, n in marker["counts"].items():
+            tally.counts[kind] = tally.counts.get(kind, 0) + n
+        tally.skipped += marker["skipped"][: MAX_LISTED_SKIPS - len(tally.skipped)]
+        part = datasets.Dataset.from_file(str(path))
+        parts.append(part) if len(part) else None
+    if not parts:
+        raise DataError(f"--data {args.data}: none of the {len(ds)} images could be encoded (see the warnings)")
+    final = partial / "dataset"
+    shutil.rmtree(final, ignore_errors=True)
+    datasets.concatenate_datasets(parts).save_to_disk(str(final))
+    info = {
+        "format": ENCODING_FORMAT,
+        "vae": vae_info(vae),
+        "latents": "raw (unscaled): decode with vae.decode(latents) directly",
+        "posterior": "sample" if args.sample_posterior else "mean",
+        "latent_shape": list(shape),
+        "settings": settings,
+        "label_names": label_names,
+        "counts": {"images": len(ds), "latents": sum(len(p) for p in parts),
+                   "skipped_corrupt": tally.counts.get("corrupt", 0),
+                   "skipped_too_small": tally.counts.get("too_small", 0),
+                   "upscaled": tally.counts.get("upscaled", 0), "converted_to_rgb": tally.counts.get("converted", 0)},
+        "skipped": tally.skipped,
+    }
+    (final / ENCODING_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    del parts
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    os.replace(final, output)
+    shutil.rmtree(partial, ignore_errors=True)
+    return info
+
+
+def parse_args(argv: list[str] | None = None):
+    """The command line of `python -m latent_ddpm.encode` (see docs/encode.md)."""
+    p = ArgParser(prog="python -m latent_ddpm.encode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="image folder (class subfolders = labels), save_to_disk folder, "
+                   ".parquet file/glob or hub dataset id")
+    p.add_argument("--vae", required=True, help="diffusers autoencoder: local folder or hub id")
+    p.add_argument("--vae_subfolder", default=None, help="subfolder of --vae holding it (default: itself, else vae/)")
+    p.add_argument("--resolution", type=int, required=True, help="images are resized + center-cropped to N x N")
+    p.add_argument("--output", required=True, help="latent dataset folder to create (train.py --train_data)")
+    p.add_argument("--split", default="train", help="dataset split (default train)")
+    p.add_argument("--image_column", default=None, help="image column (default: the Image-typed one)")
+    p.add_argument("--label_column", default=None, help="labels: class names or ids (default: imagefolder's label)")
+    p.add_argument("--flip_augment", action="store_true", help="also store each image's horizontal mirror")
+    p.add_argument("--sample_posterior", action="store_true", help="sample the posterior instead of its mean")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample_posterior's noise (default 0)")
+    p.add_argument("--min_size", type=int, default=0, help="skip images whose shorter side is below this (default "
+                   "0: upscale every small image, with a warning)")
+    p.add_argument("--batch_size", type=int, default=16, help="images per autoencoder batch (default 16)")
+    p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="images per resumable shard")
+    p.add_argument("--mixed_precision", choices=tuple(DTYPES), default="no", help="autoencoder weights dtype")
+    p.add_argument("--cache_dir", default=None, help="datasets cache for image folders / hub data")
+    p.add_argument("--overwrite", action="store_true", help="replace --output, and restart an interrupted encode")
+    args = p.parse_args(argv)
+    for flag in ("resolution", "batch_size", "shard_size"):
+        if getattr(args, flag) < 1:
+            raise UserInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.min_size < 0:
+        raise UserInputError(f"--min_size must be >= 0, got {args.min_size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m latent_ddpm.encode`: see `encode_images`."""
+    args = parse_args(argv)
+    datasets.disable_progress_bars()
+    diffusers.utils.logging.disable_progress_bar()
+    info = encode_images(args)
+    if info:
+        c = info["counts"]
+        print(f"wrote {args.output}: {c['latents']} latents of shape {tuple(info['latent_shape'])} from {c['images']} "
+              f"images ({c['skipped_corrupt']} corrupt and {c['skipped_too_small']} too small skipped, "
+              f"{c['upscaled']} upscaled, {c['converted_to_rgb']} converted to RGB); details in {ENCODING_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -9,18 +9,25 @@
 Output: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz` (or --output) with `samples`
 (N, C, H, W) float32 in the data's scale and `labels` (N,) int64 when class-conditional, plus a PNG
 grid next to it. Sample i depends only on (seed, i), never on the batch size or process count.
+With --decode (or --vae), the latents are also decoded with an autoencoder: one PNG per sample in
+`<output stem>_images/` (`000000.png`, ...) and a grid `<output stem>_images.png` (docs/encode.md).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from diffusers.utils import logging as diffusers_logging
+from PIL import Image
 from tqdm.auto import tqdm
 
+from latent_ddpm.encode import load_vae, run_encoding_info
 from latent_ddpm.errors import UserInputError, run_cli
+from latent_ddpm.images import save_image_grid, to_uint8
 from latent_ddpm.plots import save_latent_grid
 from latent_ddpm.sampling import (
     DTYPES,
@@ -63,6 +70,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--output", help="output .npz (default: <run>/generated/seed_<seed>/samples_<seed>_<n>.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no_grid", action="store_true", help="do not write the PNG preview grid")
+    p.add_argument("--decode", action="store_true", help="also decode to PNG images with the pipeline's vae, "
+                   "else --vae, else the autoencoder named in the training data's encoding.json")
+    p.add_argument("--vae", default=None, help="autoencoder folder or hub id for --decode (implies --decode)")
+    p.add_argument("--vae_subfolder", default=None, help="subfolder of --vae holding the autoencoder")
     original = p.add_argument_group("the original project's flags (to locate runs/<stem>_ddpm_<n_dim>_<n_steps>_"
                                     "<lbeta>_<ubeta>/)")
     original.add_argument("--latent", help="the training latent file; its stem names the run folder")
@@ -79,7 +90,25 @@ def parse_args(argv: list[str] | None = None):
         raise UserInputError("pass --model DIR_OR_HUB_ID (a saved pipeline) or the original's --latent FILE")
     if args.guidance_scale != 1.0 and not args.class_labels:
         raise UserInputError("--guidance_scale needs --class_labels (guidance steers towards a class)")
+    args.decode = args.decode or args.vae is not None
     return args
+
+
+def attach_vae(pipe, args, model: str, device) -> None:
+    """Give `pipe` the autoencoder for --decode: --vae, else the pipeline's own, else the training data's."""
+    if args.vae is None and getattr(pipe, "vae", None) is None:
+        info = run_encoding_info(run_dir_of(model))
+        if info is None or not info.get("vae", {}).get("id"):
+            raise UserInputError(f"--decode: {model} has no vae and its training data has no encoding.json; "
+                                 "pass --vae PATH_OR_HUB_ID")
+        args.vae, args.vae_subfolder = info["vae"]["id"], info["vae"].get("subfolder")
+    if args.vae is not None:
+        pipe.register_modules(vae=load_vae(args.vae, args.vae_subfolder))
+    channels = getattr(pipe.vae.config, "latent_channels", None)
+    if channels is not None and channels != pipe.unet.config.in_channels:
+        raise UserInputError(f"--decode: the vae takes {channels}-channel latents but the model makes "
+                             f"{pipe.unet.config.in_channels}; pass the autoencoder the data was encoded with")
+    pipe.vae.to(device=device, dtype=torch.float32)  # decoding stays float32 (fp16 VAEs often overflow)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--output {output} must end in .npz")
     if output.exists() and not args.overwrite:
         raise UserInputError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
+    images_dir = output.with_name(f"{output.stem}_images")
+    if args.decode and images_dir.exists() and not args.overwrite:
+        raise UserInputError(f"{images_dir} exists; pass --overwrite to replace it, or choose another --output")
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise UserInputError(f"unknown --scheduler {args.scheduler!r}; valid names: {', '.join(SCHEDULERS)}")
 
@@ -104,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(model, args.mixed_precision, state.device)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if args.decode:
+        attach_vae(pipe, args, model, state.device)
     unet = pipe.unet.config
     cycle = parse_class_labels(args.class_labels, unet.num_class_embeds)
     size = unet.sample_size
@@ -113,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     partial = partial_path(output)
     if state.is_main_process:
         NpyRowWriter(partial, shape, create=True)
+        if args.decode:
+            shutil.rmtree(images_dir, ignore_errors=True)
+            images_dir.mkdir(parents=True)
     state.wait_for_everyone()
     writer = NpyRowWriter(partial, shape)
     try:
@@ -123,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                 idx = mine[start:start + args.batch_size]
                 out = pipe(batch_size=len(idx), num_inference_steps=args.num_inference_steps,
                            generator=sample_generators(args.seed, idx), class_labels=labels_for(idx, cycle),
-                           guidance_scale=args.guidance_scale, eta=args.eta)
+                           guidance_scale=args.guidance_scale, eta=args.eta,
+                           output_type="np_image" if args.decode else "np")
                 writer.write(idx[0], out.latents)
+                for i, image in zip(idx, out.images if args.decode else (), strict=False):
+                    Image.fromarray(to_uint8(image)).save(images_dir / f"{i:06d}.png")
                 bar.update(min(len(idx) * state.num_processes, bar.total - bar.n))  # others run in step
             bar.close()
         state.wait_for_everyone()
@@ -142,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                 save_latent_grid(output.with_suffix(".png"), np.array(preview),
                                  None if labels is None else labels[:GRID_SAMPLES],
                                  title=f"{output.name} ({args.scheduler or type(pipe.scheduler).__name__})")
+                if args.decode:
+                    shown = [np.asarray(Image.open(images_dir / f"{i:06d}.png").convert("RGB"))
+                             for i in range(min(GRID_SAMPLES, args.num_samples))]
+                    save_image_grid(output.with_name(f"{output.stem}_images.png"), np.stack(shown))
             print(f"wrote {args.num_samples} samples {shape[1:]} to {output} "
                   f"({args.num_samples / elapsed:.2f} samples/s over {state.num_processes} process(es))")
     finally:

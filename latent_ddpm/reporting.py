@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from diffusers import DDPMScheduler
 
+from .images import save_image_grid
 from .pipeline import LatentDDPMPipeline
 from .plots import save_latent_grid, save_loss_curve
 from .sampling import make_scheduler, sample_generators
@@ -18,19 +19,32 @@ from .unet import AdvancedUNet2DModel
 
 # Reference latents for the end-of-run quality figures: a bounded set keeps them a few seconds on CPU.
 MAX_REFERENCE = 4096
+# Latents decoded per autoencoder call for the image previews: bounds the decoder's memory.
+DECODE_BATCH = 8
 
 
-def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMScheduler, stats) -> LatentDDPMPipeline:
+def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMScheduler, stats, vae=None
+                   ) -> LatentDDPMPipeline:
     """A CPU/device copy of the model with the EMA weights (when EMA is on), paired with the training
-    schedule and the data's normalisation."""
+    schedule, the data's normalisation and, if given, the autoencoder that decodes the latents (the
+    data's encoding.json names it: `latent_ddpm.encode.read_encoding_info` + `load_vae`)."""
     model = AdvancedUNet2DModel.from_config(unet.config).to(next(unet.parameters()).device)
     model.load_state_dict(unet.state_dict())
     if ema is not None:
         ema.copy_to(model.parameters())
     scheduler = DDPMScheduler.from_config(noise_scheduler.config)
-    pipe = LatentDDPMPipeline(unet=model.eval(), scheduler=scheduler, latents_mean=stats.mean, latents_std=stats.std)
+    pipe = LatentDDPMPipeline(unet=model.eval(), scheduler=scheduler, latents_mean=stats.mean, latents_std=stats.std,
+                              vae=vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_decoded_grid(pipe: LatentDDPMPipeline, latents: np.ndarray, path: Path) -> None:
+    """With a vae in `pipe`, decode `latents` (in batches of `DECODE_BATCH`) and write them as an image grid."""
+    if getattr(pipe, "vae", None) is None or not len(latents):
+        return
+    images = [pipe.decode_latents(latents[i:i + DECODE_BATCH]) for i in range(0, len(latents), DECODE_BATCH)]
+    save_image_grid(path, np.concatenate(images))
 
 
 def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int, num_classes: int | None,
@@ -52,12 +66,14 @@ def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int
     return np.concatenate(out), labels
 
 
-def preview_grid(unet, ema, noise_scheduler, stats, cfg, path: Path, num_classes: int | None) -> None:
-    """Write a grid of `cfg.num_preview_samples` EMA samples to `path`."""
-    pipe = build_pipeline(unet, ema, noise_scheduler, stats)
+def preview_grid(unet, ema, noise_scheduler, stats, cfg, path: Path, num_classes: int | None, vae=None) -> None:
+    """Write a grid of `cfg.num_preview_samples` EMA samples to `path`; with a `vae`, also the decoded
+    images to `<path stem>_images.png`."""
+    pipe = build_pipeline(unet, ema, noise_scheduler, stats, vae=vae)
     latents, labels = sample_for_preview(pipe, cfg.num_preview_samples, cfg.preview_inference_steps, cfg.seed,
                                          num_classes)
     save_latent_grid(path, latents, labels=labels, title=path.stem)
+    save_decoded_grid(pipe, latents, path.with_name(f"{path.stem}_images.png"))
 
 
 def save_pipeline_atomically(pipe: LatentDDPMPipeline, out: Path) -> None:
@@ -87,10 +103,11 @@ def push_checkpoint(unet, ema, noise_scheduler, stats, ckpt: Path, cfg, token: s
 
 
 def final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir: Path, history: dict,
-                 num_classes: int | None, plan: str) -> dict:
-    """Save `run_dir/pipeline`, and under `run_dir/train`: loss_curve.png, samples.png, metrics.json."""
+                 num_classes: int | None, plan: str, vae=None) -> dict:
+    """Save `run_dir/pipeline` (with the `vae` if given), and under `run_dir/train`: loss_curve.png,
+    samples.png (and decoded samples_images.png with a vae), metrics.json."""
     train_dir = run_dir / "train"
-    pipe = build_pipeline(unet, ema, noise_scheduler, stats)
+    pipe = build_pipeline(unet, ema, noise_scheduler, stats, vae=vae)
     save_pipeline_atomically(pipe, run_dir / "pipeline")
     if history["steps"]:
         save_loss_curve(train_dir / "loss_curve.png", history["steps"], history["losses"],
@@ -103,6 +120,7 @@ def final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir: Path,
         samples, labels = sample_for_preview(pipe, n_eval, cfg.preview_inference_steps, cfg.seed, num_classes)
         save_latent_grid(train_dir / "samples.png", samples[: cfg.num_preview_samples],
                          labels=None if labels is None else labels[: cfg.num_preview_samples], title="samples")
+        save_decoded_grid(pipe, samples[: cfg.num_preview_samples], train_dir / "samples_images.png")
         if cfg.num_eval_samples:
             metrics.update(quality_figures(samples[: cfg.num_eval_samples], labels, dataset, cfg))
     (train_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

@@ -1,0 +1,292 @@
+"""Images -> latents -> images: latent_ddpm.encode, the pipeline's vae, sample.py --decode, previews.
+
+A tiny random AutoencoderKL (factor 2, 4 latent channels) and 16x16 images: 4x8x8 latents.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from diffusers import AutoencoderKL, AutoencoderTiny
+from PIL import Image
+
+from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, encode
+from latent_ddpm.data import load_latents
+from latent_ddpm.errors import run_cli
+from latent_ddpm.images import prepare_image, save_image_grid, to_model_range
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 16  # image resolution; latents are 4 x RES/2 x RES/2
+TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(main, argv) -> int:
+    """A command's main through run_cli (exit status, one-line errors), accelerate state reset around it."""
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    try:
+        return run_cli(main, [str(a) for a in argv])
+    except SystemExit as err:
+        return err.code
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+
+
+def image(seed: int, size=(RES, RES), mode="RGB") -> Image.Image:
+    """A smooth random image (a gradient plus noise) of `size` (w, h)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.2, 1, 3) + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB").convert(mode)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    AutoencoderKL(**TINY_VAE).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """imagefolder layout: 3 cats and 3 dogs, one of them not square."""
+    root = tmp_path_factory.mktemp("images") / "pets"
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            image(10 * c + i, size=(24, RES) if i == 2 else (RES, RES)).save(root / name / f"{i}.png")
+    return root
+
+
+def encode_args(data, vae, out, tmp, *extra):
+    return ["--data", data, "--vae", vae, "--resolution", RES, "--output", out, "--cache_dir", tmp / "hf",
+            "--batch_size", 2, "--shard_size", 4, *extra]
+
+
+@pytest.fixture(scope="module")
+def encoded(images, vae_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("encoded")
+    assert run(encode.main, encode_args(images, vae_dir, tmp / "latents", tmp, "--flip_augment")) == 0
+    return tmp / "latents"
+
+
+def posterior_mean(vae_dir: Path, pixels: np.ndarray) -> np.ndarray:
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        return vae.encode(torch.from_numpy(to_model_range(pixels))).latent_dist.mean.numpy()
+
+
+def test_encode_writes_raw_posterior_means_labels_flips_and_the_factors(encoded, images, vae_dir):
+    ds = load_latents(encoded)
+    assert ds.features["latents"].shape == (4, RES // 2, RES // 2) and len(ds) == 12  # 6 images x (image, flip)
+    x, y = np.asarray(ds.with_format("numpy")["latents"]), np.asarray(ds["labels"])
+    assert y.tolist() == [0] * 6 + [1] * 6  # class subfolders cat, dog
+    pixels = np.stack([prepare_image(str(images / "dog" / "2.png"), RES).pixels] * 2)
+    pixels[1] = pixels[1, :, ::-1]  # row 11 is the mirror of dog/2.png (24x16: resized + center-cropped)
+    np.testing.assert_allclose(x[10:12], posterior_mean(vae_dir, pixels), rtol=1e-5, atol=1e-5)  # raw, unscaled
+    info = encode.read_encoding_info(encoded)
+    assert info["vae"]["id"] == str(vae_dir.resolve()) and info["vae"]["class_name"] == "AutoencoderKL"
+    assert info["vae"]["scaling_factor"] == 0.18215 and info["vae"]["shift_factor"] is None
+    assert info["vae"]["latents_mean"] is None and info["posterior"] == "mean"
+    assert info["label_names"] == ["cat", "dog"] and info["latent_shape"] == [4, 8, 8]
+    assert info["counts"] == {"images": 6, "latents": 12, "skipped_corrupt": 0, "skipped_too_small": 0,
+                              "upscaled": 0, "converted_to_rgb": 0}
+    assert info["settings"]["resolution"] == RES and info["settings"]["flip_augment"] is True
+    assert encode.read_encoding_info(images) is None and encode.read_encoding_info(None) is None
+    assert not encoded.with_name("latents.partial").exists()
+
+
+def test_sample_posterior_is_seeded_per_image(images, vae_dir, tmp_path):
+    outs = []
+    for name, shard in (("a", 4), ("b", 2)):  # a different sharding gives the same noise
+        out = tmp_path / name
+        assert run(encode.main, encode_args(images, vae_dir, out, tmp_path, "--sample_posterior", "--seed", 3,
+                                            "--shard_size", shard)) == 0
+        outs.append(np.asarray(load_latents(out).with_format("numpy")["latents"]))
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+    assert encode.read_encoding_info(tmp_path / "a")["posterior"] == "sample"
+    pixels = np.stack([prepare_image(str(images / "cat" / "0.png"), RES).pixels])
+    assert not np.allclose(outs[0][0], posterior_mean(vae_dir, pixels)[0], atol=1e-3)
+
+
+def test_interrupted_encode_resumes_and_equals_an_uninterrupted_one(images, vae_dir, encoded, tmp_path,
+                                                                    monkeypatch):
+    out, real, calls = tmp_path / "latents", encode.encode_shard, []
+
+    def interrupt_after_first(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # as Ctrl-C or a killed job, after shard 0 is complete
+        calls.append(args[4])
+        real(*args, **kwargs)
+
+    argv = encode_args(images, vae_dir, out, tmp_path, "--flip_augment")
+    monkeypatch.setattr(encode, "encode_shard", interrupt_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run(encode.main, argv)
+    partial = tmp_path / "latents.partial"
+    assert (partial / "shard-00000.arrow.done.json").is_file() and not (partial / "shard-00001.arrow").exists()
+    assert not out.exists()
+    # Other settings are refused; the same command resumes and encodes only the missing shard.
+    monkeypatch.setattr(encode, "encode_shard", real)
+    assert run(encode.main, encode_args(images, vae_dir, out, tmp_path)) == 2
+    done = []
+    monkeypatch.setattr(encode, "encode_shard", lambda *a, **k: (done.append(a[4]), real(*a, **k)))
+    assert run(encode.main, argv) == 0
+    assert done == [range(4, 6)] and not partial.exists()
+    resumed, full = (np.asarray(load_latents(p).with_format("numpy")["latents"]) for p in (out, encoded))
+    np.testing.assert_array_equal(resumed, full)
+    assert load_latents(out)["labels"] == load_latents(encoded)["labels"]
+    assert run(encode.main, argv) == 2  # the output exists: refused without --overwrite
+
+
+def test_bad_images_are_skipped_converted_or_upscaled_with_messages(vae_dir, tmp_path, capsys):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    image(0).save(data / "a_rgb.png")
+    (data / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    image(1, mode="L").save(data / "c_gray.png")
+    image(2, mode="RGBA").save(data / "d_rgba.png")
+    image(3, mode="P").save(data / "e_palette.png")
+    image(4, size=(8, 6)).save(data / "f_small.png")
+    image(5, size=(40, 20)).save(data / "g_wide.jpg")
+    assert run(encode.main, encode_args(data, vae_dir, tmp_path / "out", tmp_path)) == 0
+    err = capsys.readouterr().err
+    assert "b_corrupt.png (image 1): skipped, not a readable image" in err and "Traceback" not in err
+    assert "grayscale (L) image converted to RGB" in err and "RGBA (RGBA) image converted to RGB" in err
+    assert "f_small.png (image 5): 8x6 is smaller than --resolution 16: upscaled" in err
+    info = encode.read_encoding_info(tmp_path / "out")
+    assert info["counts"] == {"images": 7, "latents": 6, "skipped_corrupt": 1, "skipped_too_small": 0,
+                              "upscaled": 1, "converted_to_rgb": 3}
+    assert info["skipped"][0]["image"].endswith("b_corrupt.png (image 1)") and info["label_names"] is None
+    assert "labels" not in load_latents(tmp_path / "out").column_names  # one folder: no classes
+    # --min_size skips small images instead of upscaling them.
+    assert run(encode.main, encode_args(data, vae_dir, tmp_path / "out2", tmp_path, "--min_size", 10)) == 0
+    assert "f_small.png (image 5): skipped, 8x6 is below --min_size 10" in capsys.readouterr().err
+    assert encode.read_encoding_info(tmp_path / "out2")["counts"]["skipped_too_small"] == 1
+
+
+def test_one_line_errors(vae_dir, images, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"junk")
+    cases = [
+        (encode_args(bad, vae_dir, tmp_path / "o", tmp_path), "none of the 1 images could be encoded"),
+        (encode_args(images, tmp_path / "nope", tmp_path / "o", tmp_path), "no autoencoder config found"),
+        (encode_args(tmp_path / "missing", vae_dir, tmp_path / "o", tmp_path), "not an image folder"),
+        (encode_args(images, vae_dir, tmp_path / "o", tmp_path, "--label_column", "nope"), "no label column"),
+        (encode_args(images, vae_dir, tmp_path / "o", tmp_path, "--batch_size", 0), "--batch_size must be"),
+    ]
+    for argv, message in cases:
+        assert run(encode.main, argv) == 2, message
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last and "Traceback" not in err, err
+
+
+def test_load_vae_by_class_name_and_pipeline_subfolder(vae_dir, tmp_path):
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                           num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    tiny.save_pretrained(tmp_path / "pipe" / "vae")
+    assert type(encode.load_vae(tmp_path / "pipe")).__name__ == "AutoencoderTiny"  # found in vae/
+    vae = encode.load_vae(vae_dir)
+    assert isinstance(vae, AutoencoderKL) and encode.vae_info(vae)["id"] == str(vae_dir.resolve())
+
+
+@pytest.fixture(scope="module")
+def pipe_with_vae(vae_dir) -> LatentDDPMPipeline:
+    torch.manual_seed(0)
+    unet = AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=RES // 2)
+    pipe = LatentDDPMPipeline(unet=unet.eval(), scheduler=default_scheduler(num_train_timesteps=10),
+                              latents_mean=0.5, latents_std=2.0, vae=AutoencoderKL.from_pretrained(vae_dir))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_pipeline_decodes_to_pil_and_np_images(pipe_with_vae):
+    pipe, gen = pipe_with_vae, lambda: torch.Generator().manual_seed(0)
+    latents = pipe(batch_size=2, num_inference_steps=2, generator=gen()).latents
+    out = pipe(batch_size=2, num_inference_steps=2, generator=gen(), output_type="np_image")
+    np.testing.assert_array_equal(out.latents, latents)  # the vae changes nothing upstream
+    assert out.images.shape == (2, RES, RES, 3) and out.images.dtype == np.float32
+    assert 0 <= out.images.min() and out.images.max() <= 1
+    with torch.no_grad():
+        direct = pipe.vae.decode(torch.from_numpy(latents)).sample  # raw latents straight into decode
+    np.testing.assert_allclose(out.images, (direct / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pil = pipe(batch_size=2, num_inference_steps=2, generator=gen(), output_type="pil", return_dict=False)[0]
+    assert [(im.mode, im.size) for im in pil] == [("RGB", (RES, RES))] * 2
+    np.testing.assert_array_equal(np.asarray(pil[0]), (out.images[0] * 255).round().astype(np.uint8))
+    bare = LatentDDPMPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    with pytest.raises(ValueError, match="has none"):
+        bare(num_inference_steps=1, output_type="pil")
+
+
+def test_pipeline_with_vae_saves_and_loads(pipe_with_vae, tmp_path):
+    pipe_with_vae.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    assert (tmp_path / "p" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = LatentDDPMPipeline.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    kw = dict(batch_size=1, num_inference_steps=2, output_type="np_image")
+    a = pipe_with_vae(generator=torch.Generator().manual_seed(1), **kw).images
+    np.testing.assert_array_equal(loaded(generator=torch.Generator().manual_seed(1), **kw).images, a)
+    LatentDDPMPipeline(unet=pipe_with_vae.unet, scheduler=pipe_with_vae.scheduler).save_pretrained(tmp_path / "q")
+    assert LatentDDPMPipeline.from_pretrained(tmp_path / "q").vae is None
+
+
+def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(ROOT))
+    train, sample = _script("train"), _script("sample")
+    fast = ["--preset", "tiny", "--train_batch_size", "4", "--num_eval_samples", "0", "--num_preview_samples", "2",
+            "--preview_inference_steps", "2", "--save_images_epochs", "0", "--num_train_timesteps", "10"]
+    assert run(train.main, ["--train_data", encoded, "--max_train_steps", 3, "--output_dir", "run", *fast]) == 0
+    # No vae in the pipeline (unless train.py wires it): sample.py finds it in the data's encoding.json.
+    out = tmp_path / "gen" / "s.npz"
+    assert run(sample.main, ["--model", "run/pipeline", "--num_samples", 3, "--num_inference_steps", 2,
+                             "--batch_size", 2, "--output", out, "--decode"]) == 0
+    with np.load(out, allow_pickle=False) as f:
+        assert f["samples"].shape == (3, 4, RES // 2, RES // 2)
+    pngs = sorted((tmp_path / "gen" / "s_images").glob("*.png"))
+    assert [p.name for p in pngs] == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(pngs[0]).size == (RES, RES) and (tmp_path / "gen" / "s_images.png").is_file()
+    # An explicit --vae gives the same images; a model without any known vae is a one-line error.
+    assert run(sample.main, ["--model", "run/pipeline", "--num_samples", 3, "--num_inference_steps", 2,
+                             "--output", tmp_path / "gen2" / "s.npz", "--vae", vae_dir, "--no_grid"]) == 0
+    assert np.array_equal(np.asarray(Image.open(pngs[2])),
+                          np.asarray(Image.open(tmp_path / "gen2" / "s_images" / "000002.png")))
+    (tmp_path / "run" / "train" / "config.json").unlink()
+    assert run(sample.main, ["--model", "run/pipeline", "--output", tmp_path / "gen3" / "s.npz", "--decode"]) == 2
+
+
+def test_previews_decode_with_a_vae(pipe_with_vae, tmp_path):
+    from types import SimpleNamespace
+
+    from latent_ddpm.feeding import LatentStats
+    from latent_ddpm.reporting import preview_grid
+
+    stats = LatentStats("channel", [0.0] * 4, [1.0] * 4)
+    cfg = SimpleNamespace(num_preview_samples=3, preview_inference_steps=2, seed=0)
+    preview_grid(pipe_with_vae.unet, None, pipe_with_vae.scheduler, stats, cfg, tmp_path / "step_1.png", None,
+                 vae=pipe_with_vae.vae)
+    assert (tmp_path / "step_1.png").is_file()
+    grid = Image.open(tmp_path / "step_1_images.png")
+    assert grid.size == (2 * (RES + 2) + 2,) * 2  # 3 images on a 2x2 grid with 2-pixel gaps
+    save_image_grid(tmp_path / "g.png", [Image.new("L", (4, 4))])

@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
 import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -53,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg: TrainConfig = parse_train_args(argv)
 
     # 1. Accelerator: devices, processes, mixed precision, trackers.
+    # A rank that dies leaves the others blocked in a collective: they give up after --ddp_timeout seconds
+    # (torchrun's elastic agent usually tears them down sooner).
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                              log_with=None if cfg.report_to == "none" else cfg.report_to)
+                              log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO,
                         stream=sys.stdout, force=True)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         epoch_losses: list[torch.Tensor] = []
         model.train()
         for _ in range(first, steps_per_epoch):
+            _maybe_die(accelerator.process_index, global_step + 1)
             step_loss = torch.zeros((), device=accelerator.device)
             for i in range(accumulation):
                 x0, labels = next(batches)
@@ -295,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.end_training()
     lock.release()
     return 0
+
+
+def _maybe_die(rank: int, step: int) -> None:
+    """Test hook: LATENT_DDPM_DIE_AT="RANK:STEP" makes that rank exit abruptly (status 1) as it starts STEP."""
+    if os.environ.get("LATENT_DDPM_DIE_AT") == f"{rank}:{step}":
+        os._exit(1)
 
 
 def _gather_generator_states(gen: torch.Generator) -> list[list[int]]:

@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserInputError
@@ -48,14 +49,35 @@ def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
 
 
 def is_valid_checkpoint(path: Path) -> bool:
-    """A complete checkpoint whose state file parses and whose EMA file (if any) loads."""
+    """A complete checkpoint: every file the marker lists is there at its size, the state file parses,
+    every safetensors file loads, and every torch file (optimizer, RNG states) loads with weights_only."""
+    return checkpoint_problem(path) is None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None for a usable checkpoint, else what is wrong with it (for warnings)."""
     try:
+        marker = (path / COMPLETE_MARKER).read_text()
+    except OSError:
+        return f"no {COMPLETE_MARKER} marker (the write did not finish)"
+    try:
+        manifest = json.loads(marker).get("files", {}) if marker.lstrip().startswith("{") else {}
+        for name, size in manifest.items():  # markers of older checkpoints ("ok") list no files
+            if not (path / name).is_file():
+                return f"{name} is missing"
+            if (path / name).stat().st_size != size:
+                return f"{name} is {(path / name).stat().st_size} bytes, the marker says {size} (truncated?)"
         json.loads((path / STATE_FILE).read_text())
-        if (path / EMA_FILE).exists():
-            load_file(path / EMA_FILE)
-        return (path / COMPLETE_MARKER).is_file()
-    except Exception:  # noqa: BLE001 - any damage means "not usable"
-        return False
+        for file in sorted(path.iterdir()):
+            if file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix in (".bin", ".pkl", ".pt"):
+                from accelerate.utils import load as safe_torch_load  # weights_only=True + numpy RNG types
+
+                safe_torch_load(file, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any damage means "not usable"
+        return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    return None
 
 
 def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
@@ -67,15 +89,16 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
         return None
     if spec != "latest":
         path = Path(spec)
-        if not path.is_dir() or not is_valid_checkpoint(path):
+        problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
+        if problem is not None:
             raise UserInputError(f"--resume_from_checkpoint: {spec} is not a complete checkpoint folder "
-                                 f"(expected {STATE_FILE} and {COMPLETE_MARKER} inside); use 'latest' or a "
-                                 f"checkpoint-<step> folder under {train_dir}")
+                                 f"({problem}); use 'latest' or a checkpoint-<step> folder under {train_dir}")
         return path
     for _, path in reversed(list_checkpoints(train_dir)):
-        if is_valid_checkpoint(path):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        warnings.warn(f"skipping damaged checkpoint {path}", stacklevel=2)
+        warnings.warn(f"skipping damaged checkpoint {path} ({problem}); trying the previous one", stacklevel=2)
     return None
 
 
@@ -83,27 +106,40 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
     """Write checkpoint-<step> atomically on every process (accelerate saves per-rank RNG states)."""
     final = train_dir / f"checkpoint-{step}"
     tmp = train_dir / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()  # every rank's RNG state is in before the folder is completed
-    if accelerator.is_main_process:
-        if ema is not None:
-            ema_state = ema.state_dict()
-            shadow = ema_state.pop("shadow_params")
-            save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, tmp / EMA_FILE)
-            state = {**state, "ema": ema_state}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        _checkpoint_hook(tmp)
-        _fsync_tree(tmp)
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if limit is not None:
-            for _, old in list_checkpoints(train_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # every rank's RNG state is in before the folder is completed
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema_state = ema.state_dict()
+                shadow = ema_state.pop("shadow_params")
+                save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, tmp / EMA_FILE)
+                state = {**state, "ema": ema_state}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            _checkpoint_hook(tmp)
+            _fsync_tree(tmp)
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, file too large, read-only, permissions
+        # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."), safetensors as its own error.
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(train_dir)
+        kept = f"the last complete checkpoint {previous[-1][1]} is intact" if previous else "no checkpoint was kept"
+        free = _free_space(train_dir)
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserInputError(f"cannot write checkpoint-{step} in {train_dir} ({type(err).__name__}: {detail}; "
+                             f"{free}); free disk space or make the folder writable, then continue with "
+                             f"--resume_from_checkpoint latest; {kept}") from None
+    if accelerator.is_main_process and limit is not None:
+        for _, old in list_checkpoints(train_dir)[:-limit]:
+            (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     if os.environ.get("LATENT_DDPM_EXIT_AFTER_CHECKPOINT") == str(step):
         os._exit(3)  # test hook: simulate a crash right after this checkpoint
@@ -143,6 +179,13 @@ def _checkpoint_hook(tmp: Path) -> None:
             time.sleep(0.01)
 
 
+def _free_space(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free there"
+    except OSError:
+        return "free space unknown"
+
+
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
@@ -159,7 +202,11 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserInputError(f"cannot create the run folder {self.path.parent} ({err.strerror or err}); "
+                                 "choose another --output_dir (its parents must be folders you can write)") from None
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
             try:

@@ -89,6 +89,8 @@ class TrainConfig:
     allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs")
     data_in_memory: bool | None = _f(None, "keep the whole dataset on the device (default: when it fits)")
     dataloader_num_workers: int = _f(0, "DataLoader workers when the data is streamed from disk")
+    ddp_timeout: int = _f(1800, "seconds a process waits in a collective (e.g. for a rank that died) before "
+                                "failing; torchrun usually stops the survivors sooner")
     # --- Outputs, logging, checkpoints ------------------------------------------------------------
     output_dir: str | None = _f(None, "run folder (default: runs/<data>_ddpm_<C>_<T>_<beta_start>_<beta_end>)")
     overwrite_output_dir: bool = _f(False, "start fresh in an existing run folder (its checkpoints are deleted)")
@@ -150,6 +152,7 @@ class TrainConfig:
         need(self.num_eval_samples >= 0, "num_eval_samples", "must be >= 0")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
+        need(self.ddp_timeout >= 1, "ddp_timeout", f"must be >= 1 second, got {self.ddp_timeout}")
         need(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "is required with --push_to_hub")
         self.model_overrides()  # parses --model_config
         return self

@@ -25,4 +25,12 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         return main(argv) or 0
     except UserInputError as err:
+        _close_progress_bars()
         fail(str(err))
+
+
+def _close_progress_bars() -> None:
+    """End open tqdm bars with their newline, so that the error starts a line of its own."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+        bar.close()

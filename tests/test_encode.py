@@ -6,10 +6,15 @@ A tiny random AutoencoderKL (factor 2, 4 latent channels) and 16x16 images: 4x8x
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -20,7 +25,10 @@ from PIL import Image
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, encode
 from latent_ddpm.data import load_latents
 from latent_ddpm.errors import run_cli
+from latent_ddpm.feeding import LatentStats
+from latent_ddpm.hub import prepare_upload_folder
 from latent_ddpm.images import prepare_image, save_image_grid, to_model_range
+from latent_ddpm.reporting import preview_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 16  # image resolution; latents are 4 x RES/2 x RES/2
@@ -277,11 +285,6 @@ def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monke
 
 
 def test_previews_decode_with_a_vae(pipe_with_vae, tmp_path):
-    from types import SimpleNamespace
-
-    from latent_ddpm.feeding import LatentStats
-    from latent_ddpm.reporting import preview_grid
-
     stats = LatentStats("channel", [0.0] * 4, [1.0] * 4)
     cfg = SimpleNamespace(num_preview_samples=3, preview_inference_steps=2, seed=0)
     preview_grid(pipe_with_vae.unet, None, pipe_with_vae.scheduler, stats, cfg, tmp_path / "step_1.png", None,
@@ -290,3 +293,47 @@ def test_previews_decode_with_a_vae(pipe_with_vae, tmp_path):
     grid = Image.open(tmp_path / "step_1_images.png")
     assert grid.size == (2 * (RES + 2) + 2,) * 2  # 3 images on a 2x2 grid with 2-pixel gaps
     save_image_grid(tmp_path / "g.png", [Image.new("L", (4, 4))])
+
+
+def test_parquet_source_with_string_labels(vae_dir, tmp_path):
+    def png(seed: int) -> bytes:
+        buf = io.BytesIO()
+        image(seed).save(buf, format="PNG")
+        return buf.getvalue()
+
+    feats = datasets.Features({"img": datasets.Image(), "kind": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({"img": [{"bytes": png(i), "path": None} for i in range(3)],
+                                     "kind": ["zebra", "ant", "zebra"]}, features=feats)
+    ds.to_parquet(tmp_path / "images.parquet")
+    out = tmp_path / "out"
+    assert run(encode.main, encode_args(tmp_path / "images.parquet", vae_dir, out, tmp_path, "--label_column",
+                                        "kind")) == 0
+    assert load_latents(out)["labels"] == [1, 0, 1]
+    assert encode.read_encoding_info(out)["label_names"] == ["ant", "zebra"]
+
+
+DIFFUSERS_ONLY = """
+import sys
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+assert "latent_ddpm" not in sys.modules and type(pipe.vae).__name__ == "AutoencoderKL"
+out = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="np_image")
+np.save(sys.argv[2], out.images)
+"""
+
+
+def test_uploaded_pipeline_with_vae_loads_with_diffusers_only(pipe_with_vae, tmp_path):
+    pipe_with_vae.save_pretrained(tmp_path / "pipeline")
+    upload = prepare_upload_folder(tmp_path / "pipeline", tmp_path / "upload", repo_id="user/repo")
+    assert (upload / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    (tmp_path / "user.py").write_text(DIFFUSERS_ONLY)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", str(tmp_path / "user.py"), str(upload), str(tmp_path / "x.npy")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = pipe_with_vae(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+                             output_type="np_image").images
+    np.testing.assert_allclose(np.load(tmp_path / "x.npy"), expected, atol=1e-5)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserInputError, run_cli
+from .errors import ArgumentParser, UserInputError, run_cli
 from .unet import PRESETS, AdvancedUNet2DModel
 
 # (pattern, replacement) applied in order with re.sub to every original key (after removing a
@@ -224,7 +224,7 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m latent_ddpm.convert_original",
         description="Convert an original project checkpoint (model.pth, ddpm_epoch_N.pt) to a diffusers "
         "AdvancedUNet2DModel (safetensors), or with --pipeline a LatentDDPMPipeline. Model flags default to the "

@@ -8,7 +8,7 @@ The public entry points live here; `.npy`/`.npz` reading is in `npyio`, the shar
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
 import shutil
 import tempfile
@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from .errors import run_cli
+from .errors import ArgumentParser, run_cli
 from .npyio import (
     CACHE_VERSION,
     DEFAULT_CACHE_DIR,
@@ -144,8 +144,13 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
             return in_memory(lambda kw: write_numpy(path, kw, latent_key, label_key, labels_file))
         return cached_numpy(path, Path(cache_dir or DEFAULT_CACHE_DIR), latent_key, label_key, labels_file)
     try:
-        if suffix in PARQUET_SUFFIXES:
-            ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir) if cache_dir else None)
+        if suffix in PARQUET_SUFFIXES:  # datasets logs its own line for a bad file: ours says it all
+            parquet_log = logging.getLogger("datasets.packaged_modules.parquet.parquet")
+            parquet_log.disabled, was = True, parquet_log.disabled
+            try:
+                ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir) if cache_dir else None)
+            finally:
+                parquet_log.disabled = was
         else:
             ds = _read_arrow(path)
     except (OSError, ValueError, pa.ArrowException) as err:
@@ -218,7 +223,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, latent_key: str =
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m latent_ddpm.data convert IN OUT`: see `convert`."""
-    parser = argparse.ArgumentParser(prog="python -m latent_ddpm.data", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m latent_ddpm.data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help=".npz/.npy -> Arrow dataset folder (save_to_disk layout), bounded memory")
     conv.add_argument("input", help="a .npz (arrays X, y) or .npy (N, C, H, W) file")

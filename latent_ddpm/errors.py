@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -12,6 +13,14 @@ EXIT_USAGE = 2
 
 class UserInputError(ValueError):
     """Bad input from the user: the message is one line saying what, where and how to fix it."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises `UserInputError`: one line and exit status 2 through `run_cli`
+    (plain argparse prints the whole usage block first). Sub-parsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserInputError(f"{message} (see {self.prog} --help)")
 
 
 def fail(message: str) -> NoReturn:

@@ -1,0 +1,243 @@
+"""Bad input, table-driven: every command answers each bad file, config or flag with one line on stderr
+(what, where, how to fix), exit status 2, no traceback, and leaves every file on disk as it was.
+
+The commands run in this process through `run_cli` (what their `__main__` does), so 50 cases take seconds;
+`test_the_real_commands_exit_2` runs one case per command as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
+
+from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, convert_original, data, default_scheduler, evaluate
+from latent_ddpm.demo import make_demo_latents
+from latent_ddpm.errors import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402
+import train  # noqa: E402
+
+FAST = ["--preset", "tiny", "--train_batch_size", "8", "--num_eval_samples", "0", "--save_images_epochs", "0",
+        "--max_train_steps", "2"]
+TINY_PIPE_UNET = dict(in_channels=4, down_channels=(8, 16, 16), mid_channels=(16, 16), time_emb_dim=16,
+                      down_sample=(True, False), num_heads=2, norm_num_groups=4, head_channels=8, sample_size=8)
+COMMANDS = {"train": train.main, "sample": sample.main, "data": data.main, "convert_original": convert_original.main,
+            "evaluate": evaluate.main}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Every input, good and bad, in one folder."""
+    d = tmp_path_factory.mktemp("inputs")
+    x, y = make_demo_latents(num_samples=64, seed=0, size=8)
+    np.savez(d / "good.npz", X=x, y=y)
+    np.savez(d / "unlabelled.npz", X=x)
+    np.savez(d / "int8.npz", X=(x * 10).astype(np.int8), y=y)  # 4-D, the right shape, but int8
+    np.savez(d / "labels_n_plus_1.npz", X=x, y=np.append(y, 0))
+    np.savez(d / "x3d.npz", X=x[:, 0], y=y)
+    np.savez(d / "other_key.npz", Z=x)
+    raw = (d / "good.npz").read_bytes()
+    (d / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+    nan = x.copy()
+    nan[5, 1, 2, 3] = np.nan
+    np.save(d / "nan.npy", nan)
+    np.savez(d / "empty.npz", X=x[:0], y=y[:0])
+    np.savez(d / "negative_labels.npz", X=x, y=np.where(np.arange(64) == 7, -1, y))
+    np.savez(d / "float_labels.npz", X=x, y=y.astype(np.float32) + 0.5)
+    np.savez(d / "odd7.npz", X=np.zeros((8, 4, 7, 7), np.float32))
+    (d / "latents.txt").write_text("1 2 3\n")
+    (d / "garbage.parquet").write_bytes(os.urandom(1000))
+    (d / "plain_folder").mkdir()
+    (d / "plain_folder" / "a.txt").write_text("not a dataset")
+    configs = {"neg_lr": "learning_rate: -0.001\n", "beta_order": "beta_start: 0.02\nbeta_end: 0.001\n",
+               "zero_t": "num_train_timesteps: 0\n", "a_list": "- preset\n- tiny\n", "unknown": "learnin_rate: 1\n",
+               "wrong_type": "learning_rate: fast\n", "bad_yaml": "preset: [tiny\n"}
+    for name, text in configs.items():
+        (d / f"{name}.yaml").write_text(text)
+    (d / "a_file").write_text("a regular file where a folder is expected")
+
+    torch.manual_seed(0)
+    pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel(**TINY_PIPE_UNET), scheduler=default_scheduler())
+    pipe.save_pretrained(d / "pipe", safe_serialization=True)
+    for name in ("pipe_badclass", "pipe_truncated", "pipe_badjson", "pipe_noweights"):
+        shutil.copytree(d / "pipe", d / name)
+    index = d / "pipe_badclass/model_index.json"
+    index.write_text(index.read_text().replace('"AdvancedUNet2DModel"', '"NoSuchUNet2DModel"'))
+    weights = d / "pipe_truncated/unet/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    (d / "pipe_badjson/model_index.json").write_text('{"_class_name": "LatentDDPMPipeline", ')
+    (d / "pipe_noweights/unet/diffusion_pytorch_model.safetensors").unlink()
+    (d / "no_index").mkdir()
+
+    (d / "garbage.pth").write_bytes(os.urandom(4096))
+    torch.save([torch.zeros(2)], d / "a_list.pth")
+    torch.save({"conv_in.weight": torch.zeros(3, 3)}, d / "wrong_keys.pth")
+    (d / "empty.pth").write_bytes(b"")
+
+    np.savez(d / "samples.npz", samples=x[:16])
+    np.savez(d / "samples_4x4.npz", samples=x[:16, :, :4, :4])
+    np.savez(d / "samples_other_key.npz", latents=x[:16])
+    np.savez(d / "samples_int8.npz", samples=(x[:16] * 10).astype(np.int8))
+    return d
+
+
+def out(d: Path) -> str:
+    return str(d / "out_not_created")
+
+
+# (id, command, argv (a function of the inputs folder), text the one line must contain)
+CASES = [
+    # --- train.py: data files
+    ("train-int8-latents", "train", lambda d: ["--latent", d / "int8.npz"], "must be floating point, got dtype int8"),
+    ("train-labels-n-plus-1", "train", lambda d: ["--latent", d / "labels_n_plus_1.npz"],
+     "labels must have shape (64,) to match 64 latents, got (65,)"),
+    ("train-3d-latents", "train", lambda d: ["--latent", d / "x3d.npz"], "must be 4-D (N, C, H, W)"),
+    ("train-wrong-key", "train", lambda d: ["--latent", d / "other_key.npz"], "no array named 'X'; the file has"),
+    ("train-truncated-npz", "train", lambda d: ["--latent", d / "truncated.npz"], "truncated.npz"),
+    ("train-nan", "train", lambda d: ["--latent", d / "nan.npy"], "1 NaN/Inf values in the latents, the first in "
+     "sample 5"),
+    ("train-empty", "train", lambda d: ["--latent", d / "empty.npz"], "the dataset is empty"),
+    ("train-negative-label", "train", lambda d: ["--latent", d / "negative_labels.npz"], "labels must be >= 0"),
+    ("train-float-labels", "train", lambda d: ["--latent", d / "float_labels.npz"], "labels must be integers"),
+    ("train-odd-size", "train", lambda d: ["--latent", d / "odd7.npz"], "7x7 is not divisible"),
+    ("train-unknown-format", "train", lambda d: ["--latent", d / "latents.txt"], "unknown format '.txt'"),
+    ("train-missing-file", "train", lambda d: ["--latent", d / "missing.npz"], "no such file or folder"),
+    ("train-garbage-parquet", "train", lambda d: ["--latent", d / "garbage.parquet"], "not a readable .parquet file"),
+    ("train-plain-folder", "train", lambda d: ["--latent", d / "plain_folder"], "not a saved dataset"),
+    ("train-labels-needed", "train", lambda d: ["--latent", d / "unlabelled.npz", "--class_conditional"],
+     "--class_conditional needs labels"),
+    # --- train.py: configs and flags
+    ("train-config-negative-lr", "train", lambda d: ["--config", d / "neg_lr.yaml"],
+     "--learning_rate: must be > 0, got -0.001"),
+    ("train-config-beta-order", "train", lambda d: ["--config", d / "beta_order.yaml"],
+     "--beta_end: must be larger than --beta_start"),
+    ("train-config-zero-timesteps", "train", lambda d: ["--config", d / "zero_t.yaml"],
+     "--num_train_timesteps: must be >= 2, got 0"),
+    ("train-config-list", "train", lambda d: ["--config", d / "a_list.yaml"], "must hold a mapping"),
+    ("train-config-unknown-key", "train", lambda d: ["--config", d / "unknown.yaml"], "unknown keys ['learnin_rate']"),
+    ("train-config-wrong-type", "train", lambda d: ["--config", d / "wrong_type.yaml"],
+     "--learning_rate: expected float, got 'fast'"),
+    ("train-config-bad-yaml", "train", lambda d: ["--config", d / "bad_yaml.yaml"], "is not valid YAML/JSON"),
+    ("train-ddp-timeout", "train", lambda d: ["--ddp_timeout", "0"], "--ddp_timeout: must be >= 1 second"),
+    ("train-nan-flag", "train", lambda d: ["--learning_rate", "nan"], "--learning_rate: must be a finite number"),
+    ("train-output-under-file", "train", lambda d: ["--output_dir", d / "a_file" / "run"],
+     "cannot create the run folder"),
+    ("train-resume-missing", "train", lambda d: ["--resume_from_checkpoint", d / "nowhere"],
+     "not a complete checkpoint folder (no such folder)"),
+    ("train-model-config-type", "train", lambda d: ["--model_config", '{"down_channels": "wide"}'],
+     "--preset/--model_config"),
+    # --- sample.py: pipeline folders and flags
+    ("sample-unknown-class", "sample", lambda d: ["--model", d / "pipe_badclass"],
+     "cannot load the pipeline"),
+    ("sample-truncated-weights", "sample", lambda d: ["--model", d / "pipe_truncated"], "cannot load the pipeline"),
+    ("sample-bad-json", "sample", lambda d: ["--model", d / "pipe_badjson"], "cannot load the pipeline"),
+    ("sample-no-weights", "sample", lambda d: ["--model", d / "pipe_noweights"], "cannot load the pipeline"),
+    ("sample-no-index", "sample", lambda d: ["--model", d / "no_index"], "not a saved pipeline (no model_index"),
+    ("sample-zero-samples", "sample", lambda d: ["--model", d / "pipe", "--num_samples", "0"],
+     "--num_samples must be at least 1"),
+    ("sample-output-suffix", "sample", lambda d: ["--model", d / "pipe", "--output", d / "x.txt"], "must end in .npz"),
+    ("sample-labels-unconditional", "sample", lambda d: ["--model", d / "pipe", "--class_labels", "1",
+                                                         "--output", d / "s.npz"], "the model is unconditional"),
+    ("sample-unknown-scheduler", "sample", lambda d: ["--model", d / "pipe", "--scheduler", "nope",
+                                                      "--output", d / "s.npz"], "unknown --scheduler 'nope'"),
+    ("sample-existing-output", "sample", lambda d: ["--model", d / "pipe", "--output", d / "samples.npz"],
+     "exists; pass --overwrite"),
+    # --- python -m latent_ddpm.data convert
+    ("convert-int8", "data", lambda d: ["convert", d / "int8.npz", d / "out_arrow"], "must be floating point"),
+    ("convert-labels-n-plus-1", "data", lambda d: ["convert", d / "labels_n_plus_1.npz", d / "out_arrow"],
+     "labels must have shape (64,)"),
+    ("convert-output-exists", "data", lambda d: ["convert", d / "good.npz", d / "plain_folder"],
+     "already exists; pass --overwrite"),
+    ("convert-missing", "data", lambda d: ["convert", d / "missing.npz", d / "out_arrow"], "no such file"),
+    ("convert-truncated", "data", lambda d: ["convert", d / "truncated.npz", d / "out_arrow"], "truncated.npz"),
+    ("convert-no-arguments", "data", lambda d: ["convert"], "the following arguments are required: input, output"),
+    # --- python -m latent_ddpm.convert_original
+    ("original-garbage", "convert_original", lambda d: [d / "garbage.pth", d / "out_conv"], "cannot read checkpoint"),
+    ("original-empty-file", "convert_original", lambda d: [d / "empty.pth", d / "out_conv"],
+     "cannot read checkpoint"),
+    ("original-a-list", "convert_original", lambda d: [d / "a_list.pth", d / "out_conv"], "is not a model state dict"),
+    ("original-wrong-keys", "convert_original", lambda d: [d / "wrong_keys.pth", d / "out_conv"],
+     "does not match the model config"),
+    ("original-output-is-file", "convert_original", lambda d: [d / "wrong_keys.pth", d / "a_file"],
+     "exists and is not a directory"),
+    ("original-beta-order", "convert_original", lambda d: [d / "wrong_keys.pth", d / "out_conv", "--pipeline",
+                                                           "--lbeta", "0.5", "--ubeta", "0.1"], "need 0 < --lbeta"),
+    ("original-bad-flag", "convert_original", lambda d: [d / "wrong_keys.pth", d / "out_conv", "--down_sample",
+                                                         "maybe"], "expected true or false, got 'maybe'"),
+    # --- python -m latent_ddpm.evaluate
+    ("evaluate-missing", "evaluate", lambda d: ["--samples", d / "missing.npz", "--reference", d / "good.npz"],
+     "no such file"),
+    ("evaluate-shape", "evaluate", lambda d: ["--samples", d / "samples_4x4.npz", "--reference", d / "good.npz"],
+     "do not match reference latents"),
+    ("evaluate-key", "evaluate", lambda d: ["--samples", d / "samples_other_key.npz", "--reference", d / "good.npz"],
+     "no array 'samples'"),
+    ("evaluate-int8-reference", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "int8.npz"],
+     "must be floating point"),
+    ("evaluate-bad-flag", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "good.npz",
+                                                 "--k", "many"], "invalid int value"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root (folders too) -> a hash of its content."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def call(command: str, argv: list, capsys) -> tuple[int, str]:
+    """`python <command> argv` in this process (accelerate's process-wide state reset around it)."""
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run_cli(COMMANDS[command], [str(a) for a in argv])
+    finally:
+        for state in (AcceleratorState, GradientState, PartialState):
+            state._reset_state()
+    return exc.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case_id, command, make_argv, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(files, capsys, case_id, command, make_argv, message):
+    argv = make_argv(files)
+    if command == "train":
+        argv = [*FAST, *([] if "--latent" in argv else ["--latent", files / "good.npz"]), *argv]
+        argv += [] if "--output_dir" in argv else ["--output_dir", files / "run_not_created"]
+    before = snapshot(files)
+    code, err = call(command, argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    assert snapshot(files) == before
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 25 and {c[1] for c in CASES} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command, argv, message", [
+    ([str(ROOT / "train.py")], ["--latent", "int8.npz", "--dry_run"], "must be floating point"),
+    ([str(ROOT / "sample.py")], ["--model", "pipe_badclass", "--output", "s.npz"], "cannot load the pipeline"),
+    (["-m", "latent_ddpm.data"], ["convert", "labels_n_plus_1.npz", "out"], "labels must have shape"),
+    (["-m", "latent_ddpm.convert_original"], ["a_list.pth", "out"], "is not a model state dict"),
+    (["-m", "latent_ddpm.evaluate"], ["--samples", "samples_4x4.npz", "--reference", "good.npz"], "do not match"),
+], ids=["train", "sample", "data", "convert_original", "evaluate"])
+def test_the_real_commands_exit_2(files, command, argv, message):
+    before = snapshot(files)
+    result = subprocess.run([sys.executable, *command, *argv], capture_output=True, text=True, cwd=files,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert snapshot(files) == before

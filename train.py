@@ -43,6 +43,7 @@ from latent_ddpm.config import TrainConfig, parse_train_args
 from latent_ddpm.data import check_compatible, load_latents
 from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
+from latent_ddpm.encode import load_vae, read_encoding_info
 from latent_ddpm.errors import UserInputError, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.resume_from_checkpoint == "latest" and resume is None:
         logger.info("no complete checkpoint in %s: starting from scratch", train_dir)
 
+    # Latents made by `python -m latent_ddpm.encode` name their autoencoder: previews and the pipeline decode.
+    encoding = read_encoding_info(cfg.train_data)
+    vae = load_vae(encoding["vae"]["id"], encoding["vae"].get("subfolder")).to(accelerator.device) if encoding else None
     stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor)
     if accelerator.is_main_process:
         (train_dir / "latent_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
@@ -271,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                          "noise_generator": _gather_generator_states(noise_gen)}
                 ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
                 if cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process:
-                    push_checkpoint(accelerator.unwrap_model(model), ema, noise_scheduler, stats, ckpt, cfg, hub_token)
+                    push_checkpoint(accelerator.unwrap_model(model), ema, noise_scheduler, stats, ckpt, cfg, hub_token,
+                                    vae=vae)
             if global_step >= max_steps:
                 break
 
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             if (accelerator.is_main_process and cfg.save_images_epochs and epoch % cfg.save_images_epochs == 0
                     and global_step < max_steps):
                 preview_grid(accelerator.unwrap_model(model), ema, noise_scheduler, stats, cfg,
-                             train_dir / f"samples_epoch_{epoch}.png", num_classes)
+                             train_dir / f"samples_epoch_{epoch}.png", num_classes, vae=vae)
     progress.close()
 
     # 10. The final pipeline (EMA weights), loss curve, preview grid and quality figures. DDP keeps the
@@ -292,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     checksums = gather_object([sum(float(p.detach().double().sum()) for p in unwrapped.parameters())])
     if accelerator.is_main_process:
         history["rank_weight_checksums"] = checksums
-        final_report(unwrapped, ema, noise_scheduler, stats, cfg, dataset, run_dir, history, num_classes, plan)
+        final_report(unwrapped, ema, noise_scheduler, stats, cfg, dataset, run_dir, history, num_classes, plan,
+                     vae=vae)
         if cfg.push_to_hub:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
                                        token=hub_token, train_dir=train_dir)

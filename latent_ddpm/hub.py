@@ -236,9 +236,15 @@ def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: 
             raise UserInputError(f"{path}: model_index.json names an unknown scheduler {library}.{name}")
         scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
     stats = {k: kwargs.pop(k, index.get(k)) for k in ("latents_mean", "latents_std")}
+    vae = kwargs.pop("vae", None)
+    if vae is None and isinstance(index.get("vae"), list) and index["vae"][0] == "diffusers":
+        vae_cls = getattr(diffusers, index["vae"][1], None)
+        if vae_cls is None:
+            raise UserInputError(f"{path}: model_index.json names an unknown autoencoder diffusers.{index['vae'][1]}")
+        vae = vae_cls.from_pretrained(folder, subfolder="vae", **model_kwargs)
     if kwargs:
         logger.warning(f"Keyword arguments {sorted(kwargs)} are not expected by {cls.__name__} and will be ignored.")
-    pipe = cls(unet=unet, scheduler=scheduler, **stats)
+    pipe = cls(unet=unet, scheduler=scheduler, vae=vae, **stats)
     pipe.register_to_config(_name_or_path=path)
     return pipe
 

@@ -88,13 +88,13 @@ def save_pipeline_atomically(pipe: LatentDDPMPipeline, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def push_checkpoint(unet, ema, noise_scheduler, stats, ckpt: Path, cfg, token: str | None) -> None:
+def push_checkpoint(unet, ema, noise_scheduler, stats, ckpt: Path, cfg, token: str | None, vae=None) -> None:
     """Save checkpoint `ckpt` as a pipeline (EMA weights) in `ckpt/pipeline` and upload it as one commit.
     A failed upload only warns: training goes on, and the final push happens anyway."""
     from .errors import UserInputError
     from .hub import push_pipeline_to_hub
 
-    save_pipeline_atomically(build_pipeline(unet, ema, noise_scheduler, stats), ckpt / "pipeline")
+    save_pipeline_atomically(build_pipeline(unet, ema, noise_scheduler, stats, vae=vae), ckpt / "pipeline")
     try:
         push_pipeline_to_hub(ckpt / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo, token=token,
                              commit_message=f"checkpoint {ckpt.name}", train_dir=ckpt.parent)

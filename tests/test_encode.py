@@ -266,7 +266,8 @@ def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monke
     fast = ["--preset", "tiny", "--train_batch_size", "4", "--num_eval_samples", "0", "--num_preview_samples", "2",
             "--preview_inference_steps", "2", "--save_images_epochs", "0", "--num_train_timesteps", "10"]
     assert run(train.main, ["--train_data", encoded, "--max_train_steps", 3, "--output_dir", "run", *fast]) == 0
-    # No vae in the pipeline (unless train.py wires it): sample.py finds it in the data's encoding.json.
+    # train.py stores the data's autoencoder in the pipeline, so sample.py --decode needs nothing more.
+    assert type(LatentDDPMPipeline.from_pretrained(tmp_path / "run" / "pipeline").vae).__name__ == "AutoencoderKL"
     out = tmp_path / "gen" / "s.npz"
     assert run(sample.main, ["--model", "run/pipeline", "--num_samples", 3, "--num_inference_steps", 2,
                              "--batch_size", 2, "--output", out, "--decode"]) == 0
@@ -280,6 +281,12 @@ def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monke
                              "--output", tmp_path / "gen2" / "s.npz", "--vae", vae_dir, "--no_grid"]) == 0
     assert np.array_equal(np.asarray(Image.open(pngs[2])),
                           np.asarray(Image.open(tmp_path / "gen2" / "s_images" / "000002.png")))
+    # Without the vae in the pipeline, sample.py finds it through the run's config -> the data's encoding.json.
+    trained = LatentDDPMPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    LatentDDPMPipeline(unet=trained.unet, scheduler=trained.scheduler, latents_mean=trained.config.latents_mean,
+                       latents_std=trained.config.latents_std).save_pretrained(tmp_path / "run" / "pipeline")
+    assert run(sample.main, ["--model", "run/pipeline", "--num_samples", 1, "--num_inference_steps", 2,
+                             "--output", tmp_path / "gen4" / "s.npz", "--decode"]) == 0
     (tmp_path / "run" / "train" / "config.json").unlink()
     assert run(sample.main, ["--model", "run/pipeline", "--output", tmp_path / "gen3" / "s.npz", "--decode"]) == 2
 
@@ -337,3 +344,15 @@ def test_uploaded_pipeline_with_vae_loads_with_diffusers_only(pipe_with_vae, tmp
     expected = pipe_with_vae(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(1),
                              output_type="np_image").images
     np.testing.assert_allclose(np.load(tmp_path / "x.npy"), expected, atol=1e-5)
+
+
+def test_uploaded_pipeline_with_vae_loads_with_the_package(pipe_with_vae, tmp_path):
+    pipe_with_vae.save_pretrained(tmp_path / "pipeline")
+    upload = prepare_upload_folder(tmp_path / "pipeline", tmp_path / "upload", repo_id="user/repo")
+    loaded = LatentDDPMPipeline.from_pretrained(upload)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.vae).__name__ == "AutoencoderKL"
+    kw = dict(batch_size=1, num_inference_steps=2, output_type="np_image")
+    got = loaded(generator=torch.Generator().manual_seed(1), **kw).images
+    expected = pipe_with_vae(generator=torch.Generator().manual_seed(1), **kw).images
+    np.testing.assert_allclose(got, expected, atol=1e-5)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from latent_ddpm import AdvancedUNet2DModel
 from latent_ddpm.checkpointing import (
     RunLock,
+    check_resume_compatible,
     default_run_dir,
     generator_state,
     list_checkpoints,
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.class_conditional and not has_labels:
         raise UserInputError(f"--class_conditional needs labels, but {cfg.train_data} has no "
                              f"'{cfg.label_key}' labels; pass --label_key or drop --class_conditional")
-    num_classes = int(max(dataset["labels"])) + 1 if cfg.class_conditional else None
+    num_classes = int(dataset.with_format("numpy")["labels"].max()) + 1 if cfg.class_conditional else None
 
     # 3. Model: preset + overrides, sized to the data.
     overrides = {**cfg.model_overrides(), "in_channels": channels, "sample_size": [height, width]}
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Run folder: never overwrite a previous run silently; lock it against a second run.
     resume = resolve_resume(train_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        check_resume_compatible(resume, dict(unet.config))
     if accelerator.is_main_process:
         previous = list_checkpoints(train_dir) or (run_dir / "pipeline").exists()
         if previous and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             # No periodic checkpoint inside a non-finite streak: the last one before it stays the newest.
             if (global_step % cfg.checkpointing_steps == 0 and not nonfinite_in_a_row) or global_step == max_steps:
                 state = {"global_step": global_step, "epoch": epoch, "history": history,
-                         "lr_scheduler": lr_scheduler.state_dict(),
+                         "model_config": dict(unet.config), "lr_scheduler": lr_scheduler.state_dict(),
                          "noise_generator": _gather_generator_states(noise_gen)}
                 ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
                 if cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process:

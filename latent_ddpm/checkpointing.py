@@ -102,6 +102,19 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
     return None
 
 
+def check_resume_compatible(path: Path, model_config: dict) -> None:
+    """Refuse to resume `path` with a model of another shape (e.g. data with another channel count)."""
+    saved = json.loads((path / STATE_FILE).read_text()).get("model_config")
+    if saved is None:
+        return
+    current = json.loads(json.dumps(model_config))  # tuples -> lists, as saved
+    diff = sorted(k for k in set(saved) | set(current) if not k.startswith("_") and saved.get(k) != current.get(k))
+    if diff:
+        details = ", ".join(f"{k}={saved.get(k)} there vs {current.get(k)} now" for k in diff[:3])
+        raise UserInputError(f"--resume_from_checkpoint: {path} was trained with another model ({details}); "
+                             f"use the same data, --preset and --model_config, or another --output_dir")
+
+
 def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=None, limit: int | None = None) -> Path:
     """Write checkpoint-<step> atomically on every process (accelerate saves per-rank RNG states)."""
     final = train_dir / f"checkpoint-{step}"

@@ -293,3 +293,16 @@ def test_push_to_hub_without_token_fails_before_training(data, tmp_path, monkeyp
         run(["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST, "--push_to_hub",
              "--hub_model_id", "me/demo"])
     assert not out.exists()
+
+
+def test_resume_with_another_channel_count_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--max_train_steps", "2", "--output_dir", str(out), *FAST]
+    assert run(["--latent", str(data), *args]) == 0
+    x, y = make_demo_latents(num_samples=64, seed=0, size=8, channels=3)
+    other = tmp_path / "three.npz"
+    np.savez(other, X=x, y=y)
+    before = (out / "train" / "config.json").read_text()
+    with pytest.raises(UserInputError, match="in_channels=4 there vs 3 now"):
+        run(["--latent", str(other), *args, "--resume_from_checkpoint", "latest"])
+    assert (out / "train" / "config.json").read_text() == before

@@ -1,0 +1,225 @@
+"""GPU training throughput of `AdvancedUNet2DModel`: precision, layout, compile, optimizer and data placement.
+
+One prepared run (well under 10 minutes on one H100): every candidate trains the same model on the same
+synthetic latents (a DDPM noise-prediction step: sample a batch, add noise at random timesteps, MSE,
+backward, optimizer step) and reports images/s, step time, peak memory and model FLOP utilisation
+(MFU: model FLOPs per step / step time / the GPU's dense peak for the candidate's math precision).
+Each candidate is guarded: one failure is recorded and the rest still run. The JSON is rewritten after
+every candidate, to $OUT/gpu_bench.json when $OUT is set, and printed at the end.
+
+    python benchmarks/gpu_bench.py                     # seed preset, (4, 64, 64), batch 128, on cuda
+    python benchmarks/gpu_bench.py --batch_size 64 --candidates fp32_eager,bf16_compile
+    python benchmarks/gpu_bench.py --smoke             # tiny preset, 2 steps, runs on CPU too
+
+Target: bf16_compile at least 2x the images/s of fp32_eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import PeakMemory, count_flops, emit, machine_info, mib, ratio, synchronize  # noqa: E402
+
+from latent_ddpm.unet import AdvancedUNet2DModel  # noqa: E402
+
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's H100/H200 datasheets, by name substring, first match wins.
+# "tf32" and "bf16" are tensor-core peaks; "fp32" is the non-tensor-core FP32 peak.
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
+    ("H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One training configuration."""
+
+    precision: str = "fp32"  # fp32 | tf32 (fp32 weights, TF32 matmuls/convs) | bf16 (autocast, TF32 elsewhere)
+    channels_last: bool = False
+    compile: bool = False
+    fused_adamw: bool = False
+    device_data: bool = True  # dataset resident on the device; False: pinned host memory, copied each step
+
+
+CANDIDATES: dict[str, Candidate] = {
+    "fp32_eager": Candidate(),
+    "bf16_compile": Candidate("bf16", compile=True, fused_adamw=True),
+    "fp32_eager_host_data": Candidate(device_data=False),
+    "tf32_eager": Candidate("tf32"),
+    "bf16_eager": Candidate("bf16"),
+    "bf16_eager_channels_last": Candidate("bf16", channels_last=True),
+    "bf16_eager_fused_adamw": Candidate("bf16", fused_adamw=True),
+    "tf32_compile": Candidate("tf32", compile=True, fused_adamw=True),
+    "bf16_compile_channels_last": Candidate("bf16", channels_last=True, compile=True, fused_adamw=True),
+}
+
+
+def peak_tflops(device: torch.device) -> tuple[str, dict[str, float] | None]:
+    if device.type != "cuda":
+        return "n/a", None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return name, peaks
+    return name, None
+
+
+def set_precision(precision: str) -> None:
+    tf32 = precision in ("tf32", "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def model_flops(preset: str, batch: int, channels: int, size: int) -> int:
+    """FLOPs of one forward + backward, counted on the meta device."""
+    with torch.device("meta"):
+        model = AdvancedUNet2DModel.from_preset(preset, in_channels=channels)
+        x = torch.randn(batch, channels, size, size)
+        t = torch.randint(0, 1000, (batch,))
+    return count_flops(lambda: model(x, t).sample.float().pow(2).mean().backward())
+
+
+def run_candidate(cand: Candidate, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Train `args.warmup + args.chunks * args.steps` steps; images/s is the median over the chunks."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    set_precision(cand.precision)
+    model = AdvancedUNet2DModel.from_preset(args.preset, in_channels=args.channels).to(device).train()
+    memory_format = torch.channels_last if cand.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if cand.fused_adamw else None)
+    forward = torch.compile(model) if cand.compile else model
+
+    shape = (args.dataset_size, args.channels, args.size, args.size)
+    data = torch.randn(shape, device=device) if cand.device_data else torch.randn(shape)
+    if not cand.device_data and device.type == "cuda":
+        data = data.pin_memory()
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=device), 0)
+    b = args.batch_size
+
+    def step() -> None:
+        if cand.device_data:
+            x0 = data[torch.randint(0, len(data), (b,), device=device)]
+        else:
+            x0 = data[torch.randint(0, len(data), (b,))].to(device, non_blocking=True)
+        x0 = x0.contiguous(memory_format=memory_format)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (b,), device=device)
+        a = alpha_bar[t].view(b, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cand.precision == "bf16"):
+            pred = forward(x_t, t).sample
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    memory = PeakMemory(device)
+    memory.start()
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    memory.reset_peak()
+    chunk_s = []
+    for _ in range(args.chunks):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        synchronize(device)
+        chunk_s.append((time.perf_counter() - start) / args.steps)
+    step_s = statistics.median(chunk_s)
+    return {"options": asdict(cand), "step_ms": round(step_s * 1e3, 2), "images_per_s": round(b / step_s, 1),
+            "step_ms_per_chunk": [round(s * 1e3, 2) for s in chunk_s], "warmup_s": round(warmup_s, 1),
+            "peak_memory_mib": mib(memory.peak_delta())}
+
+
+def add_mfu(result: dict[str, Any], flops: int, peaks: dict[str, float] | None) -> None:
+    achieved = flops / (result["step_ms"] / 1e3) / 1e12
+    result["achieved_tflop_per_s"] = round(achieved, 2)
+    if peaks:
+        precision = result["options"]["precision"]
+        result["mfu"] = round(achieved / peaks[precision], 4)
+        result["mfu_vs_bf16_peak"] = round(achieved / peaks["bf16"], 4)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="seed")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=64, help="latent H = W")
+    parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--dataset_size", type=int, default=4096, help="synthetic latents to sample batches from")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per chunk")
+    parser.add_argument("--chunks", type=int, default=3, help="timed chunks (images/s is the median)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated, from: "
+                        + ", ".join(CANDIDATES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--time_budget_s", type=float, default=420.0,
+                        help="skip the remaining candidates once this much time has passed")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, 16x16, batch 4, 2 steps: checks the script")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset, args.size, args.batch_size, args.dataset_size = "tiny", 16, 4, 16
+        args.steps, args.chunks, args.warmup = 2, 1, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    gpu_name, peaks = peak_tflops(device)
+    flops = model_flops(args.preset, args.batch_size, args.channels, args.size)
+    result: dict[str, Any] = {
+        "benchmark": "gpu_bench", "machine": machine_info(device), "settings": vars(args),
+        "peak_tflops_dense": {"gpu": gpu_name, **(peaks or {})},
+        "gflop_per_step": round(flops / 1e9, 2), "candidates": {}, "errors": {}, "skipped": [],
+    }
+    started = time.perf_counter()
+    for name in args.candidates.split(","):
+        if time.perf_counter() - started > args.time_budget_s:
+            result["skipped"].append(name)
+            continue
+        try:
+            res = run_candidate(CANDIDATES[name], args, device)
+            add_mfu(res, flops, peaks)
+            result["candidates"][name] = res
+        except Exception as err:  # record it; the other candidates still run
+            result["errors"][name] = f"{type(err).__name__}: {err}"
+            traceback.print_exc()
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        summarize_speedups(result)
+        emit(result, "gpu_bench.json", quiet=True)  # partial results survive a run cut short
+    emit(result, "gpu_bench.json")
+    return result
+
+
+def summarize_speedups(result: dict[str, Any]) -> None:
+    cands = result["candidates"]
+    base = cands.get("fp32_eager", {}).get("images_per_s")
+    result["speedup_vs_fp32_eager"] = {name: ratio(c["images_per_s"], base) for name, c in cands.items()}
+    speedup = result["speedup_vs_fp32_eager"].get("bf16_compile")
+    result["target_bf16_compile_2x"] = None if speedup is None else speedup >= 2.0
+
+
+if __name__ == "__main__":
+    main()

@@ -9,10 +9,12 @@ batch size, the number of processes or the device.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import zipfile
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +73,8 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
     elif model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise UserInputError(f"--model {model}: no such folder (and not a hub id of the form owner/name)")
     try:
-        pipe = LatentDDPMPipeline.from_pretrained(model)
+        with _diffusers_logs_on_success():
+            pipe = LatentDDPMPipeline.from_pretrained(model, use_safetensors=True)  # never pickled .bin weights
     except Exception as err:  # noqa: BLE001 - hub, file and config errors all mean "cannot load this"
         first = (str(err).strip().splitlines() or [""])[0]
         raise UserInputError(f"--model {model}: cannot load the pipeline ({type(err).__name__}: {first})") from err
@@ -80,6 +83,22 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
     torch.nn.Module.to(pipe.unet, DTYPES[mixed_precision])
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def _diffusers_logs_on_success():
+    """Hold diffusers' log records while loading: replayed if the load succeeds, dropped if it fails (the one
+    error line then says what went wrong, instead of diffusers' own lines before it)."""
+    root, held = logging.getLogger("diffusers"), []
+    hold = logging.Handler()
+    hold.emit = held.append
+    saved, root.handlers = root.handlers, [hold]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+    for record in held:
+        root.handle(record)
 
 
 def distributed_state() -> PartialState:

@@ -70,6 +70,7 @@ def files(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel(**TINY_PIPE_UNET), scheduler=default_scheduler())
     pipe.save_pretrained(d / "pipe", safe_serialization=True)
+    pipe.save_pretrained(d / "pipe_pickled", safe_serialization=False)  # .bin weights: refused, never unpickled
     for name in ("pipe_badclass", "pipe_truncated", "pipe_badjson", "pipe_noweights"):
         shutil.copytree(d / "pipe", d / name)
     index = d / "pipe_badclass/model_index.json"
@@ -143,6 +144,8 @@ CASES = [
     ("sample-truncated-weights", "sample", lambda d: ["--model", d / "pipe_truncated"], "cannot load the pipeline"),
     ("sample-bad-json", "sample", lambda d: ["--model", d / "pipe_badjson"], "cannot load the pipeline"),
     ("sample-no-weights", "sample", lambda d: ["--model", d / "pipe_noweights"], "cannot load the pipeline"),
+    ("sample-pickled-weights", "sample", lambda d: ["--model", d / "pipe_pickled"],
+     "no file named diffusion_pytorch_model.safetensors"),
     ("sample-no-index", "sample", lambda d: ["--model", d / "no_index"], "not a saved pipeline (no model_index"),
     ("sample-zero-samples", "sample", lambda d: ["--model", d / "pipe", "--num_samples", "0"],
      "--num_samples must be at least 1"),
@@ -195,7 +198,7 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*"))}
 
 
-def call(command: str, argv: list, capsys) -> tuple[int, str]:
+def call(command: str, argv: list, capfd) -> tuple[int, str]:
     """`python <command> argv` in this process (accelerate's process-wide state reset around it)."""
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state()
@@ -205,17 +208,17 @@ def call(command: str, argv: list, capsys) -> tuple[int, str]:
     finally:
         for state in (AcceleratorState, GradientState, PartialState):
             state._reset_state()
-    return exc.value.code, capsys.readouterr().err
+    return exc.value.code, capfd.readouterr().err
 
 
 @pytest.mark.parametrize("case_id, command, make_argv, message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(files, capsys, case_id, command, make_argv, message):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(files, capfd, case_id, command, make_argv, message):
     argv = make_argv(files)
     if command == "train":
         argv = [*FAST, *([] if "--latent" in argv else ["--latent", files / "good.npz"]), *argv]
         argv += [] if "--output_dir" in argv else ["--output_dir", files / "run_not_created"]
     before = snapshot(files)
-    code, err = call(command, argv, capsys)
+    code, err = call(command, argv, capfd)
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
@@ -229,7 +232,7 @@ def test_there_are_enough_cases():
 
 @pytest.mark.parametrize("command, argv, message", [
     ([str(ROOT / "train.py")], ["--latent", "int8.npz", "--dry_run"], "must be floating point"),
-    ([str(ROOT / "sample.py")], ["--model", "pipe_badclass", "--output", "s.npz"], "cannot load the pipeline"),
+    ([str(ROOT / "sample.py")], ["--model", "pipe_pickled", "--output", "s.npz"], "no file named diffusion_pytorch"),
     (["-m", "latent_ddpm.data"], ["convert", "labels_n_plus_1.npz", "out"], "labels must have shape"),
     (["-m", "latent_ddpm.convert_original"], ["a_list.pth", "out"], "is not a model state dict"),
     (["-m", "latent_ddpm.evaluate"], ["--samples", "samples_4x4.npz", "--reference", "good.npz"], "do not match"),

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.class_conditional and not has_labels:
         raise UserInputError(f"--class_conditional needs labels, but {cfg.train_data} has no "
                              f"'{cfg.label_key}' labels; pass --label_key or drop --class_conditional")
-    num_classes = int(dataset.with_format("numpy")["labels"].max()) + 1 if cfg.class_conditional else None
+    num_classes = int(pc.max(dataset.data.column("labels")).as_py()) + 1 if cfg.class_conditional else None
 
     # 3. Model: preset + overrides, sized to the data.
     overrides = {**cfg.model_overrides(), "in_channels": channels, "sample_size": [height, width]}

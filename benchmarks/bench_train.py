@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                                  name.partition("+")[2] or None) for name in names}
     handler = Interleaver(bare, args.window, device)
     logging.getLogger("latent_ddpm.train").addHandler(handler)
-    steps = args.window * (args.windows + args.skip_windows)
+    steps = args.window * (args.windows + args.skip_windows + 1)  # train.py's first window has no start mark
     import train
 
     start = time.perf_counter()

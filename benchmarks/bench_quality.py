@@ -10,7 +10,8 @@ Candidates (`--candidates`, comma-separated):
   200 warm-up steps then constant, clip 1.0, EMA with warm-up, batch 32); `default_seed43`: the same with
   another seed (the seed-to-seed noise of these figures).
 - `diffusers_example`: a plain diffusers `UNet2DModel` (1.19M parameters, the example's block layout
-  scaled down: (32, 32, 64) channels, 2 layers per block, attention at the two lower resolutions) +
+  scaled down: (32, 32, 64) channels, 2 layers per block, attention at the two lower resolutions, 8
+  GroupNorm groups so that groups hold 4-8 channels as in the example) +
   `DDPMScheduler` loop with the recipe of diffusers' `examples/unconditional_image_generation/
   train_unconditional.py`: epsilon objective, AdamW lr 1e-4, betas (0.95, 0.999), weight decay 1e-6,
   cosine schedule with 500 warm-up steps over the run, gradient clipping 1.0, EMA (max 0.9999, inv_gamma 1,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import statistics
@@ -66,7 +68,7 @@ PRESET, BATCH = "small", 32
 #: The diffusers example's recipe (train_unconditional.py defaults), on a model of the small preset's size.
 EXAMPLE = dict(batch=16, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8, warmup=500, clip=1.0,
                ema_max_decay=0.9999, ema_inv_gamma=1.0, ema_power=3 / 4)
-EXAMPLE_UNET = dict(layers_per_block=2, block_out_channels=(32, 32, 64),
+EXAMPLE_UNET = dict(layers_per_block=2, block_out_channels=(32, 32, 64), norm_num_groups=8,
                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
 FRESH_DEMO_SEED = 7
@@ -269,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.candidates:
         kind = "diffusers_example" if name == "diffusers_example" else "train.py"
         steps = int(args.budget_s / costs[kind])
-        run = work / f"{name}_{steps}"
+        recipe = json.dumps([EXAMPLE, EXAMPLE_UNET] if kind == "diffusers_example" else TRAIN_PY[name])
+        run = work / f"{name}_{steps}_{hashlib.sha1(recipe.encode()).hexdigest()[:8]}"  # a changed recipe retrains
         info_file = run / "bench_train_info.json"
         if not info_file.is_file():
             print(f"training {name}: {steps} steps ...", file=sys.stderr)

@@ -4,7 +4,7 @@
    `set_timesteps`, scaled noise, then `unet` + `scheduler.step` per timestep), calls alternating,
    median wall and process-CPU seconds per call. Target: the pipeline >= 95% of the bare loop's samples/s.
 2. Quality: `--num_samples` samples from ONE trained demo model with each sampler of `SAMPLERS`
-   (DDPM-1000, DDIM 50/20/10, DPM-Solver++ 20/10, UniPC 10), every sampler with the same per-sample
+   (DDPM-1000, DDIM 50/20/10, DPM-Solver++ 20/10, UniPC 10, SDE-DPM-Solver++ 20), every sampler with the same per-sample
    seeds (`latent_ddpm.sampling.sample_generators`), judged with `latent_ddpm.evaluate.Evaluator`
    against the demo data (FD, fd_ratio to the real-vs-real halves, precision/recall) and with
    `demo_quality`. `real_same_n` is fresh demo data of the same count: the floor of FD at this N.
@@ -51,7 +51,7 @@ from latent_ddpm.sampling import load_pipeline, make_scheduler, sample_generator
 ROOT = Path(__file__).resolve().parents[1]
 #: (scheduler name in latent_ddpm.sampling.SCHEDULERS, steps), cheapest first; the first is the reference.
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmsolver++", 20), ("dpmsolver++", 10),
-            ("unipc", 10))
+            ("unipc", 10), ("sde-dpmsolver++", 20))
 #: Seed of the "real at the same N" demo draw (the training set is seed 0).
 FRESH_DEMO_SEED = 7
 

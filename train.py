@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Accelerator: devices, processes, mixed precision, trackers.
     # A rank that dies leaves the others blocked in a collective: they give up after --ddp_timeout seconds
     # (torchrun's elastic agent usually tears them down sooner).
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    # Trackers need a logging folder at construction; the real one (train/logs) is set once the run folder is known.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_config=ProjectConfiguration(logging_dir="."),
                               log_with=None if cfg.report_to == "none" else cfg.report_to,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))])
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO,
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_steps)
+    # `model` is what runs (compiled, DDP-wrapped); `unet` stays the plain module that shares its parameters.
     model = torch.compile(unet) if cfg.compile else unet
     model, optimizer = accelerator.prepare(model, optimizer)
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
@@ -190,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         set_generator_state(noise_gen, state["noise_generator"][accelerator.process_index])
         logger.info("resumed from %s at step %d", resume, global_step)
     if accelerator.is_main_process and cfg.report_to != "none":
+        accelerator.project_configuration.logging_dir = str(train_dir / "logs")  # now that the run folder is known
         accelerator.init_trackers("latent_ddpm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     logger.info(plan)
 
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             if bool(finite):  # the one host sync per step; identical on every rank
                 optimizer.step()
                 if ema is not None and not accelerator.optimizer_step_was_skipped:
-                    ema.step(accelerator.unwrap_model(model).parameters())
+                    ema.step(unet.parameters())
                 nonfinite_in_a_row = 0
             else:  # skip: parameters, optimizer state and EMA stay untouched
                 history["skipped"] += 1
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                          "noise_generator": _gather_generator_states(noise_gen)}
                 ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
                 if cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process:
-                    push_checkpoint(accelerator.unwrap_model(model), ema, noise_scheduler, stats, ckpt, cfg, hub_token,
+                    push_checkpoint(unet, ema, noise_scheduler, stats, ckpt, cfg, hub_token,
                                     vae=vae)
             if global_step >= max_steps:
                 break
@@ -291,17 +294,16 @@ def main(argv: list[str] | None = None) -> int:
             epoch += 1
             if (accelerator.is_main_process and cfg.save_images_epochs and epoch % cfg.save_images_epochs == 0
                     and global_step < max_steps):
-                preview_grid(accelerator.unwrap_model(model), ema, noise_scheduler, stats, cfg,
+                preview_grid(unet, ema, noise_scheduler, stats, cfg,
                              train_dir / f"samples_epoch_{epoch}.png", num_classes, vae=vae)
     progress.close()
 
     # 10. The final pipeline (EMA weights), loss curve, preview grid and quality figures. DDP keeps the
     #     ranks' weights identical; the checksums prove it.
-    unwrapped = accelerator.unwrap_model(model)
-    checksums = gather_object([sum(float(p.detach().double().sum()) for p in unwrapped.parameters())])
+    checksums = gather_object([sum(float(p.detach().double().sum()) for p in unet.parameters())])
     if accelerator.is_main_process:
         history["rank_weight_checksums"] = checksums
-        final_report(unwrapped, ema, noise_scheduler, stats, cfg, dataset, run_dir, history, num_classes, plan,
+        final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir, history, num_classes, plan,
                      vae=vae)
         if cfg.push_to_hub:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,

@@ -155,6 +155,7 @@ def test_dry_run_writes_nothing(data, tmp_path, capsys):
     ["--no_use_ema", "--lr_scheduler", "cosine", "--max_grad_norm", "0"],
     ["--normalization", "global", "--random_flip"],
     ["--scaling_factor", "0.18215", "--class_conditional", "--cond_drop_prob", "0.2"],
+    ["--report_to", "tensorboard", "--save_images_epochs", "1", "--train_batch_size", "32"],
 ])
 def test_switches_train_end_to_end(data, tmp_path, extra):
     out = tmp_path / "run"
@@ -164,6 +165,21 @@ def test_switches_train_end_to_end(data, tmp_path, extra):
     kw = {"class_labels": [0, 1], "guidance_scale": 2.0} if "--class_conditional" in extra else {}
     sample = pipe(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw).latents
     assert sample.shape == (2, 4, 8, 8) and np.isfinite(sample).all()
+
+
+def test_tensorboard_logs_and_epoch_previews(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "4", "--output_dir", str(out), *FAST,
+                "--train_batch_size", "32", "--report_to", "tensorboard", "--save_images_epochs", "1"]) == 0
+    # 64 samples / 32 = 2 steps per epoch: previews after epoch 1 (not after the last, the final grid covers it)
+    assert (out / "train" / "samples_epoch_1.png").is_file() and not (out / "train" / "samples_epoch_2.png").exists()
+    assert list(out.rglob("events.out.tfevents.*"))
+
+
+def test_compile_switch(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST, "--compile"]) == 0
+    assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_non_finite_losses_are_skipped_then_stop(data, tmp_path, monkeypatch):

@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None):
     for flag in ("num_samples", "batch_size", "num_inference_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.seed < 0:
+        raise UserInputError(f"--seed must be >= 0, got {args.seed}")
     if args.model is None and args.latent is None:
         raise UserInputError("pass --model DIR_OR_HUB_ID (a saved pipeline) or the original's --latent FILE")
     if args.guidance_scale != 1.0 and not args.class_labels:

@@ -24,7 +24,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed, device_specific=False)  # same init on every rank
 
-    # 2. Data: load, check, and compute the normalisation statistics (one streaming pass).
+    # 2. Data: load and check (the normalisation statistics follow in step 3, once the model's needs are checked).
     if cfg.train_data is None:
         dataset, data_name = demo_dataset(), "demo"
     else:
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"'{cfg.label_key}' labels; pass --label_key or drop --class_conditional")
     num_classes = int(pc.max(dataset.data.column("labels")).as_py()) + 1 if cfg.class_conditional else None
 
-    # 3. Model: preset + overrides, sized to the data.
+    # 3. Model: preset + overrides, sized to the data; then the statistics (one streaming float64 pass).
     overrides = {**cfg.model_overrides(), "in_channels": channels, "sample_size": [height, width]}
     if num_classes:
         overrides["num_class_embeds"] = num_classes
@@ -99,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--preset/--model_config: {err}") from None
     check_compatible(dataset, in_channels=channels, downsample_factor=unet.downsample_factor,
                      source=cfg.train_data or "demo")
+    stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor)
+    # Latents made by `python -m latent_ddpm.encode` name their autoencoder: previews and the pipeline decode.
+    encoding = read_encoding_info(cfg.train_data)
+    vae = load_vae(encoding["vae"]["id"], encoding["vae"].get("subfolder")).to(accelerator.device) if encoding else None
 
     # 4. Noise schedule (diffusers DDPMScheduler), warning on a schedule that ends far from noise.
     noise_scheduler = build_noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start,
@@ -133,33 +143,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dry run, nothing written: {plan}")
         return 0
 
-    # 6. Run folder: never overwrite a previous run silently; lock it against a second run.
+    # 6. Run folder: never overwrite a previous run silently; lock it against a second run. The main process
+    #    decides and every process gets its verdict, so no rank is left waiting on another's error.
     resume = resolve_resume(train_dir, cfg.resume_from_checkpoint)
+    run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
+                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
     if resume is not None:
-        check_resume_compatible(resume, dict(unet.config))
+        check_resume_compatible(resume, dict(unet.config), run_settings)
+    lock, error = RunLock(run_dir), None
     if accelerator.is_main_process:
-        previous = list_checkpoints(train_dir) or (run_dir / "pipeline").exists()
-        if previous and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
-            raise UserInputError(f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, "
-                                 f"start fresh with --overwrite_output_dir, or choose another --output_dir")
-    lock = RunLock(run_dir)
-    if accelerator.is_main_process:
-        lock.acquire()
-        if cfg.overwrite_output_dir and resume is None:
-            for _, old in list_checkpoints(train_dir):
-                shutil.rmtree(old)
-        train_dir.mkdir(parents=True, exist_ok=True)
-        (train_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    accelerator.wait_for_everyone()
+        try:
+            previous = list_checkpoints(train_dir) or (run_dir / "pipeline").exists()
+            if previous and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
+                raise UserInputError(f"{run_dir} already holds a run; continue it with --resume_from_checkpoint "
+                                     f"latest, start fresh with --overwrite_output_dir, or choose another --output_dir")
+            lock.acquire()
+            if cfg.overwrite_output_dir and resume is None:
+                for _, old in list_checkpoints(train_dir):
+                    shutil.rmtree(old)
+            train_dir.mkdir(parents=True, exist_ok=True)
+            (train_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            (train_dir / "latent_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
+        except UserInputError as err:
+            error = str(err)
+    if (error := broadcast_object_list([error])[0]) is not None:
+        raise UserInputError(error)
     if cfg.resume_from_checkpoint == "latest" and resume is None:
         logger.info("no complete checkpoint in %s: starting from scratch", train_dir)
-
-    # Latents made by `python -m latent_ddpm.encode` name their autoencoder: previews and the pipeline decode.
-    encoding = read_encoding_info(cfg.train_data)
-    vae = load_vae(encoding["vae"]["id"], encoding["vae"].get("subfolder")).to(accelerator.device) if encoding else None
-    stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor)
-    if accelerator.is_main_process:
-        (train_dir / "latent_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
 
     # 7. Model memory format, EMA, optimizer, LR schedule.
     if cfg.gradient_checkpointing:
@@ -224,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                     labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
                 x_t = noise_scheduler.add_noise(x0, noise, t)  # q(x_t | x_0), Ho et al. 2020 eq. 4
                 sync = nullcontext() if i == accumulation - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    pred = model(x_t, t, class_labels=labels if num_classes else None).sample
+                with sync:
+                    with accelerator.autocast():
+                        pred = model(x_t, t, class_labels=labels if num_classes else None).sample
                     err = ((pred.float() - training_target(noise_scheduler, x0, noise, t).float()) ** 2)
                     err = err.mean(dim=(1, 2, 3))
                     weights = min_snr_weights(noise_scheduler, t, cfg.snr_gamma)
@@ -243,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                     ema.step(unet.parameters())
                 nonfinite_in_a_row = 0
             else:  # skip: parameters, optimizer state and EMA stay untouched
+                if accelerator.scaler is not None:  # fp16: the gradients were unscaled; let the scaler back off
+                    accelerator.scaler.update()
                 history["skipped"] += 1
                 nonfinite_in_a_row += 1
                 logger.warning("non-finite loss at step %d: skipped (%d in a row)", global_step + 1,
@@ -277,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # No periodic checkpoint inside a non-finite streak: the last one before it stays the newest.
             if (global_step % cfg.checkpointing_steps == 0 and not nonfinite_in_a_row) or global_step == max_steps:
-                state = {"global_step": global_step, "epoch": epoch, "history": history,
+                state = {"global_step": global_step, "epoch": epoch, "history": history, "run_settings": run_settings,
                          "model_config": dict(unet.config), "lr_scheduler": lr_scheduler.state_dict(),
                          "noise_generator": _gather_generator_states(noise_gen)}
                 ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)

@@ -102,9 +102,17 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
     return None
 
 
-def check_resume_compatible(path: Path, model_config: dict) -> None:
-    """Refuse to resume `path` with a model of another shape (e.g. data with another channel count)."""
-    saved = json.loads((path / STATE_FILE).read_text()).get("model_config")
+def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None) -> None:
+    """Refuse to resume `path` with a model of another shape (e.g. data with another channel count), or with
+    settings that fix the data order and noise streams (processes, batch size, accumulation, seed)."""
+    state = json.loads((path / STATE_FILE).read_text())
+    settings = state.get("run_settings") or {}
+    changed = [k for k in (run_settings or {}) if k in settings and settings[k] != run_settings[k]]
+    if changed:
+        details = ", ".join(f"{k}={settings[k]} there vs {run_settings[k]} now" for k in changed)
+        raise UserInputError(f"--resume_from_checkpoint: {path} was made with other settings ({details}); resume "
+                             f"with the same ones (a resumed run continues the same data order and noise)")
+    saved = state.get("model_config")
     if saved is None:
         return
     current = json.loads(json.dumps(model_config))  # tuples -> lists, as saved

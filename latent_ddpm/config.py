@@ -125,6 +125,7 @@ class TrainConfig:
                 raise UserInputError(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
             if isinstance(value, float):
                 need(math.isfinite(value), f.name, f"must be a finite number, got {value}")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         need(self.num_train_timesteps >= 2, "num_train_timesteps", f"must be >= 2, got {self.num_train_timesteps}")
         need(0 < self.beta_start < 1, "beta_start", f"must be in (0, 1), got {self.beta_start}")
         need(0 < self.beta_end < 1, "beta_end", f"must be in (0, 1), got {self.beta_end}")
@@ -186,6 +187,12 @@ class TrainConfig:
 _ORIGINAL_MODE_HELP = "original project's --mode: only 'train' is accepted here; sample with sample.py"
 
 
+def _is_optional(tp) -> bool:
+    """`int | None` -> True; `int` -> False."""
+    is_union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    return is_union and type(None) in typing.get_args(tp)
+
+
 def _base_type(tp) -> type:
     """`int | None` -> int; `str` -> str."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -225,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
         else:
-            parser.add_argument(*names, dest=f.name, type=_none_or(tp), choices=None, help=help_text,
+            conv = _none_or(tp) if _is_optional(hints[f.name]) else tp  # "none" means None only where None is valid
+            parser.add_argument(*names, dest=f.name, type=conv, choices=None, help=help_text,
                                 metavar=tp.__name__.upper())
     parser.add_argument("--mode", choices=("train",), help=_ORIGINAL_MODE_HELP)
     return parser
@@ -261,8 +269,17 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     values = load_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
     hints = typing.get_type_hints(TrainConfig)
-    for name, value in values.items():  # config files give YAML types; check them like flags
+    for name, value in list(values.items()):  # config files give YAML types; check them like flags
         tp = _base_type(hints[name])
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                values[name] = value = float(value)
+            except ValueError:
+                pass
+        if value is None and not _is_optional(hints[name]):
+            raise UserInputError(f"--{name}: needs a value, got none")
+        if isinstance(value, bool) and tp is not bool:
+            raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}")
         if value is None or isinstance(value, tp) or (tp is float and isinstance(value, int)):
             continue
         raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}")

@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_projections", type=int, default=NUM_PROJECTIONS, help="projection width (default 256)")
     p.add_argument("--no_baseline", action="store_true", help="skip the reference-vs-reference baseline")
     args = p.parse_args(argv)
+    for flag in ("k", "max_reference", "max_pr_samples", "num_projections"):
+        if getattr(args, flag) < 1:
+            raise UserInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     samples, labels = load_samples(args.samples, args.samples_key)
     reference, ref_labels = load_reference(args.reference, args.latent_key, args.label_key, args.max_reference)
     if samples.ndim != 4 or samples.shape[1:] != reference.shape[1:]:

@@ -82,6 +82,7 @@ def save_pipeline_atomically(pipe: LatentDDPMPipeline, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
@@ -122,7 +123,8 @@ def final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir: Path,
                          labels=None if labels is None else labels[: cfg.num_preview_samples], title="samples")
         save_decoded_grid(pipe, samples[: cfg.num_preview_samples], train_dir / "samples_images.png")
         if cfg.num_eval_samples:
-            metrics.update(quality_figures(samples[: cfg.num_eval_samples], labels, dataset, cfg))
+            eval_labels = None if labels is None else labels[: cfg.num_eval_samples]
+            metrics.update(quality_figures(samples[: cfg.num_eval_samples], eval_labels, dataset, cfg))
     (train_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     return metrics
 

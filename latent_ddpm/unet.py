@@ -339,6 +339,7 @@ def _validate(in_channels, down, mid, temb, down_sample, heads, groups, attentio
     need(temb > 0 and temb % 2 == 0, f"time_emb_dim must be a positive even number, got {temb}")
     need(all(n >= 1 for n in layers), f"num_down/mid/up_layers must be >= 1, got {layers}")
     need(heads >= 1, f"num_heads must be >= 1, got {heads}")
+    need(groups >= 1, f"norm_num_groups must be >= 1, got {groups}")
     for width in [*down, *mid, head_channels]:
         need(width > 0 and width % groups == 0,
              f"every channel width must be divisible by norm_num_groups={groups}; {width} is not")

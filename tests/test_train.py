@@ -154,6 +154,7 @@ def test_dry_run_writes_nothing(data, tmp_path, capsys):
     ["--mixed_precision", "bf16", "--channels_last", "--gradient_checkpointing"],
     ["--no_use_ema", "--lr_scheduler", "cosine", "--max_grad_norm", "0"],
     ["--normalization", "global", "--random_flip"],
+    ["--normalization", "none", "--report_to", "none"],
     ["--scaling_factor", "0.18215", "--class_conditional", "--cond_drop_prob", "0.2"],
     ["--report_to", "tensorboard", "--save_images_epochs", "1", "--train_batch_size", "32"],
 ])
@@ -229,6 +230,9 @@ def test_skipped_step_leaves_parameters_and_ema_untouched(data, tmp_path, monkey
     (["--model_config", "{not json"], "--model_config: invalid JSON"),
     (["--model_config", '{"down_channels": [8, 16]}'], "mid_channels[0]"),
     (["--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml does not exist"),
+    (["--seed", "-1"], "--seed: must be >= 0"),
+    (["--train_batch_size", "none"], "invalid int value: 'none'"),
+    (["--model_config", '{"norm_num_groups": 0}'], "norm_num_groups must be >= 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(data, tmp_path, args, message):
     result = cli("--latent", str(data), "--output_dir", str(tmp_path / "run"), *FAST, *args)
@@ -322,3 +326,19 @@ def test_resume_with_another_channel_count_is_refused(data, tmp_path):
     with pytest.raises(UserInputError, match="in_channels=4 there vs 3 now"):
         run(["--latent", str(other), *args, "--resume_from_checkpoint", "latest"])
     assert (out / "train" / "config.json").read_text() == before
+
+
+def test_resume_with_other_run_settings_is_refused(data, tmp_path):
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST]) == 0
+    with pytest.raises(UserInputError, match="train_batch_size=8 there vs 4 now"):
+        run(["--latent", str(data), "--max_train_steps", "4", "--output_dir", str(out), *FAST,
+             "--train_batch_size", "4", "--resume_from_checkpoint", "latest"])
+
+
+def test_config_file_float_written_without_a_dot(data, tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("learning_rate: 1e-4\nmax_train_steps: 2\n")  # YAML 1.1 reads 1e-4 as a string
+    out = tmp_path / "run"
+    assert run(["--config", str(cfg_file), "--latent", str(data), "--output_dir", str(out), *FAST]) == 0
+    assert json.loads((out / "train" / "config.json").read_text())["learning_rate"] == 1e-4

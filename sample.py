@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(model, args.mixed_precision, state.device)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    timesteps = pipe.scheduler.config.num_train_timesteps
+    if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
+        raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "
+                             f"{model} was trained with; use at most {timesteps}")
     if args.decode:
         attach_vae(pipe, args, model, state.device)
     unet = pipe.unet.config

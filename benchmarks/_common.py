@@ -259,11 +259,15 @@ def reply(obj: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- output
-def emit(result: dict[str, Any], out_name: str | None = None, quiet: bool = False) -> None:
-    """Print `result` as JSON (unless `quiet`); also write it to $OUT/<out_name> when $OUT is set."""
+def emit(result: dict[str, Any], out_name: str | None = None, quiet: bool = False,
+         path: str | os.PathLike | None = None) -> None:
+    """Print `result` as JSON (unless `quiet`); also write it to `path` if given, and to $OUT/<out_name> when
+    $OUT is set."""
     text = json.dumps(result, indent=2)
     if not quiet:
         print(text)
+    if path:
+        Path(path).write_text(text + "\n")
     if out_name and os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / out_name
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -299,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if "default" in results:
         out["fd_vs_default"] = {n: ratio(r["fd"], results["default"]["fd"], 3) for n, r in results.items()}
     out["wall_s"] = round(time.perf_counter() - start, 1)
-    emit(out)
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    emit(out, path=args.out)
     return 0
 
 

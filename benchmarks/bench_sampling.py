@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
-import json
 import os
 import statistics
 import subprocess
@@ -243,9 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = Path(args.work_dir) / "sample_cache" / digest  # per model weights
         out["quality"] = bench_quality(pipe, args, cache)
     out["wall_s"] = round(time.perf_counter() - start, 1)
-    emit(out)
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    emit(out, path=args.out)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import statistics
 import sys
@@ -213,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ablate:
         out["vs_bare_cpu"] = {name: ratio(r["samples_per_s_cpu"], base["samples_per_s_cpu"], 3)
                               for name, r in results.items()}
-    emit(out)
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    emit(out, path=args.out)
     return 0
 
 

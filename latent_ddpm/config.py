@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserInputError
+from .errors import ArgumentParser, UserInputError
 from .unet import PRESETS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -208,17 +208,10 @@ def _none_or(conv):
     return parse
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises `UserInputError` (one line, exit 2 through `run_cli`)."""
-
-    def error(self, message: str):
-        raise UserInputError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The train.py flags, derived from `TrainConfig`; every default is SUPPRESSed so that config
     files can sit between the defaults and the command line."""
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="train.py", description="Train a latent diffusion model (AdvancedUNet2DModel + DDPM) on latents.",
         argument_default=argparse.SUPPRESS,
     )

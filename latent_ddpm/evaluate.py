@@ -20,7 +20,6 @@ the data's scale; per-class FD when both sides have labels; and a reference-vs-r
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserInputError, run_cli
+from .errors import ArgumentParser, UserInputError, run_cli
 
 # Width of the random projection of the flattened standardised latent.
 NUM_PROJECTIONS = 256
@@ -278,12 +277,8 @@ def load_reference(source: str, latent_key: str = "X", label_key: str = "y",
 
 
 def main(argv: list[str] | None = None) -> int:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str):
-            raise UserInputError(f"{message} (see --help)")
-
-    p = Parser(prog="python -m latent_ddpm.evaluate", description="FD, precision/recall and channel statistics of "
-               "generated latents against a reference set; JSON on stdout.")
+    p = ArgumentParser(prog="python -m latent_ddpm.evaluate", description="FD, precision/recall and channel "
+                       "statistics of generated latents against a reference set; JSON on stdout.")
     p.add_argument("--samples", required=True, help=".npz from sample.py (array 'samples', optional 'labels')")
     p.add_argument("--reference", required=True, help="reference latents: any source latent_ddpm.data reads")
     p.add_argument("--out", help="also write the JSON to this file")

@@ -8,7 +8,6 @@ batch size, the number of processes or the device.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -32,7 +31,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .errors import UserInputError
+from .errors import ArgumentParser, UserInputError
 from .pipeline import LatentDDPMPipeline
 
 # Sampler name -> (diffusers class, config overrides). All are built with `from_config` from the
@@ -55,11 +54,7 @@ COPY_CHUNK_BYTES = 8 * 2**20
 PIPELINE_SUBDIR, GENERATED_SUBDIR = "pipeline", "generated"
 
 
-class ArgParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises `UserInputError` (one line and exit status 2 through `run_cli`)."""
-
-    def error(self, message: str):
-        raise UserInputError(f"{message} (see {self.prog} --help)")
+ArgParser = ArgumentParser  # the one-line-error parser, under the name sample.py and encode.py use
 
 
 def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device | str = "cpu") -> LatentDDPMPipeline:

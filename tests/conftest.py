@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +39,14 @@ def original_unet():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """64 demo latents of (4, 8, 8) with labels, as the original's `.npz` (`X`, `y`): the training tests' data."""
+    from latent_ddpm.demo import make_demo_latents
+
+    x, y = make_demo_latents(num_samples=64, seed=0, size=8)
+    path = tmp_path_factory.mktemp("data") / "demo8.npz"
+    np.savez(path, X=x, y=y)
+    return path

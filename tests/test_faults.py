@@ -19,14 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 
 from latent_ddpm.checkpointing import resolve_resume
-from latent_ddpm.demo import make_demo_latents
 from latent_ddpm.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,14 +79,6 @@ def fork():
     server = ForkServer()
     yield server
     server.close()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    x, y = make_demo_latents(num_samples=64, seed=0, size=8)
-    path = tmp_path_factory.mktemp("data") / "demo8.npz"
-    np.savez(path, X=x, y=y)
-    return path
 
 
 def args(data: Path, out: Path, *extra: str, max_steps: int = MAX_STEPS) -> list[str]:

@@ -27,14 +27,6 @@ FAST = ["--preset", "tiny", "--train_batch_size", "8", "--num_eval_samples", "0"
         "--preview_inference_steps", "2", "--logging_steps", "1", "--save_images_epochs", "0"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    x, y = make_demo_latents(num_samples=64, seed=0, size=8)
-    path = tmp_path_factory.mktemp("data") / "demo8.npz"
-    np.savez(path, X=x, y=y)
-    return path
-
-
 def run(argv: list[str]) -> int:
     """train.main in this process, with accelerate's process-wide state reset around it."""
     for state in (AcceleratorState, GradientState, PartialState):

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ArgumentParser, UserInputError
+from .errors import ArgumentParser, UserInputError, first_line
 from .unet import PRESETS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -242,7 +242,7 @@ def load_config_file(path: str) -> dict:
     try:
         data = yaml.safe_load(file.read_text())  # YAML is a superset of JSON
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserInputError(f"--config: {path} is not valid YAML/JSON ({str(err).splitlines()[0]})") from None
+        raise UserInputError(f"--config: {path} is not valid YAML/JSON ({first_line(err)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

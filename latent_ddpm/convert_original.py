@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ArgumentParser, UserInputError, run_cli
+from .errors import ArgumentParser, UserInputError, first_line, run_cli
 from .unet import PRESETS, AdvancedUNet2DModel
 
 # (pattern, replacement) applied in order with re.sub to every original key (after removing a
@@ -79,7 +79,7 @@ def read_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
             ) from None
         raise UserInputError(f"cannot read checkpoint {path}: not a torch.save file ({detail})") from None
     except Exception as err:  # corrupt zip, not a torch file, permissions, ...
-        raise UserInputError(f"cannot read checkpoint {path}: {type(err).__name__}: {_first_line(err)}") from None
+        raise UserInputError(f"cannot read checkpoint {path}: {type(err).__name__}: {first_line(err)}") from None
 
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
@@ -200,11 +200,6 @@ def _detail(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     hits = [line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")]
     return (hits or lines or ["no details"])[0]
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else "no details"
 
 
 def _as_flags(config: dict) -> str:

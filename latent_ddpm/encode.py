@@ -26,7 +26,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from .data import DataError, latent_features
-from .errors import UserInputError, run_cli
+from .errors import UserInputError, first_line, run_cli
 from .images import prepare_image, to_model_range
 from .sampling import DTYPES, ArgParser, distributed_state, sample_seed
 
@@ -86,7 +86,7 @@ def load_vae(id_or_path: str | os.PathLike, subfolder: str | None = None, torch_
         except (OSError, ValueError) as err:
             last = err
     if config is None:
-        raise UserInputError(f"--vae {source}: no autoencoder config found ({str(last).splitlines()[0]}); pass a "
+        raise UserInputError(f"--vae {source}: no autoencoder config found ({first_line(last)}); pass a "
                              "diffusers autoencoder folder or hub id (with --vae_subfolder for a pipeline)")
     name = config.get("_class_name")
     cls = getattr(diffusers, str(name), None)
@@ -96,7 +96,7 @@ def load_vae(id_or_path: str | os.PathLike, subfolder: str | None = None, torch_
         vae = cls.from_pretrained(source, subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserInputError(f"--vae {source}: cannot load the {name} weights (safetensors only; "
-                             f"{str(err).splitlines()[0]})") from err
+                             f"{first_line(err)})") from err
     vae.eval().requires_grad_(False)
     vae.latent_ddpm_source = {"id": _vae_id(source), "subfolder": subfolder}
     return vae
@@ -277,7 +277,7 @@ def encode_images(args) -> dict:
                                            dtype=vae.dtype), return_dict=False)[0]
     except (RuntimeError, ValueError) as err:
         raise UserInputError(f"--resolution {args.resolution}: the autoencoder cannot encode that size "
-                             f"({str(err).splitlines()[0]}); use a multiple of its downsampling factor") from err
+                             f"({first_line(err)}); use a multiple of its downsampling factor") from err
     shape = tuple((probe.mean if hasattr(probe, "mean") else probe).shape[1:])
 
     # 2. The work folder: a resumed run must use the same settings.

@@ -23,6 +23,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserInputError(f"{message} (see {self.prog} --help)")
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (for one-line errors), or "no details"."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else "no details"
+
+
 def fail(message: str) -> NoReturn:
     """Print `error: message` on stderr and exit with status 2."""
     print(f"error: {message}", file=sys.stderr)

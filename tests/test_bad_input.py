@@ -244,3 +244,10 @@ def test_the_real_commands_exit_2(files, command, argv, message):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert snapshot(files) == before
+
+
+def test_first_line_of_an_error_message():
+    from latent_ddpm.errors import first_line
+
+    assert first_line(ValueError("\n  first  \nsecond")) == "first"
+    assert first_line(ValueError("")) == "no details"  # the inline splitlines()[0] copies raised IndexError here

@@ -29,6 +29,7 @@ from .npyio import (
     in_memory,
     write_numpy,
 )
+from .sources import is_hub_id
 from .validation import CHUNK_BYTES, DataError, NaNCounter, check_latent_meta, chunk_rows, latent_features
 
 # Re-exported for `from latent_ddpm.data import ...`. CHUNK_BYTES is read from `latent_ddpm.validation`:
@@ -131,7 +132,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     suffix = path.suffix.lower()
     known = NUMPY_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
     if not path.exists():
-        if suffix in known or path.is_absolute() or str(source).startswith(".") or str(source).count("/") != 1:
+        if suffix in known or not is_hub_id(str(source)):
             raise DataError(f"{source}: no such file or folder; check the path")
         return _load_hub(str(source), split, latent_key, label_key, verify, hub_kwargs)
     if suffix not in known:

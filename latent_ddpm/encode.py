@@ -29,6 +29,7 @@ from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
 from .images import prepare_image, to_model_range
 from .sampling import DTYPES, ArgParser, distributed_state, sample_seed
+from .sources import is_hub_id
 
 #: The file beside the latent dataset that describes the encoding (read by sampling and training).
 ENCODING_FILE = "encoding.json"
@@ -130,7 +131,7 @@ def open_image_dataset(data: str, split: str = "train", cache_dir: str | None = 
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, cache_dir=cache_dir)
         elif data.endswith(".parquet"):
             ds = datasets.load_dataset("parquet", data_files=data, split="train", cache_dir=cache_dir)
-        elif path.exists() or data.startswith((".", "/", "~")) or data.count("/") != 1:
+        elif not is_hub_id(data):
             raise DataError(f"--data {data}: not an image folder, saved dataset, .parquet file or hub id")
         else:
             ds = datasets.load_dataset(data, split=split, cache_dir=cache_dir)

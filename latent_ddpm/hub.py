@@ -31,6 +31,7 @@ from . import __version__
 from .errors import UserInputError
 from .remote.card import build_model_card, find_run_files
 from .remote.code import PIPELINE_ENTRY, UNET_ENTRY, remote_code_files
+from .sources import is_hub_id
 from .unet import AdvancedUNet2DModel
 
 if TYPE_CHECKING:
@@ -254,7 +255,7 @@ def _download(repo_id: str, kwargs: dict[str, Any]) -> str:
     hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "force_download", "local_files_only", "token", "revision")
                   if k in kwargs}
     kwargs.pop("proxies", None)
-    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")) or "\\" in repo_id:
+    if not is_hub_id(repo_id):
         raise UserInputError(f"{repo_id} is not a folder (and not a hub repo id)")
     try:
         return snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, **hub_kwargs)

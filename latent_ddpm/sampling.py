@@ -33,6 +33,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import ArgumentParser, UserInputError
 from .pipeline import LatentDDPMPipeline
+from .sources import is_hub_id
 
 # Sampler name -> (diffusers class, config overrides). All are built with `from_config` from the
 # saved (training) scheduler config, so they share its betas and prediction type.
@@ -65,7 +66,7 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
         if not (path / "model_index.json").is_file():
             hint = f"; did you mean {path / PIPELINE_SUBDIR}?" if (path / PIPELINE_SUBDIR).is_dir() else ""
             raise UserInputError(f"--model {model}: not a saved pipeline (no model_index.json){hint}")
-    elif model.startswith((".", "/", "~")) or model.count("/") != 1:
+    elif not is_hub_id(model):
         raise UserInputError(f"--model {model}: no such folder (and not a hub id of the form owner/name)")
     try:
         with _diffusers_logs_on_success():

@@ -11,11 +11,10 @@ from typing import Any
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 
 from ..errors import UserInputError
+from ..sources import is_hub_id
 
 
 def build_model_card(
@@ -150,10 +149,5 @@ def _cell(value: Any) -> str:
 
 
 def _looks_like_dataset_id(value: Any) -> bool:
-    if not isinstance(value, str) or value.count("/") != 1 or os.path.exists(value):
-        return False
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return Path(value).suffix.lower() not in (".npz", ".npy", ".parquet", ".arrow", ".pt", ".safetensors")
+    file_suffixes = (".npz", ".npy", ".parquet", ".arrow", ".pt", ".safetensors")
+    return is_hub_id(value) and Path(value).suffix.lower() not in file_suffixes

@@ -45,6 +45,7 @@ from latent_ddpm.checkpointing import (
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
+    set_aside_newer_checkpoints,
     set_generator_state,
 )
 from latent_ddpm.config import TrainConfig, parse_train_args
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.overwrite_output_dir and resume is None:
                 for _, old in list_checkpoints(train_dir):
                     shutil.rmtree(old)
+            if resume is not None and (moved := set_aside_newer_checkpoints(train_dir, resume)):
+                logger.warning("resuming %s: moved the %d newer checkpoint(s) of the abandoned run to %s", resume.name,
+                               len(moved), moved[0].parent)
             train_dir.mkdir(parents=True, exist_ok=True)
             (train_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             (train_dir / "latent_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))

@@ -10,6 +10,7 @@ deleted only once the new one is complete.
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import re
@@ -28,6 +29,8 @@ COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 LOCK_FILE = ".lock"
+#: Where checkpoints of an abandoned timeline go when an older checkpoint is resumed (under the train folder).
+ABANDONED_DIR = "abandoned"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -100,6 +103,32 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
             return path
         warnings.warn(f"skipping damaged checkpoint {path} ({problem}); trying the previous one", stacklevel=2)
     return None
+
+
+def set_aside_newer_checkpoints(train_dir: Path, resume: Path) -> list[Path]:
+    """Move checkpoints newer than the one resumed from into `train_dir/abandoned/` (kept, never deleted).
+
+    Resuming an older checkpoint starts a new timeline from it; the newer folders belong to the old one, and
+    left in place a later `--resume_from_checkpoint latest` would jump back to them (and the new run would
+    overwrite them step by step). Returns their new paths.
+    """
+    match = _CKPT_RE.match(resume.name)
+    if match is None or not train_dir.is_dir():
+        return []
+    step, moved = int(match.group(1)), []
+    for path in sorted(train_dir.iterdir()):
+        other = _CKPT_RE.match(path.name)
+        if other is None or int(other.group(1)) <= step or not path.is_dir():
+            continue
+        target = train_dir / ABANDONED_DIR / path.name
+        for n in itertools.count(1):  # an earlier set-aside of the same step keeps its name
+            if not target.exists():
+                break
+            target = train_dir / ABANDONED_DIR / f"{path.name}.{n}"
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        moved.append(target)
+    return moved
 
 
 def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None) -> None:

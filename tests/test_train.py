@@ -334,3 +334,31 @@ def test_config_file_float_written_without_a_dot(data, tmp_path):
     out = tmp_path / "run"
     assert run(["--config", str(cfg_file), "--latent", str(data), "--output_dir", str(out), *FAST]) == 0
     assert json.loads((out / "train" / "config.json").read_text())["learning_rate"] == 1e-4
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(data, tmp_path):
+    # A run with checkpoints 2, 4, 6 resumed from checkpoint-2: 4 and 6 belong to the abandoned timeline. They
+    # are kept under train/abandoned/, and `latest` afterwards means the new timeline's checkpoints.
+    out = tmp_path / "run"
+    args = ["--latent", str(data), "--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", str(out),
+            *FAST]
+    assert run(args) == 0
+    train_dir = out / "train"
+    old6 = load_file(train_dir / "checkpoint-6" / "model.safetensors")
+    assert run([*args, "--max_train_steps", "3", "--resume_from_checkpoint", str(train_dir / "checkpoint-2")]) == 0
+    assert sorted(p.name for p in train_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in (train_dir / "abandoned").iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    kept = load_file(train_dir / "abandoned" / "checkpoint-6" / "model.safetensors")
+    assert all(torch.equal(kept[k], old6[k]) for k in old6)  # moved, not rewritten
+    assert json.loads((train_dir / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_set_aside_keeps_an_earlier_abandoned_folder_of_the_same_step(tmp_path):
+    from latent_ddpm.checkpointing import set_aside_newer_checkpoints
+
+    for name in ("checkpoint-1", "checkpoint-5", "checkpoint-5.tmp", "abandoned/checkpoint-5", "notes"):
+        (tmp_path / name).mkdir(parents=True)
+    moved = set_aside_newer_checkpoints(tmp_path, tmp_path / "checkpoint-1")
+    assert moved == [tmp_path / "abandoned" / "checkpoint-5.1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abandoned", "checkpoint-1", "checkpoint-5.tmp", "notes"]
+    assert set_aside_newer_checkpoints(tmp_path, tmp_path / "checkpoint-1") == []

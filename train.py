@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                         pred = model(x_t, t, class_labels=labels if num_classes else None).sample
                     err = ((pred.float() - training_target(noise_scheduler, x0, noise, t).float()) ** 2)
                     err = err.mean(dim=(1, 2, 3))
-                    weights = min_snr_weights(noise_scheduler, t, cfg.snr_gamma)
+                    weights = min_snr_weights(noise_scheduler, t, cfg.snr_gamma, cfg.snr_floor)
                     loss = (err * weights).mean() if weights is not None else err.mean()
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.detach() / accumulation

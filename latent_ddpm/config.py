@@ -62,6 +62,9 @@ class TrainConfig:
     prediction_type: str = _f("v_prediction", "model target; v-prediction (Salimans & Ho 2022) trains the "
                                               "best on latents", choices=PREDICTION_TYPES)
     snr_gamma: float | None = _f(5.0, "min-SNR-gamma loss weighting (Hang et al. 2023); 0 or none disables")
+    snr_floor: float = _f(0.02, "lower bound on the min-SNR weight of the x0-error (v and sample prediction): "
+                                "keeps the noisiest timesteps, where DDIM/DPM-Solver start, trained; 0 = plain "
+                                "min-SNR")
     # --- Optimisation -----------------------------------------------------------------------------
     num_epochs: int | None = _f(None, "epochs (none: as many as max_train_steps needs)", alias="--epochs")
     max_train_steps: int | None = _f(None, "optimizer steps; overrides num_epochs (default when neither: "
@@ -139,6 +142,7 @@ class TrainConfig:
         need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
         need(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         need(self.snr_gamma is None or self.snr_gamma >= 0, "snr_gamma", "must be >= 0")
+        need(self.snr_floor >= 0, "snr_floor", f"must be >= 0, got {self.snr_floor}")
         need(0 <= self.cond_drop_prob < 1, "cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
         need(0 < self.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         need(self.ema_power > 0, "ema_power", "must be > 0")

@@ -44,13 +44,21 @@ def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
     raise ValueError(f"unknown prediction_type {kind!r}; valid: epsilon, v_prediction, sample")
 
 
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor | None:
-    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023), finite at every timestep.
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float | None,
+                    floor: float = 0.0) -> torch.Tensor | None:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023) with a floor, finite at every timestep.
 
-    The weight on the x0-error is min(SNR, gamma); expressed for the model's target it becomes
-    min(SNR, gamma) / SNR for epsilon (= min(1, gamma / SNR), finite even at SNR = 0),
-    min(SNR, gamma) / (SNR + 1) for v-prediction, and min(SNR, gamma) for sample prediction.
-    None when weighting is off.
+    The weight on the x0-error is clamp(SNR, floor, gamma). Min-SNR alone (floor 0) caps the easy low-noise
+    timesteps at gamma but also weights the noisiest ones by their SNR, ~4e-5 at t = T on the linear schedule:
+    the model never learns them. An ancestral sampler all but ignores its first predictions (they enter with
+    tiny coefficients, under fresh noise), but a deterministic one (DDIM, DPM-Solver) starts there and keeps
+    what they say. The floor keeps them trained at a small weight (Salimans & Ho 2022 floor it at 1:
+    "truncated SNR"; a floor that high takes capacity from the mid-noise timesteps in a short run).
+
+    Expressed for the model's target, the x0-weight w becomes w / SNR for epsilon, w / (SNR + 1) for
+    v-prediction and w for sample prediction. The floor is not applied for epsilon (floor / SNR would weight
+    the noise error at t = T by floor x 25,000); there the weight is min(1, gamma / SNR), finite at SNR = 0.
+    None when weighting is off (gamma 0 or None).
     """
     if not gamma:
         return None
@@ -58,5 +66,5 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return torch.clamp(gamma / snr, max=1.0)  # gamma / 0 = inf -> 1
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if kind == "v_prediction" else clipped
+    x0_weight = torch.clamp(snr, min=min(floor, gamma), max=gamma)
+    return x0_weight / (snr + 1) if kind == "v_prediction" else x0_weight

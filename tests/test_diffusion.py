@@ -56,3 +56,24 @@ def test_short_schedule_warning():
     assert terminal_signal_warning(build_noise_scheduler(1000, "linear", 1e-4, 0.02, "epsilon")) is None
     msg = terminal_signal_warning(build_noise_scheduler(50, "linear", 1e-4, 0.02, "epsilon"))
     assert msg is not None and "60%" in msg
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_snr_floor_keeps_the_noisiest_timesteps_trained(prediction_type):
+    # Min-SNR weights the x0-error at t = T by its SNR (~4e-5): a deterministic sampler starts from an untrained
+    # model. The floor lifts only the timesteps whose SNR is below it and leaves every other weight as it was.
+    scheduler = build_noise_scheduler(1000, "linear", 1e-4, 0.02, prediction_type)
+    t = torch.arange(1000)
+    plain, floored = min_snr_weights(scheduler, t, 5.0), min_snr_weights(scheduler, t, 5.0, floor=0.05)
+    snr = scheduler.alphas_cumprod.double() / (1 - scheduler.alphas_cumprod.double())
+    x0_weight = floored.double() * ((snr + 1) if prediction_type == "v_prediction" else 1)
+    assert x0_weight.min() >= 0.05 - 1e-6 and plain[-1] < 1e-3
+    torch.testing.assert_close(floored[snr >= 0.05], plain[snr >= 0.05])
+    assert (floored[snr < 0.05] > plain[snr < 0.05]).all()
+
+
+def test_snr_floor_is_not_applied_to_epsilon():
+    # floor / SNR would weight the noise error at t = T by ~floor x 25,000.
+    eps = build_noise_scheduler(1000, "linear", 1e-4, 0.02, "epsilon")
+    t = torch.arange(1000)
+    torch.testing.assert_close(min_snr_weights(eps, t, 5.0, floor=0.05), min_snr_weights(eps, t, 5.0))

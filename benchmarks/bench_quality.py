@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import emit, machine_info, ratio  # noqa: E402
 
+from latent_ddpm.config import TrainConfig  # noqa: E402
 from latent_ddpm.demo import demo_dataset, demo_quality, make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
 from latent_ddpm.sampling import make_scheduler, sample_generators  # noqa: E402
@@ -271,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.candidates:
         kind = "diffusers_example" if name == "diffusers_example" else "train.py"
         steps = int(args.budget_s / costs[kind])
-        recipe = json.dumps([EXAMPLE, EXAMPLE_UNET] if kind == "diffusers_example" else TRAIN_PY[name])
+        # train.py candidates are their flags on top of train.py's defaults: both are in the cache key.
+        recipe = json.dumps([EXAMPLE, EXAMPLE_UNET] if kind == "diffusers_example" else
+                            [TRAIN_PY[name], TrainConfig().to_dict()])
         run = work / f"{name}_{steps}_{hashlib.sha1(recipe.encode()).hexdigest()[:8]}"  # a changed recipe retrains
         info_file = run / "bench_train_info.json"
         if not info_file.is_file():

@@ -18,7 +18,7 @@ of a shared CPU core, so rerun until the JSON says `"complete": true`. Runs star
 share the work (a chunk being sampled is locked; `--skip_overhead` for such helper runs).
 
     python benchmarks/bench_sampling.py                        # trains once (~6 min), then samples
-    python benchmarks/bench_sampling.py --model /tmp/latent_ddpm_bench/small_2000/pipeline
+    python benchmarks/bench_sampling.py --model /tmp/latent_ddpm_bench/small_2000_<recipe>/pipeline
     python benchmarks/bench_sampling.py --skip_quality         # overhead only (~1-2 min)
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import json
 import os
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import emit, machine_info, ratio, synchronize  # noqa: E402
 
+from latent_ddpm.config import TrainConfig  # noqa: E402
 from latent_ddpm.demo import demo_quality, make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
 from latent_ddpm.sampling import load_pipeline, make_scheduler, sample_generators  # noqa: E402
@@ -60,7 +62,9 @@ def ensure_model(args: argparse.Namespace) -> Path:
     """The pipeline folder: `--model`, or a cached `train.py --preset small` run (trained on first use)."""
     if args.model:
         return Path(args.model)
-    run = Path(args.work_dir) / f"{args.preset}_{args.train_steps}"
+    # train.py's defaults are in the folder name: a changed default recipe trains a new model.
+    recipe = hashlib.sha1(json.dumps(TrainConfig().to_dict()).encode()).hexdigest()[:8]
+    run = Path(args.work_dir) / f"{args.preset}_{args.train_steps}_{recipe}"
     if not (run / "pipeline" / "model_index.json").is_file():
         print(f"training the demo model into {run} (once) ...", file=sys.stderr)
         start = time.perf_counter()

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from latent_ddpm import AdvancedUNet2DModel
 from latent_ddpm.checkpointing import (
+    ABANDONED_DIR,
     RunLock,
     check_resume_compatible,
     default_run_dir,
@@ -53,7 +54,7 @@ from latent_ddpm.data import check_compatible, load_latents
 from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
 from latent_ddpm.encode import load_vae, read_encoding_info
-from latent_ddpm.errors import UserInputError, run_cli
+from latent_ddpm.errors import UserInputError, first_line, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
 from latent_ddpm.reporting import final_report, preview_grid, push_checkpoint
@@ -162,14 +163,17 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.overwrite_output_dir and resume is None:
                 for _, old in list_checkpoints(train_dir):
                     shutil.rmtree(old)
+                shutil.rmtree(train_dir / ABANDONED_DIR, ignore_errors=True)
             if resume is not None and (moved := set_aside_newer_checkpoints(train_dir, resume)):
-                logger.warning("resuming %s: moved the %d newer checkpoint(s) of the abandoned run to %s", resume.name,
-                               len(moved), moved[0].parent)
+                logger.warning("resuming %s: moved %d checkpoint(s) it does not lead to (%s) to %s", resume,
+                               len(moved), ", ".join(p.name for p in moved), moved[0].parent)
             train_dir.mkdir(parents=True, exist_ok=True)
             (train_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             (train_dir / "latent_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
         except UserInputError as err:
             error = str(err)
+        except OSError as err:  # a full or read-only disk: one line for every rank, not a hang on the broadcast
+            error = f"cannot prepare the run folder {train_dir} ({type(err).__name__}: {first_line(err)})"
     if (error := broadcast_object_list([error])[0]) is not None:
         raise UserInputError(error)
     if cfg.resume_from_checkpoint == "latest" and resume is None:

@@ -98,7 +98,7 @@ def make_bare_step(preset: str, batch: int, device: torch.device, mixed_precisio
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             err = ((model(xt, tt).sample.float() - tgt.float()) ** 2).mean(dim=(1, 2, 3))
             if "objective" in extras:
-                err = err * min_snr_weights(scheduler, tt, cfg.snr_gamma)
+                err = err * min_snr_weights(scheduler, tt, cfg.snr_gamma, cfg.snr_floor)
             loss = err.mean()
         loss.backward()
         finite = torch.isfinite(loss)

@@ -106,19 +106,21 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
 
 
 def set_aside_newer_checkpoints(train_dir: Path, resume: Path) -> list[Path]:
-    """Move checkpoints newer than the one resumed from into `train_dir/abandoned/` (kept, never deleted).
+    """Move this run's checkpoints that the resumed one does not lead to into `train_dir/abandoned/` (kept).
 
     Resuming an older checkpoint starts a new timeline from it; the newer folders belong to the old one, and
     left in place a later `--resume_from_checkpoint latest` would jump back to them (and the new run would
-    overwrite them step by step). Returns their new paths.
+    overwrite them step by step). The step is the resumed checkpoint's `global_step`; when it lives in another
+    folder, this folder's checkpoint of the same step is another run's too. Returns their new paths.
     """
-    match = _CKPT_RE.match(resume.name)
-    if match is None or not train_dir.is_dir():
+    if not train_dir.is_dir():
         return []
-    step, moved = int(match.group(1)), []
+    step = int(json.loads((resume / STATE_FILE).read_text())["global_step"])
+    elsewhere = resume.resolve().parent != train_dir.resolve()
+    moved = []
     for path in sorted(train_dir.iterdir()):
         other = _CKPT_RE.match(path.name)
-        if other is None or int(other.group(1)) <= step or not path.is_dir():
+        if other is None or not path.is_dir() or int(other.group(1)) < step + (0 if elsewhere else 1):
             continue
         target = train_dir / ABANDONED_DIR / path.name
         for n in itertools.count(1):  # an earlier set-aside of the same step keeps its name

@@ -256,7 +256,7 @@ def _download(repo_id: str, kwargs: dict[str, Any]) -> str:
                   if k in kwargs}
     kwargs.pop("proxies", None)
     if not is_hub_id(repo_id):
-        raise UserInputError(f"{repo_id} is not a folder (and not a hub repo id)")
+        raise UserInputError(f"{repo_id} is not a folder (and not a hub repo id of the form owner/name)")
     try:
         return snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, **hub_kwargs)
     except (LocalEntryNotFoundError, *_NETWORK_ERRORS) as err:

@@ -1,4 +1,4 @@
-"""Is a user-given `--data` / `--model` / `--vae` string a local path or a Hugging Face Hub id? One rule for all."""
+"""Is a user-given `--train_data` / `--data` / `--model` string a local path or a Hugging Face Hub id? One rule."""
 
 from __future__ import annotations
 

@@ -20,3 +20,12 @@ def test_an_existing_folder_of_that_shape_is_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "user" / "repo").mkdir(parents=True)
     assert not is_hub_id("user/repo")
+
+
+@pytest.mark.parametrize("source", ["~/latents", "user/latents.npz", "./user/repo"])
+def test_load_latents_never_sends_a_path_to_the_hub(source):
+    # A missing local path is "no such file", not a hub lookup (offline: a lookup would fail differently).
+    from latent_ddpm.data import DataError, load_latents
+
+    with pytest.raises(DataError, match="no such file or folder"):
+        load_latents(source)

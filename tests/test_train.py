@@ -358,7 +358,19 @@ def test_set_aside_keeps_an_earlier_abandoned_folder_of_the_same_step(tmp_path):
 
     for name in ("checkpoint-1", "checkpoint-5", "checkpoint-5.tmp", "abandoned/checkpoint-5", "notes"):
         (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
     moved = set_aside_newer_checkpoints(tmp_path, tmp_path / "checkpoint-1")
     assert moved == [tmp_path / "abandoned" / "checkpoint-5.1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["abandoned", "checkpoint-1", "checkpoint-5.tmp", "notes"]
     assert set_aside_newer_checkpoints(tmp_path, tmp_path / "checkpoint-1") == []
+
+
+def test_resuming_another_runs_checkpoint_sets_aside_this_runs_checkpoint_of_the_same_step(tmp_path):
+    from latent_ddpm.checkpointing import set_aside_newer_checkpoints
+
+    other, here = tmp_path / "other" / "train", tmp_path / "here" / "train"
+    for folder in (other / "checkpoint-4", here / "checkpoint-2", here / "checkpoint-4"):
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
+    moved = set_aside_newer_checkpoints(here, other / "checkpoint-4")
+    assert moved == [here / "abandoned" / "checkpoint-4"] and (here / "checkpoint-2").is_dir()

@@ -6,7 +6,7 @@ steps, the same per-sample seeds for all), judged by `latent_ddpm.evaluate.Evalu
 data (FD, fd_ratio to the real-vs-real halves, precision/recall) and `demo_quality`.
 
 Candidates (`--candidates`, comma-separated):
-- `default`: `train.py --preset small` with its defaults (v-prediction, min-SNR-5, AdamW lr 2e-3 with
+- `default`: `train.py --preset small` with its defaults (v-prediction, min-SNR-5 with a 0.02 floor, AdamW lr 2e-3 with
   200 warm-up steps then constant, clip 1.0, EMA with warm-up, batch 32); `default_seed43`: the same with
   another seed (the seed-to-seed noise of these figures).
 - `diffusers_example`: a plain diffusers `UNet2DModel` (1.19M parameters, the example's block layout

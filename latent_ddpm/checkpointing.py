@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserInputError
+from .errors import UserInputError, first_line
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -79,7 +79,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
                 safe_torch_load(file, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any damage means "not usable"
-        return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        return f"{type(err).__name__}: {first_line(err)[:200]}"
     return None
 
 
@@ -184,7 +184,7 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
         previous = list_checkpoints(train_dir)
         kept = f"the last complete checkpoint {previous[-1][1]} is intact" if previous else "no checkpoint was kept"
         free = _free_space(train_dir)
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        detail = first_line(err)[:160]
         raise UserInputError(f"cannot write checkpoint-{step} in {train_dir} ({type(err).__name__}: {detail}; "
                              f"{free}); free disk space or make the folder writable, then continue with "
                              f"--resume_from_checkpoint latest; {kept}") from None

@@ -138,8 +138,7 @@ def open_image_dataset(data: str, split: str = "train", cache_dir: str | None = 
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - datasets/hub raise many types; all mean "cannot read it"
-        raise DataError(f"--data {data}: cannot load the images ({type(err).__name__}: "
-                        f"{(str(err).splitlines() or [''])[0]})") from err
+        raise DataError(f"--data {data}: cannot load the images ({type(err).__name__}: {first_line(err)})") from err
     if len(ds) == 0:
         raise DataError(f"--data {data}: no images found (split {split!r})")
     return ds

@@ -31,7 +31,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .errors import ArgumentParser, UserInputError
+from .errors import ArgumentParser, UserInputError, first_line
 from .pipeline import LatentDDPMPipeline
 from .sources import is_hub_id
 
@@ -72,8 +72,8 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
         with _diffusers_logs_on_success():
             pipe = LatentDDPMPipeline.from_pretrained(model, use_safetensors=True)  # never pickled .bin weights
     except Exception as err:  # noqa: BLE001 - hub, file and config errors all mean "cannot load this"
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise UserInputError(f"--model {model}: cannot load the pipeline ({type(err).__name__}: {first})") from err
+        raise UserInputError(f"--model {model}: cannot load the pipeline ({type(err).__name__}: "
+                             f"{first_line(err)})") from err
     pipe.to(device)
     # The pipeline casts the UNet's input and output itself; plain Module.to skips diffusers' dtype warning.
     torch.nn.Module.to(pipe.unet, DTYPES[mixed_precision])

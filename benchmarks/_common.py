@@ -258,6 +258,23 @@ def reply(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+# ----------------------------------------------------------------------------- demo quality
+#: Seed of the "real at the same N" demo draw in the quality benchmarks (the training set is seed 0).
+FRESH_DEMO_SEED = 7
+
+
+def quality_figures(evaluator, baseline_fd: float, x) -> dict[str, Any]:
+    """`latent_ddpm.evaluate.Evaluator` figures (FD, fd_ratio to the real-vs-real FD, precision, recall) and the
+    demo judge's, rounded, for samples `x` of the demo set."""
+    from latent_ddpm.demo import demo_quality
+
+    ev, judge = evaluator(x), demo_quality(x)
+    return {"fd": round(ev["fd"], 4), "fd_ratio": round(ev["fd"] / baseline_fd, 3),
+            "precision": round(ev["precision"], 4), "recall": round(ev["recall"], 4),
+            "demo_quality_score": round(judge["score"], 4), "valid_fraction": round(judge["valid_fraction"], 4),
+            "coverage": judge["coverage"], "nonfinite": ev["num_nonfinite_samples"]}
+
+
 # ----------------------------------------------------------------------------- output
 def emit(result: dict[str, Any], out_name: str | None = None, quiet: bool = False,
          path: str | os.PathLike | None = None) -> None:

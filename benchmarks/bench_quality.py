@@ -49,10 +49,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import emit, machine_info, ratio  # noqa: E402
+from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio  # noqa: E402
 
 from latent_ddpm.config import TrainConfig  # noqa: E402
-from latent_ddpm.demo import demo_dataset, demo_quality, make_demo_latents  # noqa: E402
+from latent_ddpm.demo import demo_dataset, make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
 from latent_ddpm.sampling import make_scheduler, sample_generators  # noqa: E402
 
@@ -72,7 +72,6 @@ EXAMPLE = dict(batch=16, lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e
 EXAMPLE_UNET = dict(layers_per_block=2, block_out_channels=(32, 32, 64), norm_num_groups=8,
                     down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                     up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
-FRESH_DEMO_SEED = 7
 
 
 # ----------------------------------------------------------------------------- step costs
@@ -224,13 +223,6 @@ def sample(pipe_dir: Path, n: int, steps: int, seed: int, batch: int = 128) -> n
     return np.concatenate(out)
 
 
-def figures(evaluator: Evaluator, baseline_fd: float, x: np.ndarray) -> dict[str, Any]:
-    ev, judge = evaluator(x), demo_quality(x)
-    return {"fd": round(ev["fd"], 4), "fd_ratio": round(ev["fd"] / baseline_fd, 3),
-            "precision": round(ev["precision"], 4), "recall": round(ev["recall"], 4),
-            "demo_quality_score": round(judge["score"], 4), "valid_fraction": round(judge["valid_fraction"], 4),
-            "coverage": judge["coverage"], "nonfinite": ev["num_nonfinite_samples"]}
-
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -284,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             info_file.write_text(json.dumps(info))
         info = json.loads(info_file.read_text())
         x = sample(run / "pipeline", args.num_samples, args.sample_steps, args.seed)
-        results[name] = {**figures(evaluator, baseline["fd"], x), "training": info}
+        results[name] = {**quality_figures(evaluator, baseline["fd"], x), "training": info}
     out: dict[str, Any] = {
         "benchmark": "bench_quality",
         "machine": machine_info(),
@@ -292,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_cpu_s": {k: round(v, 4) for k, v in costs.items()},
         "sampler": f"dpmsolver++ {args.sample_steps} steps, {args.num_samples} samples",
         "baseline_real_halves": {"fd": round(baseline["fd"], 4), "num_per_half": baseline["num_per_half"]},
-        "real_same_n": figures(evaluator, baseline["fd"], fresh),
+        "real_same_n": quality_figures(evaluator, baseline["fd"], fresh),
         "candidates": results,
     }
     if "default" in results and "diffusers_example" in results:

@@ -42,10 +42,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import emit, machine_info, ratio, synchronize  # noqa: E402
+from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio, synchronize  # noqa: E402
 
 from latent_ddpm.config import TrainConfig  # noqa: E402
-from latent_ddpm.demo import demo_quality, make_demo_latents  # noqa: E402
+from latent_ddpm.demo import make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
 from latent_ddpm.sampling import load_pipeline, make_scheduler, sample_generators  # noqa: E402
 
@@ -53,8 +53,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (scheduler name in latent_ddpm.sampling.SCHEDULERS, steps), cheapest first; the first is the reference.
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmsolver++", 20), ("dpmsolver++", 10),
             ("unipc", 10), ("sde-dpmsolver++", 20))
-#: Seed of the "real at the same N" demo draw (the training set is seed 0).
-FRESH_DEMO_SEED = 7
 
 
 # ----------------------------------------------------------------------------- model
@@ -62,8 +60,9 @@ def ensure_model(args: argparse.Namespace) -> Path:
     """The pipeline folder: `--model`, or a cached `train.py --preset small` run (trained on first use)."""
     if args.model:
         return Path(args.model)
-    # train.py's defaults are in the folder name: a changed default recipe trains a new model.
-    recipe = hashlib.sha1(json.dumps(TrainConfig().to_dict()).encode()).hexdigest()[:8]
+    # train.py's defaults and the thread count (it changes the float arithmetic, hence the weights) are in the
+    # folder name: a changed default recipe or --threads trains a new model.
+    recipe = hashlib.sha1(json.dumps([TrainConfig().to_dict(), args.threads]).encode()).hexdigest()[:8]
     run = Path(args.work_dir) / f"{args.preset}_{args.train_steps}_{recipe}"
     if not (run / "pipeline" / "model_index.json").is_file():
         print(f"training the demo model into {run} (once) ...", file=sys.stderr)
@@ -158,14 +157,6 @@ def cached_samples(pipe, name: str, steps: int, args: argparse.Namespace, cache:
     return (None if incomplete else np.concatenate(chunks)), spent
 
 
-def figures(evaluator: Evaluator, baseline_fd: float, x: np.ndarray) -> dict[str, Any]:
-    ev = evaluator(x)
-    judge = demo_quality(x)
-    return {"fd": round(ev["fd"], 4), "fd_ratio": round(ev["fd"] / baseline_fd, 3),
-            "precision": round(ev["precision"], 4), "recall": round(ev["recall"], 4),
-            "demo_quality_score": round(judge["score"], 4), "valid_fraction": round(judge["valid_fraction"], 4),
-            "coverage": judge["coverage"], "nonfinite": ev["num_nonfinite_samples"]}
-
 
 def bench_quality(pipe, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
@@ -177,7 +168,7 @@ def bench_quality(pipe, args: argparse.Namespace, cache: Path) -> dict[str, Any]
                            "baseline_real_halves": {"fd": round(baseline["fd"], 4), "num_per_half": baseline[
                                "num_per_half"], "precision": round(baseline["precision"], 4),
                                "recall": round(baseline["recall"], 4)},
-                           "real_same_n": figures(evaluator, baseline["fd"], fresh), "samplers": {}}
+                           "real_same_n": quality_figures(evaluator, baseline["fd"], fresh), "samplers": {}}
     deadline = time.perf_counter() + args.budget_s
     missing = []
     # Cheap samplers first, so a short budget still gives most of the table; DDPM-1000 fills in over runs.
@@ -187,7 +178,7 @@ def bench_quality(pipe, args: argparse.Namespace, cache: Path) -> dict[str, Any]
         if x is None:
             missing.append(key)
             continue
-        out["samplers"][key] = {**figures(evaluator, baseline["fd"], x), "sampling_s_this_run": round(spent, 1)}
+        out["samplers"][key] = {**quality_figures(evaluator, baseline["fd"], x), "sampling_s_this_run": round(spent, 1)}
     out["samplers"] = {f"{n}-{s}": out["samplers"][f"{n}-{s}"] for n, s in SAMPLERS if f"{n}-{s}" in out["samplers"]}
     out["complete"] = not missing
     if missing:

@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             error = str(err)
         except OSError as err:  # a full or read-only disk: one line for every rank, not a hang on the broadcast
             error = f"cannot prepare the run folder {train_dir} ({type(err).__name__}: {first_line(err)})"
+        if error is not None:
+            lock.release()  # now, not at exit: a caller of main() in this process may start another run
     if (error := broadcast_object_list([error])[0]) is not None:
         raise UserInputError(error)
     if cfg.resume_from_checkpoint == "latest" and resume is None:

@@ -66,6 +66,8 @@ def files(tmp_path_factory) -> Path:
     for name, text in configs.items():
         (d / f"{name}.yaml").write_text(text)
     (d / "a_file").write_text("a regular file where a folder is expected")
+    (d / "run_train_is_file").mkdir()
+    (d / "run_train_is_file" / "train").write_text("a regular file where the run's train/ folder goes")
 
     torch.manual_seed(0)
     pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel(**TINY_PIPE_UNET), scheduler=default_scheduler())
@@ -134,6 +136,9 @@ CASES = [
     ("train-nan-flag", "train", lambda d: ["--learning_rate", "nan"], "--learning_rate: must be a finite number"),
     ("train-output-under-file", "train", lambda d: ["--output_dir", d / "a_file" / "run"],
      "cannot create the run folder"),
+    ("train-train-folder-is-a-file", "train", lambda d: ["--output_dir", d / "run_train_is_file"],
+     "cannot prepare the run folder"),
+    ("train-negative-snr-floor", "train", lambda d: ["--snr_floor", "-0.1"], "--snr_floor: must be >= 0, got -0.1"),
     ("train-resume-missing", "train", lambda d: ["--resume_from_checkpoint", d / "nowhere"],
      "not a complete checkpoint folder (no such folder)"),
     ("train-model-config-type", "train", lambda d: ["--model_config", '{"down_channels": "wide"}'],

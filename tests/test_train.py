@@ -374,3 +374,16 @@ def test_resuming_another_runs_checkpoint_sets_aside_this_runs_checkpoint_of_the
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
     moved = set_aside_newer_checkpoints(here, other / "checkpoint-4")
     assert moved == [here / "abandoned" / "checkpoint-4"] and (here / "checkpoint-2").is_dir()
+
+
+def test_snr_floor_reaches_the_training_loss(data, tmp_path):
+    # The same first step (same seed: same batch, noise and timesteps) with and without the floor: the loss differs
+    # exactly when train.py passes --snr_floor to the weighting.
+    losses = {}
+    for floor in ("0", "5"):
+        out = tmp_path / f"floor{floor}"
+        assert run(["--latent", str(data), "--max_train_steps", "1", "--output_dir", str(out), *FAST,
+                    "--snr_floor", floor]) == 0
+        state = json.loads((out / "train" / "checkpoint-1" / "trainer_state.json").read_text())
+        losses[floor] = state["history"]["losses"][0]
+    assert losses["5"] > losses["0"]  # floor = gamma: every weight at its maximum

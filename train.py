@@ -44,6 +44,7 @@ from latent_ddpm.checkpointing import (
     generator_state,
     list_checkpoints,
     load_checkpoint,
+    objective_settings,
     resolve_resume,
     save_checkpoint,
     set_aside_newer_checkpoints,
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     #    decides and every process gets its verdict, so no rank is left waiting on another's error.
     resume = resolve_resume(train_dir, cfg.resume_from_checkpoint)
     run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
-                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps, **objective_settings(cfg)}
     if resume is not None:
         check_resume_compatible(resume, dict(unet.config), run_settings)
     lock, error = RunLock(run_dir), None

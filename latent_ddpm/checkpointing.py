@@ -133,16 +133,38 @@ def set_aside_newer_checkpoints(train_dir: Path, resume: Path) -> list[Path]:
     return moved
 
 
+#: TrainConfig fields that define the training objective (noise schedule and loss). They are saved with a
+#: checkpoint's run settings, so that a resumed run cannot switch objective mid-run (e.g. a changed default).
+OBJECTIVE_SETTINGS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                      "snr_gamma", "snr_floor")
+
+
+def objective_settings(cfg) -> dict:
+    """The objective part of a run's settings (`OBJECTIVE_SETTINGS` of a TrainConfig), as compared on resume.
+
+    snr_gamma 0 and None both turn the min-SNR weighting off (`min_snr_weights`): the same objective, so both
+    are recorded as None. Otherwise values are kept as given: floats survive the JSON round trip of the state
+    file exactly (repr round-trips), and 5 == 5.0 compares equal.
+    """
+    settings = {k: getattr(cfg, k) for k in OBJECTIVE_SETTINGS}
+    settings["snr_gamma"] = settings["snr_gamma"] or None
+    return settings
+
+
 def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None) -> None:
     """Refuse to resume `path` with a model of another shape (e.g. data with another channel count), or with
-    settings that fix the data order and noise streams (processes, batch size, accumulation, seed)."""
+    other run settings: those that fix the data order and noise streams (processes, batch size, accumulation,
+    seed) and the objective (`OBJECTIVE_SETTINGS`). A setting the checkpoint does not record (an older one)
+    is not compared."""
     state = json.loads((path / STATE_FILE).read_text())
     settings = state.get("run_settings") or {}
-    changed = [k for k in (run_settings or {}) if k in settings and settings[k] != run_settings[k]]
+    current = json.loads(json.dumps(run_settings or {}))  # as it would be saved
+    changed = [k for k in current if k in settings and settings[k] != current[k]]
     if changed:
-        details = ", ".join(f"{k}={settings[k]} there vs {run_settings[k]} now" for k in changed)
+        details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in changed)
         raise UserInputError(f"--resume_from_checkpoint: {path} was made with other settings ({details}); resume "
-                             f"with the same ones (a resumed run continues the same data order and noise)")
+                             f"with the same ones (a resumed run continues the same data order, noise and "
+                             f"objective), or start a new --output_dir")
     saved = state.get("model_config")
     if saved is None:
         return

@@ -328,6 +328,68 @@ def test_resume_with_other_run_settings_is_refused(data, tmp_path):
              "--train_batch_size", "4", "--resume_from_checkpoint", "latest"])
 
 
+def _checkpoint_with_settings(folder: Path, run_settings: dict) -> Path:
+    """A checkpoint folder holding only the trainer state that `check_resume_compatible` reads."""
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 2, "run_settings": run_settings}))
+    return folder
+
+
+@pytest.mark.parametrize("field, saved, now", [("snr_floor", 0.02, 0.0), ("snr_floor", 0.0, 0.02),
+                                               ("prediction_type", "v_prediction", "epsilon"),
+                                               ("snr_gamma", None, 5.0),
+                                               ("beta_schedule", "linear", "squaredcos_cap_v2"),
+                                               ("num_train_timesteps", 1000, 100), ("beta_end", 0.02, 0.012)])
+def test_resume_with_another_objective_is_refused(tmp_path, field, saved, now):
+    from latent_ddpm.checkpointing import check_resume_compatible, objective_settings
+    from latent_ddpm.config import TrainConfig
+
+    ckpt = _checkpoint_with_settings(tmp_path / "checkpoint-2", objective_settings(TrainConfig(**{field: saved})))
+    with pytest.raises(UserInputError) as err:
+        check_resume_compatible(ckpt, {}, objective_settings(TrainConfig(**{field: now})))
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and f"({field}={saved} there vs {now} now)" in message, message
+
+
+def test_resume_with_the_same_objective_is_allowed(tmp_path):
+    from latent_ddpm.checkpointing import OBJECTIVE_SETTINGS, check_resume_compatible, objective_settings
+    from latent_ddpm.config import TrainConfig
+
+    cfg = TrainConfig(beta_start=1e-4, beta_end=0.012, snr_floor=0.02, snr_gamma=5)
+    ckpt = _checkpoint_with_settings(tmp_path / "a" / "checkpoint-2", {"seed": 0, **objective_settings(cfg)})
+    check_resume_compatible(ckpt, {}, {"seed": 0, **objective_settings(TrainConfig(**{**vars(cfg),
+                                                                                       "snr_gamma": 5.0}))})
+    # snr_gamma 0 and None both turn the weighting off: the same objective.
+    off = _checkpoint_with_settings(tmp_path / "b" / "checkpoint-2", objective_settings(TrainConfig(snr_gamma=0)))
+    check_resume_compatible(off, {}, objective_settings(TrainConfig(snr_gamma=None)))
+    # A checkpoint from before the objective was recorded resumes (nothing to compare against).
+    old = _checkpoint_with_settings(tmp_path / "c" / "checkpoint-2", {"seed": 0, "train_batch_size": 8})
+    check_resume_compatible(old, {}, {"seed": 0, "train_batch_size": 8,
+                                      **objective_settings(TrainConfig(snr_floor=0.5))})
+    assert set(OBJECTIVE_SETTINGS) >= {"prediction_type", "snr_gamma", "snr_floor", "num_train_timesteps",
+                                       "beta_schedule", "beta_start", "beta_end"}
+
+
+def test_train_refuses_to_resume_with_another_snr_floor(data, tmp_path, capfd):
+    from latent_ddpm.errors import run_cli
+
+    out = tmp_path / "run"
+    args = ["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST]
+    assert run(args) == 0  # the default --snr_floor 0.02
+    state = (out / "train" / "checkpoint-2" / "trainer_state.json").read_text()
+    assert json.loads(state)["run_settings"]["snr_floor"] == 0.02
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(run, [*args, "--max_train_steps", "4", "--snr_floor", "0", "--resume_from_checkpoint", "latest"])
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert exc.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "snr_floor=0.02 there vs 0.0 now" in lines[0], err
+    assert sorted(p.name for p in (out / "train").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "train" / "checkpoint-2" / "trainer_state.json").read_text() == state
+    assert run([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]) == 0  # unchanged: resumes
+
+
 def test_config_file_float_written_without_a_dot(data, tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("learning_rate: 1e-4\nmax_train_steps: 2\n")  # YAML 1.1 reads 1e-4 as a string

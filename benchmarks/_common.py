@@ -7,6 +7,7 @@ and ratios, and measure each candidate's peak memory in its own process (`Worker
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -273,6 +274,18 @@ def quality_figures(evaluator, baseline_fd: float, x) -> dict[str, Any]:
             "precision": round(ev["precision"], 4), "recall": round(ev["recall"], 4),
             "demo_quality_score": round(judge["score"], 4), "valid_fraction": round(judge["valid_fraction"], 4),
             "coverage": judge["coverage"], "nonfinite": ev["num_nonfinite_samples"]}
+
+
+# ----------------------------------------------------------------------------- model caches
+def recipe_key(*extra: Any) -> str:
+    """8 hex digits naming a cached trained model: sha1 of train.py's defaults (`TrainConfig().to_dict()`), the
+    UNet preset definitions (`PRESETS`) and `extra` (the benchmark's flags, thread count, ...), JSON with sorted
+    keys. A change to any of them gives a new key, so a stale model is never reused."""
+    from latent_ddpm.config import TrainConfig
+    from latent_ddpm.unet import PRESETS
+
+    text = json.dumps([TrainConfig().to_dict(), PRESETS, *extra], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 # ----------------------------------------------------------------------------- output

@@ -49,9 +49,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio  # noqa: E402
+from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio, recipe_key  # noqa: E402
 
-from latent_ddpm.config import TrainConfig  # noqa: E402
 from latent_ddpm.demo import demo_dataset, make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
 from latent_ddpm.sampling import make_scheduler, sample_generators  # noqa: E402
@@ -264,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.candidates:
         kind = "diffusers_example" if name == "diffusers_example" else "train.py"
         steps = int(args.budget_s / costs[kind])
-        # train.py candidates are their flags on top of train.py's defaults: both are in the cache key.
-        recipe = json.dumps([EXAMPLE, EXAMPLE_UNET] if kind == "diffusers_example" else
-                            [TRAIN_PY[name], TrainConfig().to_dict()])
-        run = work / f"{name}_{steps}_{hashlib.sha1(recipe.encode()).hexdigest()[:8]}"  # a changed recipe retrains
+        # train.py candidates are their flags on top of train.py's defaults and the --preset definitions: all are
+        # in the cache key (`recipe_key`), so a changed recipe retrains.
+        key = hashlib.sha1(json.dumps([EXAMPLE, EXAMPLE_UNET]).encode()).hexdigest()[:8] \
+            if kind == "diffusers_example" else recipe_key(PRESET, TRAIN_PY[name])
+        run = work / f"{name}_{steps}_{key}"
         info_file = run / "bench_train_info.json"
         if not info_file.is_file():
             print(f"training {name}: {steps} steps ...", file=sys.stderr)

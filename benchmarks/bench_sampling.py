@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
-import json
 import os
 import statistics
 import subprocess
@@ -42,9 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio, synchronize  # noqa: E402
+from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio, recipe_key, synchronize  # noqa: E402
 
-from latent_ddpm.config import TrainConfig  # noqa: E402
 from latent_ddpm.demo import make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
 from latent_ddpm.sampling import load_pipeline, make_scheduler, sample_generators  # noqa: E402
@@ -60,9 +58,9 @@ def ensure_model(args: argparse.Namespace) -> Path:
     """The pipeline folder: `--model`, or a cached `train.py --preset small` run (trained on first use)."""
     if args.model:
         return Path(args.model)
-    # train.py's defaults and the thread count (it changes the float arithmetic, hence the weights) are in the
-    # folder name: a changed default recipe or --threads trains a new model.
-    recipe = hashlib.sha1(json.dumps([TrainConfig().to_dict(), args.threads]).encode()).hexdigest()[:8]
+    # train.py's defaults, the presets and the thread count (it changes the float arithmetic, hence the weights)
+    # are in the folder name: a changed default recipe, preset or --threads trains a new model.
+    recipe = recipe_key(args.threads)
     run = Path(args.work_dir) / f"{args.preset}_{args.train_steps}_{recipe}"
     if not (run / "pipeline" / "model_index.json").is_file():
         print(f"training the demo model into {run} (once) ...", file=sys.stderr)

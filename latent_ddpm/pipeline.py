@@ -15,7 +15,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from .unet import AdvancedUNet2DModel
 
 # The default noise schedule: DDPM (Ho et al. 2020, sec. 4) with 1000 linear betas from 1e-4 to
-# 0.02. clip_sample is off: latents are not images in [-1, 1], and clipping destroys them.
+# 0.02 (the same values as TrainConfig's defaults; tests/test_diffusion.py pins them together; the hub copy
+# of this file cannot import the config). clip_sample is off: latents are not images in [-1, 1], and
+# clipping destroys them.
 DEFAULT_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False
 )

@@ -77,3 +77,16 @@ def test_snr_floor_is_not_applied_to_epsilon():
     eps = build_noise_scheduler(1000, "linear", 1e-4, 0.02, "epsilon")
     t = torch.arange(1000)
     torch.testing.assert_close(min_snr_weights(eps, t, 5.0, floor=0.05), min_snr_weights(eps, t, 5.0))
+
+
+def test_one_default_noise_schedule():
+    """train.py's default schedule (TrainConfig) and the pipeline's default scheduler are the same schedule:
+    the values are written twice (the pipeline's hub copy cannot import the config), so pin them together."""
+    from latent_ddpm.config import TrainConfig
+    from latent_ddpm.pipeline import DEFAULT_SCHEDULER_CONFIG
+
+    cfg = TrainConfig()
+    trained = build_noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
+                                    cfg.prediction_type)
+    for key, value in DEFAULT_SCHEDULER_CONFIG.items():
+        assert trained.config[key] == value, key

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     diffusers_logging.disable_progress_bar()
     pipe = load_pipeline(model, args.mixed_precision, state.device)
     if args.scheduler is not None:
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, guided=args.guidance_scale != 1.0)
     timesteps = pipe.scheduler.config.num_train_timesteps
     if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
         raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "

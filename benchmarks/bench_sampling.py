@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import json
 import os
 import statistics
 import subprocess
@@ -128,10 +129,12 @@ def cached_samples(pipe, name: str, steps: int, args: argparse.Namespace, cache:
     """All `--num_samples` samples of one sampler (from the cache where present); None when the time
     budget ran out first. Also returns the seconds spent sampling in this run."""
     pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    # The sampler's whole config is in the chunk name: a changed sampler setting samples afresh.
+    tag = hashlib.sha1(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode()).hexdigest()[:8]
     chunks, spent, incomplete = [], 0.0, False
     for start in range(0, args.num_samples, args.batch_size):
         stop = min(args.num_samples, start + args.batch_size)
-        path = cache / f"{name}_{steps}_seed{args.seed}_{start}-{stop}.npy"
+        path = cache / f"{name}_{steps}_{tag}_seed{args.seed}_{start}-{stop}.npy"
         if not path.is_file():
             lock = path.with_suffix(".lock")
             if time.perf_counter() > deadline:

@@ -14,7 +14,15 @@ import torch
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, sampling
 from latent_ddpm.errors import run_cli
-from latent_ddpm.sampling import SCHEDULERS, NpyRowWriter, locate_run, sample_generators, write_npz
+from latent_ddpm.sampling import (
+    SCHEDULERS,
+    NpyRowWriter,
+    load_pipeline,
+    locate_run,
+    make_scheduler,
+    sample_generators,
+    write_npz,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sample_script", ROOT / "sample.py")
@@ -58,6 +66,23 @@ def test_every_scheduler(models, tmp_path):
                     "--output", out, *FAST]) == 0
         x = load(out)["samples"]
         assert x.shape == (2, 4, 8, 8) and x.dtype == np.float32 and np.isfinite(x).all(), name
+
+
+def test_dpm_solver_order_follows_guidance(models, tmp_path, monkeypatch):
+    """Deterministic DPM-Solver++ runs at order 3 unguided and 2 with classifier-free guidance (diffusers'
+    recommendation); its stochastic form supports at most 2 and is left alone."""
+    config = load_pipeline(str(models / "cond" / "pipeline")).scheduler.config
+    assert make_scheduler("dpmsolver++", config).config.solver_order == 3
+    assert make_scheduler("dpmsolver++", config, guided=True).config.solver_order == 2
+    assert make_scheduler("sde-dpmsolver++", config).config.solver_order == 2
+    used = []
+    monkeypatch.setattr(sample_script, "make_scheduler",
+                        lambda *a, **kw: used.append(make_scheduler(*a, **kw).config.solver_order) or
+                        make_scheduler(*a, **kw))
+    common = ["--model", models / "cond" / "pipeline", "--scheduler", "dpmsolver++", "--num_samples", 2, *FAST]
+    assert run([*common, "--output", tmp_path / "u.npz"]) == 0
+    assert run([*common, "--class_labels", "all", "--guidance_scale", 2.0, "--output", tmp_path / "g.npz"]) == 0
+    assert used == [3, 2]
 
 
 def test_batch_size_invariance(models, tmp_path):

@@ -152,7 +152,7 @@ def cached_samples(pipe, name: str, steps: int, args: argparse.Namespace, cache:
                 np.save(path.with_suffix(".tmp.npy"), x)
                 os.replace(path.with_suffix(".tmp.npy"), path)
             finally:
-                lock.unlink()
+                lock.unlink(missing_ok=True)  # a user may have removed a stale lock by hand
         if not incomplete:
             chunks.append(np.load(path))
     return (None if incomplete else np.concatenate(chunks)), spent

@@ -264,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         kind = "diffusers_example" if name == "diffusers_example" else "train.py"
         steps = int(args.budget_s / costs[kind])
         # train.py candidates are their flags on top of train.py's defaults and the --preset definitions: all are
-        # in the cache key (`recipe_key`), so a changed recipe retrains.
-        key = hashlib.sha1(json.dumps([EXAMPLE, EXAMPLE_UNET]).encode()).hexdigest()[:8] \
-            if kind == "diffusers_example" else recipe_key(PRESET, TRAIN_PY[name])
+        # in the cache key (`recipe_key`), so a changed recipe retrains; so is --threads (it changes the float
+        # arithmetic, hence the trained weights).
+        key = hashlib.sha1(json.dumps([EXAMPLE, EXAMPLE_UNET, args.threads]).encode()).hexdigest()[:8] \
+            if kind == "diffusers_example" else recipe_key(PRESET, TRAIN_PY[name], args.threads)
         run = work / f"{name}_{steps}_{key}"
         info_file = run / "bench_train_info.json"
         if not info_file.is_file():

@@ -89,9 +89,9 @@ def bare_sample(unet, scheduler, batch: int, steps: int, generator: torch.Genera
     return x
 
 
-def time_overhead(pipe, name: str, steps: int, batch: int, rounds: int, device) -> dict[str, Any]:
+def time_overhead(pipe, base_config, name: str, steps: int, batch: int, rounds: int, device) -> dict[str, Any]:
     """Alternate pipeline and bare-loop calls (same scheduler, steps, batch, generator); medians and ratios."""
-    scheduler = make_scheduler(name, pipe.scheduler.config)
+    scheduler = make_scheduler(name, base_config)
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     pipe.scheduler = scheduler
 
@@ -124,13 +124,21 @@ def time_overhead(pipe, name: str, steps: int, batch: int, rounds: int, device) 
 
 
 # ----------------------------------------------------------------------------- 2. quality
-def cached_samples(pipe, name: str, steps: int, args: argparse.Namespace, cache: Path, deadline: float
+def scheduler_tag(scheduler) -> str:
+    """A short hash of a scheduler's class and public config, part of each cached chunk's name, so that a
+    changed sampler setting samples afresh. The "_"-keys are left out: diffusers' `_use_default_values` lists
+    a set, in an order that varies from process to process."""
+    public = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    blob = json.dumps([type(scheduler).__name__, public], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def cached_samples(pipe, base_config, name: str, steps: int, args: argparse.Namespace, cache: Path, deadline: float
                    ) -> tuple[np.ndarray | None, float]:
     """All `--num_samples` samples of one sampler (from the cache where present); None when the time
     budget ran out first. Also returns the seconds spent sampling in this run."""
-    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
-    # The sampler's whole config is in the chunk name: a changed sampler setting samples afresh.
-    tag = hashlib.sha1(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    pipe.scheduler = make_scheduler(name, base_config)
+    tag = scheduler_tag(pipe.scheduler)
     chunks, spent, incomplete = [], 0.0, False
     for start in range(0, args.num_samples, args.batch_size):
         stop = min(args.num_samples, start + args.batch_size)
@@ -159,7 +167,7 @@ def cached_samples(pipe, name: str, steps: int, args: argparse.Namespace, cache:
 
 
 
-def bench_quality(pipe, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
+def bench_quality(pipe, base_config, args: argparse.Namespace, cache: Path) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
     reference, _ = make_demo_latents()  # the training set
     evaluator = Evaluator(reference)
@@ -174,7 +182,7 @@ def bench_quality(pipe, args: argparse.Namespace, cache: Path) -> dict[str, Any]
     missing = []
     # Cheap samplers first, so a short budget still gives most of the table; DDPM-1000 fills in over runs.
     for name, steps in sorted(SAMPLERS, key=lambda s: s[1]):
-        x, spent = cached_samples(pipe, name, steps, args, cache, deadline)
+        x, spent = cached_samples(pipe, base_config, name, steps, args, cache, deadline)
         key = f"{name}-{steps}"
         if x is None:
             missing.append(key)
@@ -223,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model = ensure_model(args)
     pipe = load_pipeline(str(model), device=device)
+    base_config = pipe.scheduler.config  # the saved (training) scheduler: every sampler is built from it
     out: dict[str, Any] = {"benchmark": "bench_sampling", "machine": machine_info(device), "model": str(model),
                            "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     if not args.skip_overhead:
-        out["overhead"] = {f"{name}-{steps}": time_overhead(pipe, name, steps, args.overhead_batch,
+        out["overhead"] = {f"{name}-{steps}": time_overhead(pipe, base_config, name, steps, args.overhead_batch,
                                                             args.overhead_rounds, device)
                            for name, steps in args.overhead_samplers}
         out["overhead_target"] = "pipeline >= 0.95 x bare (CPU-time samples/s on CPU)"
@@ -236,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = sorted((model / "unet").glob("*.safetensors"))
         digest = hashlib.sha1(b"".join(p.read_bytes() for p in weights)).hexdigest()[:12]
         cache = Path(args.work_dir) / "sample_cache" / digest  # per model weights
-        out["quality"] = bench_quality(pipe, args, cache)
+        out["quality"] = bench_quality(pipe, base_config, args, cache)
     out["wall_s"] = round(time.perf_counter() - start, 1)
     emit(out, path=args.out)
     return 0

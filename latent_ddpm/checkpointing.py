@@ -133,22 +133,33 @@ def set_aside_newer_checkpoints(train_dir: Path, resume: Path) -> list[Path]:
     return moved
 
 
-#: TrainConfig fields that define the training objective (noise schedule and loss). They are saved with a
-#: checkpoint's run settings, so that a resumed run cannot switch objective mid-run (e.g. a changed default).
+#: TrainConfig fields that define the training objective (noise schedule, loss, data scaling, label dropout).
+#: They are saved with a checkpoint's run settings, so that a resumed run cannot switch objective mid-run
+#: (e.g. after a changed default).
 OBJECTIVE_SETTINGS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
-                      "snr_gamma", "snr_floor")
+                      "snr_gamma", "snr_floor", "normalization", "scaling_factor", "cond_drop_prob")
 
 
 def objective_settings(cfg) -> dict:
     """The objective part of a run's settings (`OBJECTIVE_SETTINGS` of a TrainConfig), as compared on resume.
 
-    snr_gamma 0 and None both turn the min-SNR weighting off (`min_snr_weights`): the same objective, so both
-    are recorded as None. Otherwise values are kept as given: floats survive the JSON round trip of the state
-    file exactly (repr round-trips), and 5 == 5.0 compares equal.
+    Settings that cannot change the objective are recorded as None, so that equivalent runs compare equal:
+    snr_gamma 0 and None both turn min-SNR weighting off; snr_floor acts only with that weighting on, not for
+    epsilon prediction, and as min(floor, gamma) (`diffusion.min_snr_weights`); squaredcos_cap_v2 ignores the
+    betas; a fixed scaling_factor replaces the normalization; label dropout needs labels. Floats survive the
+    state file's JSON round trip exactly.
     """
-    settings = {k: getattr(cfg, k) for k in OBJECTIVE_SETTINGS}
-    settings["snr_gamma"] = settings["snr_gamma"] or None
-    return settings
+    s = {k: getattr(cfg, k) for k in OBJECTIVE_SETTINGS}
+    s["snr_gamma"] = s["snr_gamma"] or None
+    floor_applies = s["snr_gamma"] is not None and s["prediction_type"] != "epsilon"
+    s["snr_floor"] = min(s["snr_floor"], s["snr_gamma"]) if floor_applies else None
+    if s["beta_schedule"] == "squaredcos_cap_v2":
+        s["beta_start"] = s["beta_end"] = None
+    if s["scaling_factor"] is not None:
+        s["normalization"] = None  # a fixed scale replaces the statistics
+    if not cfg.class_conditional:
+        s["cond_drop_prob"] = None
+    return s
 
 
 def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None) -> None:

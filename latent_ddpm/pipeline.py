@@ -15,7 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .unet import AdvancedUNet2DModel
 
 # The default noise schedule: DDPM (Ho et al. 2020, sec. 4) with 1000 linear betas from 1e-4 to
-# 0.02 (the same values as TrainConfig's defaults; tests/test_diffusion.py pins them together; the hub copy
+# 0.02 (the same betas as TrainConfig's defaults; tests/test_diffusion.py pins them together; the hub copy
 # of this file cannot import the config). clip_sample is off: latents are not images in [-1, 1], and
 # clipping destroys them.
 DEFAULT_SCHEDULER_CONFIG = dict(

@@ -116,14 +116,17 @@ def distributed_state() -> PartialState:
     return state
 
 
-def make_scheduler(name: str, config, guided: bool = False) -> SchedulerMixin:
-    """Build the scheduler `name` (see `SCHEDULERS`) from a saved scheduler config; `guided`: the sampling
-    uses classifier-free guidance (it selects `DPM_SOLVER_ORDER`)."""
+def make_scheduler(name: str, config, *, guided: bool = False) -> SchedulerMixin:
+    """Build the scheduler `name` (see `SCHEDULERS`) from a saved scheduler config. `guided`: the sampling
+    uses classifier-free guidance, which selects the deterministic DPM-Solver++'s order (`DPM_SOLVER_ORDER`).
+    The multistep solvers' order is always set, so a config taken from another sampler cannot carry its own."""
     if name not in SCHEDULERS:
         raise UserInputError(f"unknown --scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
     cls, overrides = SCHEDULERS[name]
     if name == "dpmsolver++":
         overrides = {**overrides, "solver_order": DPM_SOLVER_ORDER["guided" if guided else "unguided"]}
+    elif name in ("sde-dpmsolver++", "unipc"):
+        overrides = {**overrides, "solver_order": 2}  # diffusers' default; the SDE form supports at most 2
     return cls.from_config(config, **overrides)
 
 

@@ -80,7 +80,7 @@ def test_snr_floor_is_not_applied_to_epsilon():
 
 
 def test_one_default_noise_schedule():
-    """train.py's default schedule (TrainConfig) and the pipeline's default scheduler are the same schedule:
+    """train.py's default schedule (TrainConfig) and the pipeline's default scheduler have the same betas:
     the values are written twice (the pipeline's hub copy cannot import the config), so pin them together."""
     from latent_ddpm.config import TrainConfig
     from latent_ddpm.pipeline import DEFAULT_SCHEDULER_CONFIG

@@ -1,0 +1,49 @@
+"""The benchmarks' cache keys: stable across processes (else every run recomputes its caches) and sensitive
+to what they must cover."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SNIPPET = """
+import sys
+sys.path.insert(0, "benchmarks")
+from _common import recipe_key
+from bench_sampling import scheduler_tag
+from latent_ddpm.diffusion import build_noise_scheduler
+from latent_ddpm.sampling import SCHEDULERS, make_scheduler
+base = build_noise_scheduler(1000, "linear", 1e-4, 0.02, "v_prediction").config
+print(recipe_key(1), *(scheduler_tag(make_scheduler(name, base)) for name in SCHEDULERS))
+"""
+
+
+def keys(hash_seed: str) -> list[str]:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", SNIPPET], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.split()
+
+
+def test_cache_keys_are_the_same_in_every_process():
+    first, second = keys("1"), keys("2")
+    assert first == second
+    assert len(set(first[1:])) == len(first) - 1  # every sampler has its own tag
+
+
+def test_scheduler_tag_follows_the_sampler_config():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_sampling import scheduler_tag
+
+    from latent_ddpm.diffusion import build_noise_scheduler
+    from latent_ddpm.sampling import make_scheduler
+
+    base = build_noise_scheduler(1000, "linear", 1e-4, 0.02, "v_prediction").config
+    unguided, guided = make_scheduler("dpmsolver++", base), make_scheduler("dpmsolver++", base, guided=True)
+    assert scheduler_tag(unguided) != scheduler_tag(guided)  # solver_order 3 vs 2
+    # make_scheduler pins the multistep solvers' order: one built from the order-3 config keeps its own.
+    for name in ("sde-dpmsolver++", "unipc"):
+        assert make_scheduler(name, unguided.config).config.solver_order == 2

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from latent_ddpm.encode import load_vae, run_encoding_info
 from latent_ddpm.errors import UserInputError, run_cli
 from latent_ddpm.images import save_image_grid, to_uint8
+from latent_ddpm.pipeline import inference_steps_error
 from latent_ddpm.plots import save_latent_grid
 from latent_ddpm.sampling import (
     DTYPES,
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
         raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "
                              f"{model} was trained with; use at most {timesteps}")
+    if args.num_inference_steps is not None and (error := inference_steps_error(pipe.scheduler,
+                                                                                args.num_inference_steps)):
+        raise UserInputError(f"--num_inference_steps: {error}")
     if args.decode:
         attach_vae(pipe, args, model, state.device)
     unet = pipe.unet.config

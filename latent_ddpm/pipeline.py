@@ -35,6 +35,19 @@ class LatentPipelineOutput(BaseOutput):
     images: list | np.ndarray | None = None
 
 
+def inference_steps_error(scheduler: SchedulerMixin, num_inference_steps: int) -> str | None:
+    """Why `num_inference_steps` cannot work with `scheduler`, or None. A multistep solver (DPM-Solver++,
+    UniPC: a `solver_order` in its config) divides by the step size; with as many steps as training
+    timesteps, diffusers' spacing repeats a timestep and the zero step turns every sample into NaN."""
+    if "solver_order" not in scheduler.config:
+        return None
+    scheduler.set_timesteps(num_inference_steps)
+    if len(torch.unique(scheduler.timesteps)) == len(scheduler.timesteps):
+        return None
+    return (f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: its timesteps repeat and a "
+            f"zero step gives NaN; use at most {scheduler.config.num_train_timesteps - 1}")
+
+
 def default_scheduler(**overrides) -> DDPMScheduler:
     """A `DDPMScheduler` with the project's defaults (see `DEFAULT_SCHEDULER_CONFIG`)."""
     return DDPMScheduler(**{**DEFAULT_SCHEDULER_CONFIG, **overrides})
@@ -165,6 +178,9 @@ class LatentDDPMPipeline(DiffusionPipeline):
         if num_inference_steps is None:
             num_inference_steps = self.scheduler.config.num_train_timesteps if isinstance(
                 self.scheduler, DDPMScheduler) else 50
+        error = inference_steps_error(self.scheduler, num_inference_steps)
+        if error:
+            raise ValueError(error)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         if latents is None:
             latents = randn_tensor((batch_size, c, h, w), generator=generator, device=device, dtype=torch.float32)

@@ -13,7 +13,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from latent_ddpm import LatentDDPMPipeline, default_scheduler
+from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler
 
 T = 20  # training timesteps: small, so a full DDPM run is fast
 
@@ -167,3 +167,18 @@ def test_save_pretrained_round_trip(make_pipe, tmp_path):
     assert isinstance(loaded.scheduler, DDIMScheduler)
     assert loaded.config.latents_mean == [0.5, -1.0] and loaded.config.latents_std == [2.0]
     np.testing.assert_array_equal(loaded(generator=gen(3), **kw).latents, before)
+
+
+@pytest.mark.parametrize("name", ["dpmsolver++", "sde-dpmsolver++", "unipc"])
+def test_multistep_solver_refuses_as_many_steps_as_timesteps(name):
+    """With num_inference_steps == T, diffusers' spacing repeats a timestep and a multistep solver divides
+    by the zero step (NaN samples): the pipeline refuses it, and T - 1 steps work."""
+    from latent_ddpm.sampling import make_scheduler
+
+    base = default_scheduler(num_train_timesteps=20)
+    pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8),
+                              scheduler=make_scheduler(name, base.config))
+    with pytest.raises(ValueError, match="use at most 19"):
+        pipe(batch_size=1, num_inference_steps=20)
+    out = pipe(batch_size=1, num_inference_steps=19, generator=torch.Generator().manual_seed(0)).latents
+    assert np.isfinite(out).all()

@@ -159,6 +159,8 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     (["--scheduler", "nope"], "valid names: ddpm, ddim, dpmsolver++"),
     (["--num_samples", "0"], "at least 1"),
     (["--num_inference_steps", "5000"], "exceeds the 1000 timesteps"),
+    (["--scheduler", "dpmsolver++", "--num_inference_steps", "1000"], "use at most 999"),
+    (["--scheduler", "unipc", "--num_inference_steps", "1000"], "timesteps repeat"),
     (["--seed", "-3"], "--seed must be >= 0"),
     (["--mixed_precision", "fp8"], "invalid choice"),
     (["--output", "x.txt"], "must end in .npz"),

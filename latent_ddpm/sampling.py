@@ -49,7 +49,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 }
 # Order of the deterministic DPM-Solver++, as diffusers' documentation recommends: 3 for unguided sampling, 2
 # with classifier-free guidance (a higher order extrapolates the guided prediction further). On the demo
-# model, unguided, order 3 lowered the FD at 20 steps on all six models tried (-5% median; no change at 10).
+# model, unguided, order 3 lowered the FD at 20 steps on all seven models tried (-5% median; no change at 10).
 DPM_SOLVER_ORDER = {"unguided": 3, "guided": 2}
 # `--mixed_precision` -> the dtype of the UNet weights (the scheduler always works in float32).
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -17,6 +17,9 @@ Target: bf16_compile at least 2x the images/s of fp32_eager.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
 import statistics
 import sys
 import time
@@ -39,8 +42,9 @@ from latent_ddpm.unet import AdvancedUNet2DModel  # noqa: E402
 # "tf32" and "bf16" are tensor-core peaks; "fp32" is the non-tensor-core FP32 peak.
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     ("H100 PCIe", {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2}),
-    ("H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 NVL", {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", {"bf16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
 ]
 
@@ -79,6 +83,34 @@ def peak_tflops(device: torch.device) -> tuple[str, dict[str, float] | None]:
     return name, None
 
 
+def sdpa_fused_kernels(device: torch.device) -> dict[str, bool] | None:
+    """Whether a fused SDPA kernel (flash, mem-efficient, cuDNN) takes each dtype at the model's head widths.
+
+    The model pads heads to 16 only on CPU, so the CPU smoke run never sees the CUDA choice; a False here
+    means the math fallback, which materialises B x heads x 4096^2 scores at 64x64 (tens of GiB: OOM or slow).
+    """
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    except (ImportError, AttributeError) as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    found: dict[str, Any] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_dim in (4, 8, 16):
+            qkv = torch.randn(2, 64, 3, 4, head_dim, device=device, dtype=dtype, requires_grad=True)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # the model's strided views
+            try:
+                with sdpa_kernel(fused):
+                    F.scaled_dot_product_attention(q, k, v).sum().backward()
+                found[f"{str(dtype)[6:]}_d{head_dim}"] = True
+            except Exception:  # "No available kernel": this one would take the math fallback
+                found[f"{str(dtype)[6:]}_d{head_dim}"] = False
+    return found
+
+
 def set_precision(precision: str) -> None:
     tf32 = precision in ("tf32", "bf16")
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -107,8 +139,7 @@ def run_candidate(cand: Candidate, args: argparse.Namespace, device: torch.devic
 
     shape = (args.dataset_size, args.channels, args.size, args.size)
     data = torch.randn(shape, device=device) if cand.device_data else torch.randn(shape)
-    if not cand.device_data and device.type == "cuda":
-        data = data.pin_memory()
+    pin = not cand.device_data and device.type == "cuda"
     alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=device), 0)
     b = args.batch_size
 
@@ -116,7 +147,10 @@ def run_candidate(cand: Candidate, args: argparse.Namespace, device: torch.devic
         if cand.device_data:
             x0 = data[torch.randint(0, len(data), (b,), device=device)]
         else:
-            x0 = data[torch.randint(0, len(data), (b,))].to(device, non_blocking=True)
+            # As DataLoader(pin_memory=True): gather on the host, pin the batch, copy it asynchronously.
+            # (Indexing a pinned tensor gives a pageable one, so pinning `data` alone would not do this.)
+            x0 = data[torch.randint(0, len(data), (b,))]
+            x0 = (x0.pin_memory() if pin else x0).to(device, non_blocking=True)
         x0 = x0.contiguous(memory_format=memory_format)
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (b,), device=device)
@@ -172,43 +206,93 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated, from: "
                         + ", ".join(CANDIDATES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--time_budget_s", type=float, default=420.0,
-                        help="skip the remaining candidates once this much time has passed")
+    parser.add_argument("--time_budget_s", type=float, default=None,
+                        help="skip the remaining candidates once this much time has passed (default 420; "
+                        "no limit with --smoke)")
+    parser.add_argument("--deadline_s", type=float, default=None,
+                        help="hard stop (default 530 s after start; no limit with --smoke): skip a candidate whose "
+                        "estimated time would pass it, interrupt the one running at it, and write the JSON")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 16x16, batch 4, 2 steps: checks the script")
     args = parser.parse_args(argv)
     if args.smoke:
         args.preset, args.size, args.batch_size, args.dataset_size = "tiny", 16, 4, 16
         args.steps, args.chunks, args.warmup = 2, 1, 1
+    unlimited = float("inf") if args.smoke else None
+    args.time_budget_s = args.time_budget_s if args.time_budget_s is not None else unlimited or 420.0
+    args.deadline_s = args.deadline_s if args.deadline_s is not None else unlimited or 530.0
     return args
 
 
+class Deadline(Exception):
+    """Raised by SIGALRM in the main thread when --deadline_s is reached."""
+
+
+# Until a candidate of the same kind has been timed, the seconds one is assumed to take (warm-up + timed steps):
+# a cold torch.compile of this UNet (forward and backward) takes about 1-3 minutes.
+FIRST_ESTIMATE_S = {"compile": 180.0, "eager": 45.0}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
     args = parse_args(argv)
+    if not os.environ.get("OUT"):
+        print("gpu_bench: $OUT is not set; the JSON is only printed at the end", file=sys.stderr)
     device = torch.device(args.device)
     gpu_name, peaks = peak_tflops(device)
     flops = model_flops(args.preset, args.batch_size, args.channels, args.size)
+    settings = {k: None if v == float("inf") else v for k, v in vars(args).items()}  # strict JSON: no Infinity
     result: dict[str, Any] = {
-        "benchmark": "gpu_bench", "machine": machine_info(device), "settings": vars(args),
+        "benchmark": "gpu_bench", "machine": machine_info(device), "settings": settings,
+        "c_compiler": os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"),  # Triton needs one
+        "sdpa_fused_kernels": sdpa_fused_kernels(device),
         "peak_tflops_dense": {"gpu": gpu_name, **(peaks or {})},
         "gflop_per_step": round(flops / 1e9, 2), "candidates": {}, "errors": {}, "skipped": [],
     }
-    started = time.perf_counter()
-    for name in args.candidates.split(","):
-        if time.perf_counter() - started > args.time_budget_s:
-            result["skipped"].append(name)
-            continue
-        try:
-            res = run_candidate(CANDIDATES[name], args, device)
-            add_mfu(res, flops, peaks)
-            result["candidates"][name] = res
-        except Exception as err:  # record it; the other candidates still run
-            result["errors"][name] = f"{type(err).__name__}: {err}"
-            traceback.print_exc()
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        summarize_speedups(result)
-        emit(result, "gpu_bench.json", quiet=True)  # partial results survive a run cut short
+    emit(result, "gpu_bench.json", quiet=True)
+
+    def on_deadline(signum, frame):
+        def give_up(signum, frame):  # the Deadline was swallowed somewhere: write what there is and leave
+            emit(result, "gpu_bench.json")
+            sys.stdout.flush()
+            os._exit(3)
+
+        signal.signal(signal.SIGALRM, give_up)
+        signal.alarm(30)
+        raise Deadline(f"--deadline_s {args.deadline_s:g} reached")
+
+    finite = args.deadline_s != float("inf")
+    if finite:
+        signal.signal(signal.SIGALRM, on_deadline)
+        signal.alarm(max(1, int(args.deadline_s - (time.perf_counter() - started))))
+    estimate = dict(FIRST_ESTIMATE_S)
+    try:
+        for name in args.candidates.split(","):
+            elapsed = time.perf_counter() - started
+            kind = "compile" if name in CANDIDATES and CANDIDATES[name].compile else "eager"
+            if elapsed > args.time_budget_s or elapsed + estimate[kind] > args.deadline_s:
+                result["skipped"].append(name)
+                continue
+            try:
+                res = run_candidate(CANDIDATES[name], args, device)
+                add_mfu(res, flops, peaks)
+                res["total_s"] = round(time.perf_counter() - started - elapsed, 1)
+                estimate[kind] = res["total_s"]
+                result["candidates"][name] = res
+                print(f"gpu_bench: {name}: {res['images_per_s']} img/s, {res['step_ms']} ms/step, "
+                      f"mfu {res.get('mfu')}, {res['total_s']} s", flush=True)
+            except Exception as err:  # record it (Deadline included); the other candidates still run
+                result["errors"][name] = f"{type(err).__name__}: {err}"
+                traceback.print_exc()
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            summarize_speedups(result)
+            emit(result, "gpu_bench.json", quiet=True)  # partial results survive a run cut short
+    except Deadline as err:  # it struck between candidates
+        result["errors"]["deadline"] = str(err)
+    if finite:
+        signal.alarm(0)
+    result["total_s"] = round(time.perf_counter() - started, 1)
     emit(result, "gpu_bench.json")
     return result
 

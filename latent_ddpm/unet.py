@@ -77,6 +77,16 @@ class ResnetBlock(nn.Module):
 # PyTorch's CPU flash-attention kernel runs head_dim 4 or 8 up to 1.8x slower than 16 (skinny GEMMs),
 # so on CPU q, k, v are zero-padded to this head width (see docs/benchmarks.md).
 _CPU_MIN_HEAD_DIM = 16
+# On GPUs the fused kernels (flash, memory-efficient) take 16-bit inputs only with head_dim a multiple of 8;
+# otherwise SDPA falls back to the math kernel, which materialises the (HW)^2 scores. Pad to a multiple.
+_GPU_HEAD_DIM_MULTIPLE = 8
+
+
+def _head_padding(head_dim: int, device_type: str) -> int:
+    """Zero columns to add to q, k and v so that SDPA takes a fast kernel on this device."""
+    if device_type == "cpu":
+        return max(0, _CPU_MIN_HEAD_DIM - head_dim)
+    return -head_dim % _GPU_HEAD_DIM_MULTIPLE
 
 
 class SelfAttention(nn.Module):
@@ -101,7 +111,7 @@ class SelfAttention(nn.Module):
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         head_dim = c // self.num_heads
         qkv = self.to_qkv(tokens).view(b, h * w, 3, self.num_heads, head_dim)
-        pad = _CPU_MIN_HEAD_DIM - head_dim if x.device.type == "cpu" else 0
+        pad = _head_padding(head_dim, x.device.type)
         if pad > 0:
             # Exact: zero columns add nothing to q.k, and the output's padded columns are zero (dropped).
             qkv = F.pad(qkv, (0, pad))

@@ -255,3 +255,24 @@ def test_save_pretrained_round_trip(make_unet, tmp_path, overrides):
     x = _x(h=h, w=w)
     with torch.no_grad():
         assert torch.equal(model(x, 7).sample, loaded(x, 7).sample)
+
+
+def test_attention_head_padding_is_exact(monkeypatch):
+    """Narrow heads are zero-padded for SDPA's fast kernels (to 16 wide on CPU, to a multiple of 8 on GPUs);
+    the output equals plain softmax attention either way."""
+    from latent_ddpm import unet as unet_module
+
+    assert [unet_module._head_padding(d, "cuda") for d in (4, 12, 16, 64)] == [4, 4, 0, 0]
+    assert [unet_module._head_padding(d, "cpu") for d in (4, 8, 16, 32)] == [12, 8, 0, 0]
+    torch.manual_seed(0)
+    attn = SelfAttention(channels=16, num_heads=4, groups=4).eval()  # head_dim 4
+    x = torch.randn(2, 16, 4, 4)
+    with torch.no_grad():
+        tokens = attn.norm(x).permute(0, 2, 3, 1).reshape(2, 16, 16)
+        q, k, v = attn.to_qkv(tokens).view(2, 16, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        ref = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v  # scale 1/sqrt(4)
+        ref = x + attn.to_out(ref.transpose(1, 2).reshape(2, 16, 16)).view(2, 4, 4, 16).permute(0, 3, 1, 2)
+        real = unet_module._head_padding
+        for device_type in ("cpu", "cuda"):  # the GPU padding, exercised on CPU
+            monkeypatch.setattr(unet_module, "_head_padding", lambda d, _t, kind=device_type: real(d, kind))
+            torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)

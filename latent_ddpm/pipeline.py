@@ -38,14 +38,22 @@ class LatentPipelineOutput(BaseOutput):
 def inference_steps_error(scheduler: SchedulerMixin, num_inference_steps: int) -> str | None:
     """Why `num_inference_steps` cannot work with `scheduler`, or None. A multistep solver (DPM-Solver++,
     UniPC: a `solver_order` in its config) divides by the step size; with as many steps as training
-    timesteps, diffusers' spacing repeats a timestep and the zero step turns every sample into NaN."""
+    timesteps, diffusers' linspace spacing repeats a noise level and the zero step turns every sample into
+    NaN. The check runs on a copy and looks at the noise levels stepped on (sigmas where the scheduler has
+    them: Karras sigmas may map distinct sigmas to one integer timestep, which is fine)."""
     if "solver_order" not in scheduler.config:
         return None
-    scheduler.set_timesteps(num_inference_steps)
-    if len(torch.unique(scheduler.timesteps)) == len(scheduler.timesteps):
+    probe = type(scheduler).from_config(scheduler.config)
+    try:
+        probe.set_timesteps(num_inference_steps)
+    except (ValueError, IndexError, AssertionError) as err:
+        return f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: {err}"
+    levels = getattr(probe, "sigmas", None)
+    levels = probe.timesteps if levels is None else levels[: len(probe.timesteps)]
+    if len(torch.unique(levels)) == len(levels):
         return None
-    return (f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: its timesteps repeat and a "
-            f"zero step gives NaN; use at most {scheduler.config.num_train_timesteps - 1}")
+    return (f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: its noise levels repeat and a "
+            f"zero step gives NaN; use fewer steps")
 
 
 def default_scheduler(**overrides) -> DDPMScheduler:
@@ -175,9 +183,9 @@ class LatentDDPMPipeline(DiffusionPipeline):
 
         # 2. Start from x_T ~ N(0, I), scaled as the scheduler expects. set_timesteps comes first:
         # init_noise_sigma (Euler, Heun, ...) depends on the timesteps it sets.
-        if num_inference_steps is None:
-            num_inference_steps = self.scheduler.config.num_train_timesteps if isinstance(
-                self.scheduler, DDPMScheduler) else 50
+        if num_inference_steps is None:  # DDPM: every training step; others 50 (fewer than T, for short schedules)
+            steps = self.scheduler.config.num_train_timesteps
+            num_inference_steps = steps if isinstance(self.scheduler, DDPMScheduler) else min(50, steps - 1)
         error = inference_steps_error(self.scheduler, num_inference_steps)
         if error:
             raise ValueError(error)

@@ -126,7 +126,7 @@ def make_scheduler(name: str, config, *, guided: bool = False) -> SchedulerMixin
     if name == "dpmsolver++":
         overrides = {**overrides, "solver_order": DPM_SOLVER_ORDER["guided" if guided else "unguided"]}
     elif name in ("sde-dpmsolver++", "unipc"):
-        overrides = {**overrides, "solver_order": 2}  # diffusers' default; the SDE form supports at most 2
+        overrides = {**overrides, "solver_order": 2}  # diffusers' default (and its advice for the SDE form)
     return cls.from_config(config, **overrides)
 
 

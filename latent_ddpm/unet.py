@@ -83,10 +83,13 @@ _GPU_HEAD_DIM_MULTIPLE = 8
 
 
 def _head_padding(head_dim: int, device_type: str) -> int:
-    """Zero columns to add to q, k and v so that SDPA takes a fast kernel on this device."""
+    """Zero columns to add to q, k and v so that SDPA takes a fast kernel on this device (none on others,
+    e.g. "meta", where the benchmarks count the model's FLOPs)."""
     if device_type == "cpu":
         return max(0, _CPU_MIN_HEAD_DIM - head_dim)
-    return -head_dim % _GPU_HEAD_DIM_MULTIPLE
+    if device_type in ("cuda", "xpu"):
+        return -head_dim % _GPU_HEAD_DIM_MULTIPLE
+    return 0
 
 
 class SelfAttention(nn.Module):

@@ -264,6 +264,7 @@ def test_attention_head_padding_is_exact(monkeypatch):
 
     assert [unet_module._head_padding(d, "cuda") for d in (4, 12, 16, 64)] == [4, 4, 0, 0]
     assert [unet_module._head_padding(d, "cpu") for d in (4, 8, 16, 32)] == [12, 8, 0, 0]
+    assert unet_module._head_padding(4, "meta") == 0  # FLOP counting sees the model's own work
     torch.manual_seed(0)
     attn = SelfAttention(channels=16, num_heads=4, groups=4).eval()  # head_dim 4
     x = torch.randn(2, 16, 4, 4)

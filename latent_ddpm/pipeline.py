@@ -138,7 +138,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
         Args:
             batch_size: number of latents (ignored when `latents` is given).
             num_inference_steps: denoising steps; None means every training step for DDPM
-                (the original's ancestral sampler) and 50 for other schedulers.
+                (the original's ancestral sampler) and min(50, T - 1) for other schedulers.
             generator: one generator, or one per sample (results then do not depend on batch size).
             class_labels: one label per sample for a class-conditional UNet.
             guidance_scale: classifier-free guidance weight w (Ho & Salimans 2022); 1 disables it.

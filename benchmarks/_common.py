@@ -276,16 +276,20 @@ def quality_figures(evaluator, baseline_fd: float, x) -> dict[str, Any]:
             "coverage": judge["coverage"], "nonfinite": ev["num_nonfinite_samples"]}
 
 
-# ----------------------------------------------------------------------------- model caches
+# ----------------------------------------------------------------------------- caches
+def short_hash(obj: Any) -> str:
+    """8 hex digits naming a cache entry: sha1 of `obj` as JSON with sorted keys (non-JSON values by `str`)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def recipe_key(*extra: Any) -> str:
-    """8 hex digits naming a cached trained model: sha1 of train.py's defaults (`TrainConfig().to_dict()`), the
-    UNet preset definitions (`PRESETS`) and `extra` (the benchmark's flags, thread count, ...), JSON with sorted
-    keys. A change to any of them gives a new key, so a stale model is never reused."""
+    """The `short_hash` naming a cached trained model: of train.py's defaults (`TrainConfig().to_dict()`), the
+    UNet preset definitions (`PRESETS`) and `extra` (the benchmark's flags, thread count, ...). A change to any
+    of them gives a new key, so a stale model is never reused."""
     from latent_ddpm.config import TrainConfig
     from latent_ddpm.unet import PRESETS
 
-    text = json.dumps([TrainConfig().to_dict(), PRESETS, *extra], sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+    return short_hash([TrainConfig().to_dict(), PRESETS, *extra])
 
 
 # ----------------------------------------------------------------------------- output

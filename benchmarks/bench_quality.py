@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import statistics
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio, recipe_key  # noqa: E402
+from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio, recipe_key, short_hash  # noqa: E402
 
 from latent_ddpm.demo import demo_dataset, make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
@@ -266,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         # train.py candidates are their flags on top of train.py's defaults and the --preset definitions: all are
         # in the cache key (`recipe_key`), so a changed recipe retrains; so is --threads (it changes the float
         # arithmetic, hence the trained weights).
-        key = hashlib.sha1(json.dumps([EXAMPLE, EXAMPLE_UNET, args.threads]).encode()).hexdigest()[:8] \
-            if kind == "diffusers_example" else recipe_key(PRESET, TRAIN_PY[name], args.threads)
+        key = short_hash([EXAMPLE, EXAMPLE_UNET, args.threads]) if kind == "diffusers_example" \
+            else recipe_key(PRESET, TRAIN_PY[name], args.threads)
         run = work / f"{name}_{steps}_{key}"
         info_file = run / "bench_train_info.json"
         if not info_file.is_file():

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
-import json
 import os
 import statistics
 import subprocess
@@ -42,7 +41,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio, recipe_key, synchronize  # noqa: E402
+from _common import (  # noqa: E402
+    FRESH_DEMO_SEED,
+    emit,
+    machine_info,
+    quality_figures,
+    ratio,
+    recipe_key,
+    short_hash,
+    synchronize,
+)
 
 from latent_ddpm.demo import make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
@@ -129,8 +137,7 @@ def scheduler_tag(scheduler) -> str:
     changed sampler setting samples afresh. The "_"-keys are left out: diffusers' `_use_default_values` lists
     a set, in an order that varies from process to process."""
     public = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
-    blob = json.dumps([type(scheduler).__name__, public], sort_keys=True, default=str)
-    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+    return short_hash([type(scheduler).__name__, public])
 
 
 def cached_samples(pipe, base_config, name: str, steps: int, args: argparse.Namespace, cache: Path, deadline: float

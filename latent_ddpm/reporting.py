@@ -21,8 +21,8 @@ from .unet import AdvancedUNet2DModel
 MAX_REFERENCE = 4096
 # Latents decoded per autoencoder call for the image previews: bounds the decoder's memory.
 DECODE_BATCH = 8
-#: Sampler of the previews and the final quality figures: DPM-Solver++'s stochastic (SDE) form. On the demo
-#: model at 20 steps it is within 8% of DDPM-1000's Frechet distance; the deterministic form is 27% behind
+#: Sampler of the previews and the final quality figures: DPM-Solver++'s stochastic (SDE) form. On the 2000-step
+#: demo model at 20 steps it is within 8% of DDPM-1000's Frechet distance, the deterministic form 20% behind
 #: (docs/benchmarks.md, "Quality against steps").
 PREVIEW_SAMPLER = "sde-dpmsolver++"
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from latent_ddpm.encode import load_vae, run_encoding_info
 from latent_ddpm.errors import UserInputError, run_cli
 from latent_ddpm.images import save_image_grid, to_uint8
-from latent_ddpm.pipeline import inference_steps_error
+from latent_ddpm.pipeline import default_inference_steps, inference_steps_error
 from latent_ddpm.plots import save_latent_grid
 from latent_ddpm.sampling import (
     DTYPES,
@@ -36,6 +36,7 @@ from latent_ddpm.sampling import (
     SCHEDULERS,
     ArgParser,
     NpyRowWriter,
+    configure_scheduler,
     default_output,
     distributed_state,
     labels_for,
@@ -62,6 +63,10 @@ def parse_args(argv: list[str] | None = None):
                    help="denoising steps (default: every training step for ddpm, 50 otherwise)")
     p.add_argument("--scheduler", default=None,
                    help=f"sampler: {', '.join(SCHEDULERS)} (default: the pipeline's saved scheduler)")
+    p.add_argument("--scheduler_config", default=None,
+                   help="JSON object (or .json file) of scheduler settings, e.g. '{\"use_karras_sigmas\": true}' "
+                        "or '{\"timestep_spacing\": \"trailing\"}' (the training's betas and prediction type "
+                        "stay fixed)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
     p.add_argument("--seed", type=int, default=42, help="base seed; sample i uses (seed, i) (default 42)")
     p.add_argument("--class_labels", nargs="+", default=None,
@@ -143,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
         raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "
                              f"{model} was trained with; use at most {timesteps}")
+    if args.scheduler_config is not None:
+        pipe.scheduler = configure_scheduler(pipe.scheduler, args.scheduler_config,
+                                             args.num_inference_steps or default_inference_steps(pipe.scheduler))
     if args.num_inference_steps is not None and (error := inference_steps_error(pipe.scheduler,
                                                                                 args.num_inference_steps)):
         raise UserInputError(f"--num_inference_steps: {error}")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ArgumentParser, UserInputError, first_line
+from .errors import ArgumentParser, UserInputError, first_line, json_object
 from .unet import PRESETS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -167,19 +166,7 @@ class TrainConfig:
         """The `--model_config` JSON (inline or a file) as a dict."""
         if not self.model_config:
             return {}
-        text = self.model_config
-        if not text.lstrip().startswith("{"):
-            path = Path(text)
-            if not path.is_file():
-                raise UserInputError(f"--model_config: {text!r} is neither a JSON object nor an existing .json file")
-            text = path.read_text()
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"--model_config: invalid JSON ({err.msg} at char {err.pos})") from None
-        if not isinstance(value, dict):
-            raise UserInputError("--model_config: must be a JSON object of AdvancedUNet2DModel arguments")
-        return value
+        return json_object(self.model_config, "--model_config", "AdvancedUNet2DModel arguments")
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (the hub token is never written)."""

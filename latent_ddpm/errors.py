@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 #: Exit status of every command for bad input (files, flags, configs), as argparse uses.
@@ -27,6 +29,23 @@ def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message (for one-line errors), or "no details"."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else "no details"
+
+
+def json_object(text: str, flag: str, what: str) -> dict:
+    """A flag's JSON object, given inline (`'{"key": 1}'`) or as the path of a .json file; anything else
+    is a `UserInputError` naming `flag`. `what` says what the object holds, for that message."""
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise UserInputError(f"{flag}: {text!r} is neither a JSON object nor an existing .json file")
+        text = path.read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserInputError(f"{flag}: invalid JSON ({err.msg} at char {err.pos})") from None
+    if not isinstance(value, dict):
+        raise UserInputError(f"{flag}: must be a JSON object of {what}")
+    return value
 
 
 def fail(message: str) -> NoReturn:

@@ -56,6 +56,13 @@ def inference_steps_error(scheduler: SchedulerMixin, num_inference_steps: int) -
             f"zero step gives NaN; use fewer steps")
 
 
+def default_inference_steps(scheduler: SchedulerMixin) -> int:
+    """The pipeline's step count when none is given: every training step for DDPM (the original's ancestral
+    sampler), min(50, T - 1) for the others (fewer than T, for short schedules: see `inference_steps_error`)."""
+    steps = scheduler.config.num_train_timesteps
+    return steps if isinstance(scheduler, DDPMScheduler) else min(50, steps - 1)
+
+
 def default_scheduler(**overrides) -> DDPMScheduler:
     """A `DDPMScheduler` with the project's defaults (see `DEFAULT_SCHEDULER_CONFIG`)."""
     return DDPMScheduler(**{**DEFAULT_SCHEDULER_CONFIG, **overrides})
@@ -183,9 +190,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
 
         # 2. Start from x_T ~ N(0, I), scaled as the scheduler expects. set_timesteps comes first:
         # init_noise_sigma (Euler, Heun, ...) depends on the timesteps it sets.
-        if num_inference_steps is None:  # DDPM: every training step; others 50 (fewer than T, for short schedules)
-            steps = self.scheduler.config.num_train_timesteps
-            num_inference_steps = steps if isinstance(self.scheduler, DDPMScheduler) else min(50, steps - 1)
+        if num_inference_steps is None:
+            num_inference_steps = default_inference_steps(self.scheduler)
         error = inference_steps_error(self.scheduler, num_inference_steps)
         if error:
             raise ValueError(error)

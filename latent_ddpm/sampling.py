@@ -8,6 +8,8 @@ batch size, the number of processes or the device.
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 import shutil
@@ -31,7 +33,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .errors import ArgumentParser, UserInputError, first_line
+from .errors import ArgumentParser, UserInputError, first_line, json_object
 from .pipeline import LatentDDPMPipeline
 from .sources import is_hub_id
 
@@ -51,6 +53,10 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 # with classifier-free guidance (a higher order extrapolates the guided prediction further). On the demo
 # model, unguided, order 3 lowered the FD at 20 steps on all seven models tried (-5% median; no change at 10).
 DPM_SOLVER_ORDER = {"unguided": 3, "guided": 2}
+# Scheduler settings that define the noise process the UNet was trained on: `--scheduler_config` may not
+# change them (a sampler with other betas or another prediction type would misread every model output).
+TRAINING_SCHEDULER_KEYS = frozenset({"num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                     "trained_betas", "prediction_type", "rescale_betas_zero_snr"})
 # `--mixed_precision` -> the dtype of the UNet weights (the scheduler always works in float32).
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Bytes copied per read when assembling the final .npz: bounds the writer's memory.
@@ -128,6 +134,37 @@ def make_scheduler(name: str, config, *, guided: bool = False) -> SchedulerMixin
     elif name in ("sde-dpmsolver++", "unipc"):
         overrides = {**overrides, "solver_order": 2}  # diffusers' default (and its advice for the SDE form)
     return cls.from_config(config, **overrides)
+
+
+def configure_scheduler(scheduler: SchedulerMixin, spec: str, num_inference_steps: int) -> SchedulerMixin:
+    """`scheduler` rebuilt with the settings of `--scheduler_config` (a JSON object, inline or a .json file),
+    e.g. `{"use_karras_sigmas": true}` or `{"timestep_spacing": "trailing"}`. Every key must be an argument
+    of the scheduler's class and not one of `TRAINING_SCHEDULER_KEYS`; the result is tried on a copy (every
+    step of `num_inference_steps` on a tiny tensor, a few ms), so a bad value is one `UserInputError` line
+    before any sampling."""
+    overrides = json_object(spec, "--scheduler_config", f"{type(scheduler).__name__} settings")
+    cls = type(scheduler)
+    valid = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} - TRAINING_SCHEDULER_KEYS)
+    unknown = sorted(set(overrides) - set(valid) - TRAINING_SCHEDULER_KEYS)
+    if unknown:
+        raise UserInputError(f"--scheduler_config: {cls.__name__} has no setting {', '.join(unknown)}; "
+                             f"valid: {', '.join(valid)}")
+    fixed = sorted(set(overrides) & TRAINING_SCHEDULER_KEYS)
+    if fixed:
+        raise UserInputError(f"--scheduler_config: {', '.join(fixed)} is fixed by the model's training (its "
+                             "saved scheduler config); choose sampler settings only")
+    try:
+        configured = cls.from_config(scheduler.config, **overrides)
+        probe = cls.from_config(configured.config)
+        probe.set_timesteps(num_inference_steps)
+        x = torch.zeros(1, 1, 2, 2)
+        with torch.random.fork_rng(devices=[]):  # stochastic steps draw from the global generator: keep it
+            for t in probe.timesteps:
+                x = probe.step(torch.zeros_like(x), t, probe.scale_model_input(x, t)).prev_sample
+    except Exception as err:  # noqa: BLE001 - any failure of these settings is bad input, said in one line
+        raise UserInputError(f"--scheduler_config: {cls.__name__} cannot sample with {json.dumps(overrides)} "
+                             f"({type(err).__name__}: {first_line(err)})") from err
+    return configured
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -159,6 +159,12 @@ CASES = [
                                                          "--output", d / "s.npz"], "the model is unconditional"),
     ("sample-unknown-scheduler", "sample", lambda d: ["--model", d / "pipe", "--scheduler", "nope",
                                                       "--output", d / "s.npz"], "unknown --scheduler 'nope'"),
+    ("sample-scheduler-config-fixed", "sample", lambda d: ["--model", d / "pipe", "--scheduler_config",
+                                                           '{"prediction_type": "epsilon"}', "--output", d / "s.npz"],
+     "prediction_type is fixed by the model's training"),
+    ("sample-scheduler-config-missing-file", "sample", lambda d: ["--model", d / "pipe", "--scheduler_config",
+                                                                  d / "missing.json", "--output", d / "s.npz"],
+     "neither a JSON object nor an existing .json file"),
     ("sample-existing-output", "sample", lambda d: ["--model", d / "pipe", "--output", d / "samples.npz"],
      "exists; pass --overwrite"),
     # --- python -m latent_ddpm.data convert

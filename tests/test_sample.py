@@ -167,11 +167,46 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     (["--class_labels", "1"], "unconditional"),
     (["--guidance_scale", "3"], "needs --class_labels"),
     (["--bogus"], "unrecognized arguments"),
+    (["--scheduler_config", "{bad"], "--scheduler_config: invalid JSON"),
+    (["--scheduler_config", "[1]"], "neither a JSON object nor an existing .json file"),
+    (["--scheduler", "ddim", "--scheduler_config", '{"use_karras_sigmas": true}'],
+     "DDIMScheduler has no setting use_karras_sigmas; valid: clip_sample,"),
+    (["--scheduler_config", '{"beta_end": 0.03}'], "beta_end is fixed by the model's training"),
+    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"prediction_type": "epsilon"}'], "fixed by"),
+    (["--scheduler", "ddim", "--scheduler_config", '{"timestep_spacing": "bogus"}'],
+     "DDIMScheduler cannot sample with"),
+    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"algorithm_type": "nope"}'], "cannot sample with"),
 ])
 def test_bad_flags_one_line(models, tmp_path, capsys, extra, message):
     assert run(["--model", models / "runs" / RUN / "pipeline", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_scheduler_config(models, tmp_path):
+    """--scheduler_config sets sampler options on top of --scheduler (overriding the project's solver order),
+    inline or from a file, and they act: Karras sigmas change deterministic samples."""
+    config = load_pipeline(str(models / "cond" / "pipeline")).scheduler.config
+    dpm = make_scheduler("dpmsolver++", config)
+    assert sampling.configure_scheduler(dpm, '{"solver_order": 2}', 20).config.solver_order == 2
+    assert sampling.configure_scheduler(dpm, '{"solver_order": 2}', 20).config.beta_end == config.beta_end
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    sampling.configure_scheduler(make_scheduler("ddpm", config), "{}", 10)  # the probe's noise is its own
+    assert torch.equal(torch.rand(3), expected)
+    (tmp_path / "karras.json").write_text('{"use_karras_sigmas": true}')
+    common = ["--model", models / "runs" / RUN / "pipeline", "--scheduler", "dpmsolver++", "--num_samples", 2,
+              "--num_inference_steps", 4, "--no_grid"]
+    assert run([*common, "--output", tmp_path / "plain.npz"]) == 0
+    assert run([*common, "--scheduler_config", tmp_path / "karras.json", "--output", tmp_path / "k.npz"]) == 0
+    assert run([*common, "--scheduler_config", '{"use_karras_sigmas": true}', "--output", tmp_path / "k2.npz"]) == 0
+    plain, karras = load(tmp_path / "plain.npz")["samples"], load(tmp_path / "k.npz")["samples"]
+    assert np.isfinite(karras).all() and not np.allclose(plain, karras)
+    np.testing.assert_array_equal(karras, load(tmp_path / "k2.npz")["samples"])
+    # Without --scheduler the settings apply to the pipeline's saved scheduler (DDPM here).
+    assert run(["--model", models / "runs" / RUN / "pipeline", "--scheduler_config", '{"variance_type": "fixed_large"}',
+                "--num_samples", 1, *FAST, "--output", tmp_path / "ddpm.npz"]) == 0
 
 
 def test_bad_models_and_labels(models, tmp_path, capsys):

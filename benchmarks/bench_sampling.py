@@ -54,7 +54,7 @@ from _common import (  # noqa: E402
 
 from latent_ddpm.demo import make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
-from latent_ddpm.sampling import load_pipeline, make_scheduler, sample_generators  # noqa: E402
+from latent_ddpm.sampling import configure_scheduler, load_pipeline, make_scheduler, sample_generators  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: (scheduler name in latent_ddpm.sampling.SCHEDULERS, steps), cheapest first; the first is the reference.
@@ -140,11 +140,14 @@ def scheduler_tag(scheduler) -> str:
     return short_hash([type(scheduler).__name__, public])
 
 
-def cached_samples(pipe, base_config, name: str, steps: int, args: argparse.Namespace, cache: Path, deadline: float
-                   ) -> tuple[np.ndarray | None, float]:
+def cached_samples(pipe, base_config, name: str, steps: int, args: argparse.Namespace, cache: Path, deadline: float,
+                   options: str = "") -> tuple[np.ndarray | None, float]:
     """All `--num_samples` samples of one sampler (from the cache where present); None when the time
-    budget ran out first. Also returns the seconds spent sampling in this run."""
+    budget ran out first. Also returns the seconds spent sampling in this run. `options`: sample.py's
+    `--scheduler_config` JSON, if any."""
     pipe.scheduler = make_scheduler(name, base_config)
+    if options:
+        pipe.scheduler = configure_scheduler(pipe.scheduler, options, steps)
     tag = scheduler_tag(pipe.scheduler)
     chunks, spent, incomplete = [], 0.0, False
     for start in range(0, args.num_samples, args.batch_size):
@@ -188,14 +191,16 @@ def bench_quality(pipe, base_config, args: argparse.Namespace, cache: Path) -> d
     deadline = time.perf_counter() + args.budget_s
     missing = []
     # Cheap samplers first, so a short budget still gives most of the table; DDPM-1000 fills in over runs.
-    for name, steps in sorted(SAMPLERS, key=lambda s: s[1]):
-        x, spent = cached_samples(pipe, base_config, name, steps, args, cache, deadline)
-        key = f"{name}-{steps}"
+    samplers = [(name, steps, "") for name, steps in SAMPLERS] + args.extra_samplers
+    for name, steps, options in sorted(samplers, key=lambda s: s[1]):
+        x, spent = cached_samples(pipe, base_config, name, steps, args, cache, deadline, options)
+        key = sampler_key(name, steps, options)
         if x is None:
             missing.append(key)
             continue
         out["samplers"][key] = {**quality_figures(evaluator, baseline["fd"], x), "sampling_s_this_run": round(spent, 1)}
-    out["samplers"] = {f"{n}-{s}": out["samplers"][f"{n}-{s}"] for n, s in SAMPLERS if f"{n}-{s}" in out["samplers"]}
+    out["samplers"] = {sampler_key(*s): out["samplers"][sampler_key(*s)] for s in samplers
+                       if sampler_key(*s) in out["samplers"]}
     out["complete"] = not missing
     if missing:
         out["missing"] = missing
@@ -204,6 +209,20 @@ def bench_quality(pipe, base_config, args: argparse.Namespace, cache: Path) -> d
         out["dpmsolver++20_fd_vs_ddpm1000"] = ratio(fast["fd"], ref["fd"], 3)
         out["target"] = "DPM-Solver++ 20 steps FD <= 1.10 x DDPM-1000 FD"
         out["target_met"] = fast["fd"] <= 1.10 * ref["fd"]
+    return out
+
+
+def sampler_key(name: str, steps: int, options: str = "") -> str:
+    """The JSON key of one sampler: `name-steps`, then its `--scheduler_config` options if any."""
+    return f"{name}-{steps}" + (f" {options}" if options else "")
+
+
+def parse_extra_samplers(text: str) -> list[tuple[str, int, str]]:
+    """`--extra_samplers`: `name:steps[:JSON options]` entries separated by ';' -> (name, steps, options)."""
+    out = []
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        name, steps, *options = entry.split(":", 2)
+        out.append((name, int(steps), options[0] if options else ""))
     return out
 
 
@@ -222,6 +241,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overhead_rounds", type=int, default=6, help="calls of each, alternating")
     parser.add_argument("--overhead_samplers", default="dpmsolver++:20,ddpm:50",
                         help="name:steps pairs timed against the bare loop")
+    parser.add_argument("--extra_samplers", default="", type=parse_extra_samplers,
+                        help="more samplers for the quality table, 'name:steps[:JSON]' separated by ';', the JSON "
+                             "as sample.py's --scheduler_config, e.g. 'sde-dpmsolver++:50;dpmsolver++:20:"
+                             "{\"use_lu_lambdas\": true}'")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared CPU stalls more)")
     parser.add_argument("--skip_overhead", action="store_true")
     parser.add_argument("--skip_quality", action="store_true")

@@ -77,18 +77,20 @@ class ResnetBlock(nn.Module):
 # PyTorch's CPU flash-attention kernel runs head_dim 4 or 8 up to 1.8x slower than 16 (skinny GEMMs),
 # so on CPU q, k, v are zero-padded to this head width (see docs/benchmarks.md).
 _CPU_MIN_HEAD_DIM = 16
-# On GPUs the fused kernels (flash, memory-efficient) take 16-bit inputs only with head_dim a multiple of 8;
-# otherwise SDPA falls back to the math kernel, which materialises the (HW)^2 scores. Pad to a multiple.
-_GPU_HEAD_DIM_MULTIPLE = 8
+# On GPUs the fused kernels need head_dim aligned to 16 bytes (PyTorch's sdp_utils.cpp,
+# `minimum_gemm_alignment`): a multiple of 8 for 16-bit inputs (flash, memory-efficient), of 4 for float32
+# (memory-efficient); otherwise SDPA falls back to the math kernel, which materialises the (HW)^2 scores.
+_GPU_HEAD_DIM_MULTIPLE = {torch.float16: 8, torch.bfloat16: 8}
+_GPU_HEAD_DIM_MULTIPLE_FP32 = 4
 
 
-def _head_padding(head_dim: int, device_type: str) -> int:
-    """Zero columns to add to q, k and v so that SDPA takes a fast kernel on this device (none on others,
-    e.g. "meta", where the benchmarks count the model's FLOPs)."""
+def _head_padding(head_dim: int, device_type: str, dtype: torch.dtype = torch.float32) -> int:
+    """Zero columns to add to q, k and v (of `dtype`) so that SDPA takes a fast kernel on this device (none
+    on others, e.g. "meta", where the benchmarks count the model's FLOPs)."""
     if device_type == "cpu":
         return max(0, _CPU_MIN_HEAD_DIM - head_dim)
     if device_type in ("cuda", "xpu"):
-        return -head_dim % _GPU_HEAD_DIM_MULTIPLE
+        return -head_dim % _GPU_HEAD_DIM_MULTIPLE.get(dtype, _GPU_HEAD_DIM_MULTIPLE_FP32)
     return 0
 
 
@@ -114,7 +116,7 @@ class SelfAttention(nn.Module):
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         head_dim = c // self.num_heads
         qkv = self.to_qkv(tokens).view(b, h * w, 3, self.num_heads, head_dim)
-        pad = _head_padding(head_dim, x.device.type)
+        pad = _head_padding(head_dim, x.device.type, qkv.dtype)  # qkv's dtype: autocast's, if on
         if pad > 0:
             # Exact: zero columns add nothing to q.k, and the output's padded columns are zero (dropped).
             qkv = F.pad(qkv, (0, pad))

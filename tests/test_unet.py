@@ -258,11 +258,13 @@ def test_save_pretrained_round_trip(make_unet, tmp_path, overrides):
 
 
 def test_attention_head_padding_is_exact(monkeypatch):
-    """Narrow heads are zero-padded for SDPA's fast kernels (to 16 wide on CPU, to a multiple of 8 on GPUs);
-    the output equals plain softmax attention either way."""
+    """Narrow heads are zero-padded for SDPA's fast kernels (to 16 wide on CPU; on GPUs to a multiple of 8
+    for 16-bit inputs, of 4 for float32); the output equals plain softmax attention either way."""
     from latent_ddpm import unet as unet_module
 
-    assert [unet_module._head_padding(d, "cuda") for d in (4, 12, 16, 64)] == [4, 4, 0, 0]
+    assert [unet_module._head_padding(d, "cuda", torch.bfloat16) for d in (4, 12, 16, 64)] == [4, 4, 0, 0]
+    assert [unet_module._head_padding(d, "cuda", torch.float16) for d in (4, 6, 8)] == [4, 2, 0]
+    assert [unet_module._head_padding(d, "cuda") for d in (2, 4, 6, 12)] == [2, 0, 2, 0]  # float32
     assert [unet_module._head_padding(d, "cpu") for d in (4, 8, 16, 32)] == [12, 8, 0, 0]
     assert unet_module._head_padding(4, "meta") == 0  # FLOP counting sees the model's own work
     torch.manual_seed(0)
@@ -274,6 +276,7 @@ def test_attention_head_padding_is_exact(monkeypatch):
         ref = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1) @ v  # scale 1/sqrt(4)
         ref = x + attn.to_out(ref.transpose(1, 2).reshape(2, 16, 16)).view(2, 4, 4, 16).permute(0, 3, 1, 2)
         real = unet_module._head_padding
-        for device_type in ("cpu", "cuda"):  # the GPU padding, exercised on CPU
-            monkeypatch.setattr(unet_module, "_head_padding", lambda d, _t, kind=device_type: real(d, kind))
+        for device_type, dtype in (("cpu", None), ("cuda", torch.bfloat16)):  # the GPU padding, on CPU
+            monkeypatch.setattr(unet_module, "_head_padding",
+                                lambda d, _t, dt, kind=device_type, as_dtype=dtype: real(d, kind, as_dtype or dt))
             torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)

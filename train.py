@@ -58,7 +58,7 @@ from latent_ddpm.encode import load_vae, read_encoding_info
 from latent_ddpm.errors import UserInputError, first_line, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
-from latent_ddpm.reporting import final_report, preview_grid, push_checkpoint
+from latent_ddpm.reporting import build_pipeline, final_report, preview_grid, push_checkpoint
 
 logger = logging.getLogger("latent_ddpm.train")
 
@@ -306,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                          "noise_generator": _gather_generator_states(noise_gen)}
                 ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
                 if cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process:
-                    push_checkpoint(unet, ema, noise_scheduler, stats, ckpt, cfg, hub_token,
-                                    vae=vae)
+                    push_checkpoint(build_pipeline(unet, ema, noise_scheduler, stats, vae), ckpt, cfg, hub_token)
             if global_step >= max_steps:
                 break
 
@@ -318,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             epoch += 1
             if (accelerator.is_main_process and cfg.save_images_epochs and epoch % cfg.save_images_epochs == 0
                     and global_step < max_steps):
-                preview_grid(unet, ema, noise_scheduler, stats, cfg,
-                             train_dir / f"samples_epoch_{epoch}.png", num_classes, vae=vae)
+                preview_grid(build_pipeline(unet, ema, noise_scheduler, stats, vae), cfg,
+                             train_dir / f"samples_epoch_{epoch}.png", num_classes)
     progress.close()
 
     # 10. The final pipeline (EMA weights), loss curve, preview grid and quality figures. DDP keeps the
@@ -327,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     checksums = gather_object([sum(float(p.detach().double().sum()) for p in unet.parameters())])
     if accelerator.is_main_process:
         history["rank_weight_checksums"] = checksums
-        final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir, history, num_classes, plan,
-                     vae=vae)
+        final_report(build_pipeline(unet, ema, noise_scheduler, stats, vae), cfg, dataset, run_dir, history,
+                     num_classes, plan)
         if cfg.push_to_hub:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
                                        token=hub_token, train_dir=train_dir)

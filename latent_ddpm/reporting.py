@@ -70,10 +70,9 @@ def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int
     return np.concatenate(out), labels
 
 
-def preview_grid(unet, ema, noise_scheduler, stats, cfg, path: Path, num_classes: int | None, vae=None) -> None:
-    """Write a grid of `cfg.num_preview_samples` EMA samples to `path`; with a `vae`, also the decoded
-    images to `<path stem>_images.png`."""
-    pipe = build_pipeline(unet, ema, noise_scheduler, stats, vae=vae)
+def preview_grid(pipe: LatentDDPMPipeline, cfg, path: Path, num_classes: int | None) -> None:
+    """Write a grid of `cfg.num_preview_samples` samples of `pipe` (from `build_pipeline`) to `path`; when the
+    pipeline has a vae, also the decoded images to `<path stem>_images.png`."""
     latents, labels = sample_for_preview(pipe, cfg.num_preview_samples, cfg.preview_inference_steps, cfg.seed,
                                          num_classes)
     save_latent_grid(path, latents, labels=labels, title=path.stem)
@@ -93,13 +92,13 @@ def save_pipeline_atomically(pipe: LatentDDPMPipeline, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def push_checkpoint(unet, ema, noise_scheduler, stats, ckpt: Path, cfg, token: str | None, vae=None) -> None:
-    """Save checkpoint `ckpt` as a pipeline (EMA weights) in `ckpt/pipeline` and upload it as one commit.
+def push_checkpoint(pipe: LatentDDPMPipeline, ckpt: Path, cfg, token: str | None) -> None:
+    """Save `pipe` (from `build_pipeline`) as checkpoint `ckpt`'s `ckpt/pipeline` and upload it as one commit.
     A failed upload only warns: training goes on, and the final push happens anyway."""
     from .errors import UserInputError
     from .hub import push_pipeline_to_hub
 
-    save_pipeline_atomically(build_pipeline(unet, ema, noise_scheduler, stats, vae=vae), ckpt / "pipeline")
+    save_pipeline_atomically(pipe, ckpt / "pipeline")
     try:
         push_pipeline_to_hub(ckpt / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo, token=token,
                              commit_message=f"checkpoint {ckpt.name}", train_dir=ckpt.parent)
@@ -107,12 +106,11 @@ def push_checkpoint(unet, ema, noise_scheduler, stats, ckpt: Path, cfg, token: s
         warnings.warn(f"could not push {ckpt.name}: {err}", stacklevel=2)
 
 
-def final_report(unet, ema, noise_scheduler, stats, cfg, dataset, run_dir: Path, history: dict,
-                 num_classes: int | None, plan: str, vae=None) -> dict:
-    """Save `run_dir/pipeline` (with the `vae` if given), and under `run_dir/train`: loss_curve.png,
-    samples.png (and decoded samples_images.png with a vae), metrics.json."""
+def final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history: dict, num_classes: int | None,
+                 plan: str) -> dict:
+    """Save `pipe` (from `build_pipeline`) as `run_dir/pipeline`, and under `run_dir/train`: loss_curve.png,
+    samples.png (and decoded samples_images.png when it has a vae), metrics.json."""
     train_dir = run_dir / "train"
-    pipe = build_pipeline(unet, ema, noise_scheduler, stats, vae=vae)
     save_pipeline_atomically(pipe, run_dir / "pipeline")
     if history["steps"]:
         save_loss_curve(train_dir / "loss_curve.png", history["steps"], history["losses"],

@@ -28,7 +28,7 @@ from latent_ddpm.errors import run_cli
 from latent_ddpm.feeding import LatentStats
 from latent_ddpm.hub import prepare_upload_folder
 from latent_ddpm.images import prepare_image, save_image_grid, to_model_range
-from latent_ddpm.reporting import preview_grid
+from latent_ddpm.reporting import build_pipeline, preview_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 16  # image resolution; latents are 4 x RES/2 x RES/2
@@ -294,8 +294,8 @@ def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monke
 def test_previews_decode_with_a_vae(pipe_with_vae, tmp_path):
     stats = LatentStats("channel", [0.0] * 4, [1.0] * 4)
     cfg = SimpleNamespace(num_preview_samples=3, preview_inference_steps=2, seed=0)
-    preview_grid(pipe_with_vae.unet, None, pipe_with_vae.scheduler, stats, cfg, tmp_path / "step_1.png", None,
-                 vae=pipe_with_vae.vae)
+    pipe = build_pipeline(pipe_with_vae.unet, None, pipe_with_vae.scheduler, stats, vae=pipe_with_vae.vae)
+    preview_grid(pipe, cfg, tmp_path / "step_1.png", None)
     assert (tmp_path / "step_1.png").is_file()
     grid = Image.open(tmp_path / "step_1_images.png")
     assert grid.size == (2 * (RES + 2) + 2,) * 2  # 3 images on a 2x2 grid with 2-pixel gaps

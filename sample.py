@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from latent_ddpm.encode import load_vae, run_encoding_info
-from latent_ddpm.errors import UserInputError, run_cli
+from latent_ddpm.errors import UserInputError, json_object, run_cli
 from latent_ddpm.images import save_image_grid, to_uint8
 from latent_ddpm.pipeline import default_inference_steps, inference_steps_error
 from latent_ddpm.plots import save_latent_grid
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"{images_dir} exists; pass --overwrite to replace it, or choose another --output")
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise UserInputError(f"unknown --scheduler {args.scheduler!r}; valid names: {', '.join(SCHEDULERS)}")
+    options = None if args.scheduler_config is None else json_object(args.scheduler_config, "--scheduler_config",
+                                                                      "scheduler settings")
 
     # 2. The pipeline, with the requested sampler built from the saved scheduler config.
     diffusers_logging.disable_progress_bar()
@@ -148,12 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
         raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "
                              f"{model} was trained with; use at most {timesteps}")
-    if args.scheduler_config is not None:
-        pipe.scheduler = configure_scheduler(pipe.scheduler, args.scheduler_config,
-                                             args.num_inference_steps or default_inference_steps(pipe.scheduler))
-    if args.num_inference_steps is not None and (error := inference_steps_error(pipe.scheduler,
-                                                                                args.num_inference_steps)):
+    steps = args.num_inference_steps or default_inference_steps(pipe.scheduler)
+    if error := inference_steps_error(pipe.scheduler, steps):
         raise UserInputError(f"--num_inference_steps: {error}")
+    if options is not None:
+        pipe.scheduler = configure_scheduler(pipe.scheduler, options, steps, pipe.unet.config.in_channels)
     if args.decode:
         attach_vae(pipe, args, model, state.device)
     unet = pipe.unet.config
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             bar = tqdm(total=args.num_samples, desc="sampling", unit="sample", disable=not state.is_main_process)
             for start in range(0, len(mine), args.batch_size):
                 idx = mine[start:start + args.batch_size]
-                out = pipe(batch_size=len(idx), num_inference_steps=args.num_inference_steps,
+                out = pipe(batch_size=len(idx), num_inference_steps=steps,
                            generator=sample_generators(args.seed, idx), class_labels=labels_for(idx, cycle),
                            guidance_scale=args.guidance_scale, eta=args.eta,
                            output_type="np_image" if args.decode else "np")

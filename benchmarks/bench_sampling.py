@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import inspect
+import json
 import os
 import statistics
 import subprocess
@@ -54,7 +55,13 @@ from _common import (  # noqa: E402
 
 from latent_ddpm.demo import make_demo_latents  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
-from latent_ddpm.sampling import configure_scheduler, load_pipeline, make_scheduler, sample_generators  # noqa: E402
+from latent_ddpm.sampling import (  # noqa: E402
+    SCHEDULERS,
+    configure_scheduler,
+    load_pipeline,
+    make_scheduler,
+    sample_generators,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: (scheduler name in latent_ddpm.sampling.SCHEDULERS, steps), cheapest first; the first is the reference.
@@ -147,7 +154,8 @@ def cached_samples(pipe, base_config, name: str, steps: int, args: argparse.Name
     `--scheduler_config` JSON, if any."""
     pipe.scheduler = make_scheduler(name, base_config)
     if options:
-        pipe.scheduler = configure_scheduler(pipe.scheduler, options, steps)
+        pipe.scheduler = configure_scheduler(pipe.scheduler, json.loads(options), steps,
+                                             pipe.unet.config.in_channels)
     tag = scheduler_tag(pipe.scheduler)
     chunks, spent, incomplete = [], 0.0, False
     for start in range(0, args.num_samples, args.batch_size):
@@ -218,11 +226,18 @@ def sampler_key(name: str, steps: int, options: str = "") -> str:
 
 
 def parse_extra_samplers(text: str) -> list[tuple[str, int, str]]:
-    """`--extra_samplers`: `name:steps[:JSON options]` entries separated by ';' -> (name, steps, options)."""
+    """`--extra_samplers`: `name:steps[:JSON options]` entries separated by ';' -> (name, steps, options), the
+    options normalised (sorted keys), so that spacing does not change a sampler's key."""
     out = []
     for entry in filter(None, (e.strip() for e in text.split(";"))):
         name, steps, *options = entry.split(":", 2)
-        out.append((name, int(steps), options[0] if options else ""))
+        if name not in SCHEDULERS:
+            raise argparse.ArgumentTypeError(f"unknown sampler {name!r} in {entry!r}; valid: {', '.join(SCHEDULERS)}")
+        try:
+            value = json.loads(options[0]) if options else {}
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"{entry!r}: invalid JSON options ({err.msg})") from None
+        out.append((name, int(steps), json.dumps(value, sort_keys=True) if value else ""))
     return out
 
 

@@ -35,10 +35,11 @@ def json_object(text: str, flag: str, what: str) -> dict:
     """A flag's JSON object, given inline (`'{"key": 1}'`) or as the path of a .json file; anything else
     is a `UserInputError` naming `flag`. `what` says what the object holds, for that message."""
     if not text.lstrip().startswith("{"):
-        path = Path(text)
-        if not path.is_file():
-            raise UserInputError(f"{flag}: {text!r} is neither a JSON object nor an existing .json file")
-        text = path.read_text()
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):  # no such file, a folder, a name too long, a binary file
+            shown = text if len(text) <= 80 else text[:77] + "..."
+            raise UserInputError(f"{flag}: {shown!r} is neither a JSON object nor a readable .json file") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:

@@ -33,8 +33,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .errors import ArgumentParser, UserInputError, first_line, json_object
-from .pipeline import LatentDDPMPipeline
+from .errors import ArgumentParser, UserInputError, first_line
+from .pipeline import LatentDDPMPipeline, inference_steps_error
 from .sources import is_hub_id
 
 # Sampler name -> (diffusers class, config overrides). All are built with `from_config` from the
@@ -53,10 +53,15 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 # with classifier-free guidance (a higher order extrapolates the guided prediction further). On the demo
 # model, unguided, order 3 lowered the FD at 20 steps on all seven models tried (-5% median; no change at 10).
 DPM_SOLVER_ORDER = {"unguided": 3, "guided": 2}
-# Scheduler settings that define the noise process the UNet was trained on: `--scheduler_config` may not
-# change them (a sampler with other betas or another prediction type would misread every model output).
-TRAINING_SCHEDULER_KEYS = frozenset({"num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                                     "trained_betas", "prediction_type", "rescale_betas_zero_snr"})
+# Scheduler settings that define the noise process the UNet was trained on, or how it is fed: `--scheduler_config`
+# may not change them (other betas, a flow-matching process, another prediction type or continuous timesteps
+# would misread every model output).
+TRAINING_SCHEDULER_KEYS = frozenset({
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+    "rescale_betas_zero_snr", "use_flow_sigmas", "flow_shift", "shift_terminal", "use_dynamic_shifting",
+    "time_shift_type", "timestep_type"})
+# Multistep solver orders diffusers implements (a larger value only costs memory and time).
+SOLVER_ORDERS = (1, 2, 3)
 # `--mixed_precision` -> the dtype of the UNet weights (the scheduler always works in float32).
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Bytes copied per read when assembling the final .npz: bounds the writer's memory.
@@ -136,16 +141,18 @@ def make_scheduler(name: str, config, *, guided: bool = False) -> SchedulerMixin
     return cls.from_config(config, **overrides)
 
 
-def configure_scheduler(scheduler: SchedulerMixin, spec: str, num_inference_steps: int) -> SchedulerMixin:
-    """`scheduler` rebuilt with the settings of `--scheduler_config` (a JSON object, inline or a .json file),
-    e.g. `{"use_karras_sigmas": true}` or `{"timestep_spacing": "trailing"}`. Every key must be an argument
-    of the scheduler's class and not one of `TRAINING_SCHEDULER_KEYS`; the result is tried on a copy (every
-    step of `num_inference_steps` on a tiny tensor, a few ms), so a bad value is one `UserInputError` line
-    before any sampling."""
-    overrides = json_object(spec, "--scheduler_config", f"{type(scheduler).__name__} settings")
-    cls = type(scheduler)
-    valid = sorted(set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} - TRAINING_SCHEDULER_KEYS)
-    unknown = sorted(set(overrides) - set(valid) - TRAINING_SCHEDULER_KEYS)
+def configure_scheduler(scheduler: SchedulerMixin, overrides: dict, num_inference_steps: int, channels: int = 4
+                        ) -> SchedulerMixin:
+    """`scheduler` rebuilt with the options of `--scheduler_config` (a dict, see `errors.json_object`), e.g.
+    `{"use_karras_sigmas": true}` or `{"timestep_spacing": "trailing"}`, checked so that a bad option is one
+    `UserInputError` line before any sampling: every key must be an argument of the scheduler's class and not
+    one of `TRAINING_SCHEDULER_KEYS`, with a value of its default's type; the result must take
+    `num_inference_steps` (`inference_steps_error`) and, tried on a copy with random (B=1, `channels`, 2, 2)
+    inputs, step only through training timesteps and end finite."""
+    cls, flag = type(scheduler), f"--scheduler_config {json.dumps(overrides)}"
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k not in ("self", "kwargs")}
+    valid = sorted(set(params) - TRAINING_SCHEDULER_KEYS)
+    unknown = sorted(set(overrides) - set(params) - TRAINING_SCHEDULER_KEYS)
     if unknown:
         raise UserInputError(f"--scheduler_config: {cls.__name__} has no setting {', '.join(unknown)}; "
                              f"valid: {', '.join(valid)}")
@@ -153,17 +160,42 @@ def configure_scheduler(scheduler: SchedulerMixin, spec: str, num_inference_step
     if fixed:
         raise UserInputError(f"--scheduler_config: {', '.join(fixed)} is fixed by the model's training (its "
                              "saved scheduler config); choose sampler settings only")
+    for key, value in overrides.items():
+        default = params[key].default
+        kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+        if kinds and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise UserInputError(f"--scheduler_config: {key} takes a {type(default).__name__} (like its default "
+                                 f"{json.dumps(default)}), got {json.dumps(value)}")
+    if "solver_order" in overrides and overrides["solver_order"] not in SOLVER_ORDERS:
+        raise UserInputError(f"--scheduler_config: solver_order must be one of {SOLVER_ORDERS}, "
+                             f"got {overrides['solver_order']}")
+    if str(overrides.get("variance_type", "")).startswith("learned"):
+        raise UserInputError("--scheduler_config: a learned variance_type needs a UNet that predicts the variance; "
+                             "this one does not (use fixed_small or fixed_large)")
+    if overrides.get("steps_offset", 0) < 0:
+        raise UserInputError(f"--scheduler_config: steps_offset must be >= 0, got {overrides['steps_offset']}")
     try:
         configured = cls.from_config(scheduler.config, **overrides)
+    except Exception as err:  # noqa: BLE001 - any failure of these settings is bad input, said in one line
+        raise UserInputError(f"{flag}: {cls.__name__} refuses it ({type(err).__name__}: {first_line(err)})") from err
+    if error := inference_steps_error(configured, num_inference_steps):
+        raise UserInputError(f"{flag}: {error}")
+    try:
         probe = cls.from_config(configured.config)
         probe.set_timesteps(num_inference_steps)
-        x = torch.zeros(1, 1, 2, 2)
         with torch.random.fork_rng(devices=[]):  # stochastic steps draw from the global generator: keep it
+            torch.manual_seed(0)
+            x = torch.randn(1, channels, 2, 2) * probe.init_noise_sigma
             for t in probe.timesteps:
-                x = probe.step(torch.zeros_like(x), t, probe.scale_model_input(x, t)).prev_sample
-    except Exception as err:  # noqa: BLE001 - any failure of these settings is bad input, said in one line
-        raise UserInputError(f"--scheduler_config: {cls.__name__} cannot sample with {json.dumps(overrides)} "
-                             f"({type(err).__name__}: {first_line(err)})") from err
+                x = probe.step(0.1 * torch.randn_like(x), t, probe.scale_model_input(x, t)).prev_sample
+        steps = probe.timesteps.float()
+        outside = bool((steps < 0).any() or (steps > scheduler.config.num_train_timesteps - 1).any())
+        failure = ("steps outside the training timesteps" if outside else
+                   None if torch.isfinite(x).all() else "non-finite samples")
+    except Exception as err:  # noqa: BLE001 - as above
+        failure = f"{type(err).__name__}: {first_line(err)}"
+    if failure:
+        raise UserInputError(f"{flag}: {cls.__name__} cannot sample {num_inference_steps} steps with it ({failure})")
     return configured
 
 

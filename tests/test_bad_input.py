@@ -164,7 +164,7 @@ CASES = [
      "prediction_type is fixed by the model's training"),
     ("sample-scheduler-config-missing-file", "sample", lambda d: ["--model", d / "pipe", "--scheduler_config",
                                                                   d / "missing.json", "--output", d / "s.npz"],
-     "neither a JSON object nor an existing .json file"),
+     "neither a JSON object nor a readable .json file"),
     ("sample-existing-output", "sample", lambda d: ["--model", d / "pipe", "--output", d / "samples.npz"],
      "exists; pass --overwrite"),
     # --- python -m latent_ddpm.data convert

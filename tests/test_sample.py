@@ -168,14 +168,29 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     (["--guidance_scale", "3"], "needs --class_labels"),
     (["--bogus"], "unrecognized arguments"),
     (["--scheduler_config", "{bad"], "--scheduler_config: invalid JSON"),
-    (["--scheduler_config", "[1]"], "neither a JSON object nor an existing .json file"),
+    (["--scheduler_config", "[1]"], "neither a JSON object nor a readable .json file"),
+    (["--scheduler_config", "x" * 300], "neither a JSON object nor a readable .json file"),
     (["--scheduler", "ddim", "--scheduler_config", '{"use_karras_sigmas": true}'],
      "DDIMScheduler has no setting use_karras_sigmas; valid: clip_sample,"),
     (["--scheduler_config", '{"beta_end": 0.03}'], "beta_end is fixed by the model's training"),
     (["--scheduler", "dpmsolver++", "--scheduler_config", '{"prediction_type": "epsilon"}'], "fixed by"),
+    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"use_flow_sigmas": true}'], "use_flow_sigmas is fixed"),
+    (["--scheduler", "euler", "--scheduler_config", '{"timestep_type": "continuous"}'], "timestep_type is fixed"),
     (["--scheduler", "ddim", "--scheduler_config", '{"timestep_spacing": "bogus"}'],
-     "DDIMScheduler cannot sample with"),
-    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"algorithm_type": "nope"}'], "cannot sample with"),
+     "DDIMScheduler cannot sample 50 steps with it (ValueError"),
+    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"algorithm_type": "nope"}'],
+     "DPMSolverMultistepScheduler refuses it"),
+    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"variance_type": "learned_range"}'],
+     "needs a UNet that predicts the variance"),
+    (["--scheduler", "ddim", "--scheduler_config", '{"clip_sample": "false"}'],
+     'clip_sample takes a bool (like its default true), got "false"'),
+    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"solver_order": 1000000}'],
+     "solver_order must be one of (1, 2, 3)"),
+    (["--scheduler", "ddim", "--scheduler_config", '{"steps_offset": -1}'], "steps_offset must be >= 0"),
+    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"thresholding": true, "sample_max_value": 0}'],
+     "(non-finite samples)"),
+    (["--scheduler", "dpmsolver++", "--num_inference_steps", "1000", "--scheduler_config", "{}"],
+     "--num_inference_steps: DPMSolverMultistepScheduler cannot take 1000 steps"),
 ])
 def test_bad_flags_one_line(models, tmp_path, capsys, extra, message):
     assert run(["--model", models / "runs" / RUN / "pipeline", *extra]) == 2
@@ -188,12 +203,12 @@ def test_scheduler_config(models, tmp_path):
     inline or from a file, and they act: Karras sigmas change deterministic samples."""
     config = load_pipeline(str(models / "cond" / "pipeline")).scheduler.config
     dpm = make_scheduler("dpmsolver++", config)
-    assert sampling.configure_scheduler(dpm, '{"solver_order": 2}', 20).config.solver_order == 2
-    assert sampling.configure_scheduler(dpm, '{"solver_order": 2}', 20).config.beta_end == config.beta_end
+    assert sampling.configure_scheduler(dpm, {"solver_order": 2}, 20).config.solver_order == 2
+    assert sampling.configure_scheduler(dpm, {"solver_order": 2}, 20).config.beta_end == config.beta_end
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    sampling.configure_scheduler(make_scheduler("ddpm", config), "{}", 10)  # the probe's noise is its own
+    sampling.configure_scheduler(make_scheduler("ddpm", config), {}, 10)  # the probe's noise is its own
     assert torch.equal(torch.rand(3), expected)
     (tmp_path / "karras.json").write_text('{"use_karras_sigmas": true}')
     common = ["--model", models / "runs" / RUN / "pipeline", "--scheduler", "dpmsolver++", "--num_samples", 2,
@@ -204,9 +219,28 @@ def test_scheduler_config(models, tmp_path):
     plain, karras = load(tmp_path / "plain.npz")["samples"], load(tmp_path / "k.npz")["samples"]
     assert np.isfinite(karras).all() and not np.allclose(plain, karras)
     np.testing.assert_array_equal(karras, load(tmp_path / "k2.npz")["samples"])
-    # Without --scheduler the settings apply to the pipeline's saved scheduler (DDPM here).
-    assert run(["--model", models / "runs" / RUN / "pipeline", "--scheduler_config", '{"variance_type": "fixed_large"}',
-                "--num_samples", 1, *FAST, "--output", tmp_path / "ddpm.npz"]) == 0
+    # Without --scheduler the settings apply to the pipeline's saved scheduler (DDPM here), and act.
+    ddpm = ["--model", models / "runs" / RUN / "pipeline", "--num_samples", 1, *FAST]
+    assert run([*ddpm, "--output", tmp_path / "small.npz"]) == 0
+    large = '{"variance_type": "fixed_large"}'
+    assert run([*ddpm, "--scheduler_config", large, "--output", tmp_path / "large.npz"]) == 0
+    assert not np.allclose(load(tmp_path / "small.npz")["samples"], load(tmp_path / "large.npz")["samples"])
+
+
+def test_scheduler_config_checks_the_default_step_count(tmp_path, capsys):
+    """With no --num_inference_steps, the pipeline's default step count (min(50, T - 1) = 19 for T = 20) is
+    checked against the configured scheduler before sampling: here leading spacing repeats a noise level."""
+    unet = AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8)
+    LatentDDPMPipeline(unet=unet, scheduler=default_scheduler(num_train_timesteps=20)).save_pretrained(tmp_path / "p")
+    out = tmp_path / "s.npz"
+    argv = ["--model", tmp_path / "p", "--scheduler", "dpmsolver++", "--num_samples", 1, "--no_grid", "--output", out]
+    assert run(argv) == 0
+    out.unlink()
+    capsys.readouterr()
+    assert run([*argv, "--scheduler_config", '{"timestep_spacing": "leading", "steps_offset": 1}']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scheduler_config" in err[0] and "19 steps" in err[0], err
+    assert not out.exists() and not sampling.partial_path(out).exists()
 
 
 def test_bad_models_and_labels(models, tmp_path, capsys):

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SNIPPET = """
 import sys
@@ -47,3 +50,21 @@ def test_scheduler_tag_follows_the_sampler_config():
     # make_scheduler pins the multistep solvers' order: one built from the order-3 config keeps its own.
     for name in ("sde-dpmsolver++", "unipc"):
         assert make_scheduler(name, unguided.config).config.solver_order == 2
+
+
+def test_fd_infinity_removes_the_one_over_n_bias():
+    """FD_inf: the mean FD of disjoint subsets of 256, 512, ... samples, fitted linearly in 1/N; an FD that is
+    exactly 3 + 500/N extrapolates to 3, and each size's subsets are disjoint and cover the samples."""
+    from _common import fd_infinity
+
+    seen = []
+
+    def evaluator(x):
+        seen.append(len(x))
+        return {"fd": 3.0 + 500.0 / len(x)}
+
+    out = fd_infinity(evaluator, np.zeros((2048, 2)))
+    assert out["fd_inf"] == pytest.approx(3.0, abs=1e-6)
+    assert out["fd_by_n"] == {n: pytest.approx(3 + 500 / n, abs=1e-3) for n in (256, 512, 1024, 2048)}
+    assert sorted(seen) == [256] * 8 + [512] * 4 + [1024] * 2 + [2048]
+    assert fd_infinity(evaluator, np.zeros((300, 2)))["fd_inf"] is None  # one size: nothing to extrapolate

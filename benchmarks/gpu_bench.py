@@ -86,9 +86,10 @@ def peak_tflops(device: torch.device) -> tuple[str, dict[str, float] | None]:
 def sdpa_fused_kernels(device: torch.device) -> dict[str, bool] | None:
     """Whether a fused SDPA kernel (flash, mem-efficient, cuDNN) takes each dtype at the model's head widths.
 
-    The model pads heads to 16 only on CPU, so the CPU smoke run never sees the CUDA choice; a False here
-    means the math fallback, which materialises B x heads x 4096^2 scores at 64x64 (tens of GiB: OOM or slow).
-    """
+    On GPUs the model pads heads to a multiple of 8 for 16-bit inputs and of 4 for float32 (16 on CPU, so the
+    CPU smoke run never sees the CUDA choice). A False at a width the model uses (float32_d4, bfloat16_d8,
+    ...) means the math fallback, which materialises B x heads x 4096^2 scores at 64x64 (tens of GiB: OOM or
+    slow)."""
     if device.type != "cuda":
         return None
     try:

@@ -34,18 +34,19 @@ def first_line(err: BaseException) -> str:
 def json_object(text: str, flag: str, what: str) -> dict:
     """A flag's JSON object, given inline (`'{"key": 1}'`) or as the path of a .json file; anything else
     is a `UserInputError` naming `flag`. `what` says what the object holds, for that message."""
+    source = flag
     if not text.lstrip().startswith("{"):
         try:
-            text = Path(text).read_text(encoding="utf-8")
+            text, source = Path(text).read_text(encoding="utf-8"), f"{flag} {text}"
         except (OSError, UnicodeDecodeError):  # no such file, a folder, a name too long, a binary file
             shown = text if len(text) <= 80 else text[:77] + "..."
             raise UserInputError(f"{flag}: {shown!r} is neither a JSON object nor a readable .json file") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserInputError(f"{flag}: invalid JSON ({err.msg} at char {err.pos})") from None
+        raise UserInputError(f"{source}: invalid JSON ({err.msg} at char {err.pos})") from None
     if not isinstance(value, dict):
-        raise UserInputError(f"{flag}: must be a JSON object of {what}")
+        raise UserInputError(f"{source}: must be a JSON object of {what}")
     return value
 
 

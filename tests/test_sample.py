@@ -170,6 +170,7 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     (["--scheduler_config", "{bad"], "--scheduler_config: invalid JSON"),
     (["--scheduler_config", "[1]"], "neither a JSON object nor a readable .json file"),
     (["--scheduler_config", "x" * 300], "neither a JSON object nor a readable .json file"),
+    (["--scheduler_config", __file__], f"--scheduler_config {__file__}: invalid JSON"),
     (["--scheduler", "ddim", "--scheduler_config", '{"use_karras_sigmas": true}'],
      "DDIMScheduler has no setting use_karras_sigmas; valid: clip_sample,"),
     (["--scheduler_config", '{"beta_end": 0.03}'], "beta_end is fixed by the model's training"),

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--num_samples", "--n_samples", type=int, default=16, help="how many samples (default 16)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per UNet batch and process (default 64)")
     p.add_argument("--num_inference_steps", "--n_steps", type=int, default=None,
-                   help="denoising steps (default: every training step for ddpm, 50 otherwise)")
+                   help="denoising steps (default: every training step for ddpm, min(50, T - 1) otherwise)")
     p.add_argument("--scheduler", default=None,
                    help=f"sampler: {', '.join(SCHEDULERS)} (default: the pipeline's saved scheduler)")
     p.add_argument("--scheduler_config", default=None,

@@ -234,14 +234,25 @@ def parse_extra_samplers(text: str) -> list[tuple[str, int, str]]:
     options normalised (sorted keys), so that spacing does not change a sampler's key."""
     out = []
     for entry in filter(None, (e.strip() for e in text.split(";"))):
-        name, steps, *options = entry.split(":", 2)
+        name, *rest = entry.split(":", 2)
+        steps, options = (rest[0] if rest else ""), rest[1:]
         if name not in SCHEDULERS:
             raise argparse.ArgumentTypeError(f"unknown sampler {name!r} in {entry!r}; valid: {', '.join(SCHEDULERS)}")
+        try:
+            num_steps = int(steps)
+        except ValueError:
+            num_steps = 0
+        if num_steps < 1:
+            raise argparse.ArgumentTypeError(f"{entry!r}: the step count must be a positive integer, as in "
+                                             f"'{name}:20'")
         try:
             value = json.loads(options[0]) if options else {}
         except json.JSONDecodeError as err:
             raise argparse.ArgumentTypeError(f"{entry!r}: invalid JSON options ({err.msg})") from None
-        out.append((name, int(steps), json.dumps(value, sort_keys=True) if value else ""))
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{entry!r}: the options must be a JSON object, as in "
+                                             f"'{name}:{num_steps}:{{\"use_karras_sigmas\": true}}'")
+        out.append((name, num_steps, json.dumps(value, sort_keys=True) if value else ""))
     return out
 
 

@@ -68,3 +68,36 @@ def test_fd_infinity_removes_the_one_over_n_bias():
     assert out["fd_by_n"] == {n: pytest.approx(3 + 500 / n, abs=1e-3) for n in (256, 512, 1024, 2048)}
     assert sorted(seen) == [256] * 8 + [512] * 4 + [1024] * 2 + [2048]
     assert fd_infinity(evaluator, np.zeros((300, 2)))["fd_inf"] is None  # one size: nothing to extrapolate
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("warp:20", "unknown sampler 'warp'"),
+    ("dpmsolver++", "the step count must be a positive integer"),
+    ("dpmsolver++:twenty", "the step count must be a positive integer"),
+    ("dpmsolver++:0", "the step count must be a positive integer"),
+    ("dpmsolver++:20:{karras}", "invalid JSON options"),
+    ("dpmsolver++:20:[1]", "the options must be a JSON object"),
+])
+def test_extra_samplers_refuses_bad_entries_in_one_line(spec, message, capsys):
+    """A bad `--extra_samplers` entry stops bench_sampling when its flags are parsed, before any training or
+    sampling: argparse's usage line and one error line naming the entry, exit status 2."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_sampling import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--extra_samplers", f"ddpm:50;{spec}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_extra_samplers_normalises_the_options():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_sampling import parse_args
+
+    args = parse_args(["--extra_samplers", 'dpmsolver++:20:{"solver_order": 2, "use_karras_sigmas": true}; '
+                                           'ddpm:50'])
+    assert args.extra_samplers == [("dpmsolver++", 20, '{"solver_order": 2, "use_karras_sigmas": true}'),
+                                   ("ddpm", 50, "")]
+    again = parse_args(["--extra_samplers", 'dpmsolver++:20:{"use_karras_sigmas":true,"solver_order":2}'])
+    assert again.extra_samplers[0] == args.extra_samplers[0]  # same sampler, same cache key

@@ -15,10 +15,11 @@ MAX_TERMINAL_ALPHA_BAR = 0.01
 def build_noise_scheduler(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float,
                           prediction_type: str) -> DDPMScheduler:
     """The DDPM noise schedule used for training (and saved with the pipeline). No sample clipping:
-    latents are not images in [-1, 1]."""
+    latents are not images in [-1, 1]. "trailing" timesteps (`latent_ddpm.sampling.TIMESTEP_SPACING`): a
+    sampler built from the saved config with diffusers' `from_config` starts at the last training step."""
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                          beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type,
-                         clip_sample=False)
+                         clip_sample=False, timestep_spacing="trailing")
 
 
 def terminal_signal_warning(scheduler: DDPMScheduler) -> str | None:

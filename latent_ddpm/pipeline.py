@@ -19,7 +19,8 @@ from .unet import AdvancedUNet2DModel
 # of this file cannot import the config). clip_sample is off: latents are not images in [-1, 1], and
 # clipping destroys them.
 DEFAULT_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False
+    num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02, clip_sample=False,
+    timestep_spacing="trailing",  # start at the last training step at any step count (sampling.TIMESTEP_SPACING)
 )
 # `output_type`s: latents ("np" float32 numpy, "pt" torch) and, with a `vae`, decoded images ("pil" a
 # list of PIL images, "np_image" float numpy (B, H, W, 3) in [0, 1]).

@@ -172,17 +172,21 @@ def test_save_pretrained_round_trip(make_pipe, tmp_path):
 @pytest.mark.parametrize("name", ["dpmsolver++", "sde-dpmsolver++", "unipc"])
 def test_multistep_solver_refuses_as_many_steps_as_timesteps(name):
     """With num_inference_steps == T, diffusers' linspace spacing repeats a noise level and a multistep
-    solver divides by the zero step (NaN samples): the pipeline refuses it; T - 1 steps work, and so does
-    the default step count on a short schedule."""
+    solver divides by the zero step (NaN samples): the pipeline refuses it. The project's "trailing" spacing
+    (`sampling.TIMESTEP_SPACING`) has T distinct steps, so there T works, as do T - 1 and the default step
+    count on a short schedule."""
     from latent_ddpm.pipeline import inference_steps_error
     from latent_ddpm.sampling import make_scheduler
 
     base = default_scheduler(num_train_timesteps=20)
-    pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8),
-                              scheduler=make_scheduler(name, base.config))
+    unet = AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8)
+    solver = make_scheduler(name, base.config)
+    linspace = LatentDDPMPipeline(unet=unet, scheduler=type(solver).from_config(solver.config,
+                                                                                 timestep_spacing="linspace"))
     with pytest.raises(ValueError, match="noise levels repeat"):
-        pipe(batch_size=1, num_inference_steps=20)
-    for steps in (19, None):  # None: the pipeline's default, min(50, T - 1) for non-DDPM samplers
+        linspace(batch_size=1, num_inference_steps=20)
+    pipe = LatentDDPMPipeline(unet=unet, scheduler=make_scheduler(name, base.config))
+    for steps in (20, 19, None):  # None: the pipeline's default, min(50, T - 1) for non-DDPM samplers
         out = pipe(batch_size=1, num_inference_steps=steps, generator=torch.Generator().manual_seed(0)).latents
         assert np.isfinite(out).all()
     # Karras sigmas map distinct noise levels to repeated integer timesteps: that is not refused.

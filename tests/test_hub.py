@@ -159,7 +159,10 @@ def test_load_repo_id_offline_with_diffusers_only(run, hub_cache, tmp_path):
     proc = subprocess.run([sys.executable, "-I", str(script), str(tmp_path / "out.npy")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), run["expected"], rtol=1e-5, atol=1e-5)
+    # Another process (isolated mode, its own thread pool) sums in another order: float32 rounding relative
+    # to the largest value of the untrained 3-step sample (~600, which starts at t = T - 1).
+    expected = run["expected"]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import ArgumentParser, UserInputError, first_line
-from .pipeline import LatentDDPMPipeline, inference_steps_error
+from .pipeline import DEFAULT_SCHEDULER_CONFIG, LatentDDPMPipeline, inference_steps_error
 from .sources import is_hub_id
 
 # Sampler name -> (diffusers class, config overrides). All are built with `from_config` from the
@@ -54,8 +54,9 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
 # start at t = (T // (n + 1)) * n (940 of 999 at 20 steps, 900 at 100, 800 at 200), the others at T - T // n
 # (900 at 10 steps). Sampling from pure noise at a step that still holds signal loses it (Lin et al. 2024, sec.
 # 3.3, "Common Diffusion Noise Schedules and Sample Steps are Flawed"); "trailing" starts every sampler at
-# T - 1 at any step count. DDPM-1000 is the same under all three.
-TIMESTEP_SPACING = "trailing"
+# T - 1 at any step count. DDPM-1000 is the same under all three. One value: the pipeline's default scheduler
+# (and the training scheduler, pinned to it by tests/test_diffusion.py) saves the same.
+TIMESTEP_SPACING = DEFAULT_SCHEDULER_CONFIG["timestep_spacing"]
 # Order of the deterministic DPM-Solver++, as diffusers' documentation recommends: 3 for unguided sampling, 2
 # with classifier-free guidance (a higher order extrapolates the guided prediction further). On the demo
 # model, unguided, order 3 lowered the FD at 20 steps on all seven models tried (-5% median; no change at 10).

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,8 @@ def model_flops(preset: str, batch: int, channels: int, size: int) -> int:
     return count_flops(lambda: model(x, t).sample.float().pow(2).mean().backward())
 
 
-def run_candidate(cand: Candidate, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Train `args.warmup + args.chunks * args.steps` steps; images/s is the median over the chunks."""
+def build_step(cand: Candidate, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    """A fresh model, optimizer and dataset for `cand`; returns one training step."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     set_precision(cand.precision)
@@ -164,6 +165,13 @@ def run_candidate(cand: Candidate, args: argparse.Namespace, device: torch.devic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def run_candidate(cand: Candidate, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Train `args.warmup + args.chunks * args.steps` steps; images/s is the median over the chunks."""
+    step = build_step(cand, args, device)
+    b = args.batch_size
     memory = PeakMemory(device)
     memory.start()
     start = time.perf_counter()
@@ -185,6 +193,49 @@ def run_candidate(cand: Candidate, args: argparse.Namespace, device: torch.devic
             "peak_memory_mib": mib(memory.peak_delta())}
 
 
+# Kernel families for the profile's breakdown, by substring of the kernel name, first match wins.
+KERNEL_FAMILIES: list[tuple[str, tuple[str, ...]]] = [
+    ("attention", ("fmha", "flash", "attention", "attn")),
+    ("group_norm", ("group_norm", "groupnorm", "welford")),
+    ("conv_gemm", ("conv", "gemm", "sm90", "sm80", "cutlass", "xmma", "cudnn", "wgrad", "dgrad", "cublas")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+]
+
+
+def profile_candidate(cand: Candidate, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Where one step's device time goes: the top kernels and their families, over `args.profile_steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = build_step(cand, args, device)
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            step()
+        synchronize(device)
+    events = [e for e in prof.key_averages() if e.device_type.name == device.type.upper()]
+    if not events:  # CPU (smoke run): operator self time instead of kernels
+        events = list(prof.key_averages())
+
+    def self_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", 0) or 0) if device.type == "cuda" else e.self_cpu_time_total
+
+    total = sum(self_us(e) for e in events) or 1.0
+    families: dict[str, float] = {}
+    for e in events:
+        name = e.key.lower()
+        family = next((f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys)), "other")
+        families[family] = families.get(family, 0.0) + self_us(e)
+    top = sorted(events, key=self_us, reverse=True)[:args.profile_top]
+    per_step_ms = total / args.profile_steps / 1e3
+    return {"options": asdict(cand), "device_ms_per_step": round(per_step_ms, 2),
+            "share_by_family": {f: round(v / total, 3) for f, v in sorted(families.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": e.key[:120], "share": round(self_us(e) / total, 3), "calls": e.count}
+                            for e in top]}
+
+
 def add_mfu(result: dict[str, Any], flops: int, peaks: dict[str, float] | None) -> None:
     achieved = flops / (result["step_ms"] / 1e3) / 1e12
     result["achieved_tflop_per_s"] = round(achieved, 2)
@@ -192,6 +243,10 @@ def add_mfu(result: dict[str, Any], flops: int, peaks: dict[str, float] | None) 
         precision = result["options"]["precision"]
         result["mfu"] = round(achieved / peaks[precision], 4)
         result["mfu_vs_bf16_peak"] = round(achieved / peaks["bf16"], 4)
+
+
+def split_names(names: str) -> list[str]:
+    return [n.strip() for n in names.split(",") if n.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -206,6 +261,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated, from: "
                         + ", ".join(CANDIDATES))
+    parser.add_argument("--profile", default="bf16_eager,fp32_eager,bf16_compile",
+                        help="candidates to profile after the timed ones, while time is left (empty: none)")
+    parser.add_argument("--profile_steps", type=int, default=3, help="profiled steps per candidate")
+    parser.add_argument("--profile_top", type=int, default=15, help="kernels listed per profile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--time_budget_s", type=float, default=None,
                         help="skip the remaining candidates once this much time has passed (default 420; "
@@ -215,9 +274,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "estimated time would pass it, interrupt the one running at it, and write the JSON")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 16x16, batch 4, 2 steps: checks the script")
     args = parser.parse_args(argv)
+    for flag in ("candidates", "profile"):
+        unknown = [n for n in split_names(getattr(args, flag)) if n not in CANDIDATES]
+        if unknown:
+            parser.error(f"--{flag}: unknown candidate(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
     if args.smoke:
         args.preset, args.size, args.batch_size, args.dataset_size = "tiny", 16, 4, 16
-        args.steps, args.chunks, args.warmup = 2, 1, 1
+        args.steps, args.chunks, args.warmup, args.profile_steps = 2, 1, 1, 1
     unlimited = float("inf") if args.smoke else None
     args.time_budget_s = args.time_budget_s if args.time_budget_s is not None else unlimited or 420.0
     args.deadline_s = args.deadline_s if args.deadline_s is not None else unlimited or 530.0
@@ -247,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "c_compiler": os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"),  # Triton needs one
         "sdpa_fused_kernels": sdpa_fused_kernels(device),
         "peak_tflops_dense": {"gpu": gpu_name, **(peaks or {})},
-        "gflop_per_step": round(flops / 1e9, 2), "candidates": {}, "errors": {}, "skipped": [],
+        "gflop_per_step": round(flops / 1e9, 2), "candidates": {}, "profiles": {}, "errors": {},
+        "skipped": [],
     }
     emit(result, "gpu_bench.json", quiet=True)
 
@@ -266,23 +330,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         signal.signal(signal.SIGALRM, on_deadline)
         signal.alarm(max(1, int(args.deadline_s - (time.perf_counter() - started))))
     estimate = dict(FIRST_ESTIMATE_S)
+    # The timed candidates, then the profiles: a profile is not held to --time_budget_s, only to the deadline.
+    jobs = [("time", n) for n in split_names(args.candidates)] + [("profile", n) for n in split_names(args.profile)]
     try:
-        for name in args.candidates.split(","):
+        for job, name in jobs:
             elapsed = time.perf_counter() - started
-            kind = "compile" if name in CANDIDATES and CANDIDATES[name].compile else "eager"
-            if elapsed > args.time_budget_s or elapsed + estimate[kind] > args.deadline_s:
-                result["skipped"].append(name)
+            kind = "compile" if CANDIDATES[name].compile else "eager"
+            over_budget = job == "time" and elapsed > args.time_budget_s
+            if over_budget or elapsed + estimate[kind] > args.deadline_s:
+                result["skipped"].append(name if job == "time" else f"profile:{name}")
                 continue
             try:
-                res = run_candidate(CANDIDATES[name], args, device)
-                add_mfu(res, flops, peaks)
-                res["total_s"] = round(time.perf_counter() - started - elapsed, 1)
-                estimate[kind] = res["total_s"]
-                result["candidates"][name] = res
-                print(f"gpu_bench: {name}: {res['images_per_s']} img/s, {res['step_ms']} ms/step, "
-                      f"mfu {res.get('mfu')}, {res['total_s']} s", flush=True)
+                if job == "time":
+                    res = run_candidate(CANDIDATES[name], args, device)
+                    add_mfu(res, flops, peaks)
+                    res["total_s"] = round(time.perf_counter() - started - elapsed, 1)
+                    estimate[kind] = res["total_s"]
+                    result["candidates"][name] = res
+                    print(f"gpu_bench: {name}: {res['images_per_s']} img/s, {res['step_ms']} ms/step, "
+                          f"mfu {res.get('mfu')}, {res['total_s']} s", flush=True)
+                else:
+                    res = profile_candidate(CANDIDATES[name], args, device)
+                    res["total_s"] = round(time.perf_counter() - started - elapsed, 1)
+                    result["profiles"][name] = res
+                    print(f"gpu_bench: profile {name}: {res['device_ms_per_step']} device ms/step, "
+                          f"{res['share_by_family']}, {res['total_s']} s", flush=True)
             except Exception as err:  # record it (Deadline included); the other candidates still run
-                result["errors"][name] = f"{type(err).__name__}: {err}"
+                result["errors"][name if job == "time" else f"profile:{name}"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
             finally:
                 if device.type == "cuda":

@@ -101,3 +101,35 @@ def test_extra_samplers_normalises_the_options():
                                    ("ddpm", 50, "")]
     again = parse_args(["--extra_samplers", 'dpmsolver++:20:{"use_karras_sigmas":true,"solver_order":2}'])
     assert again.extra_samplers[0] == args.extra_samplers[0]  # same sampler, same cache key
+
+
+def test_gpu_bench_smoke_times_and_profiles(tmp_path, monkeypatch):
+    """gpu_bench's CPU smoke run: each named candidate is timed, the profile's family shares add up to 1, and
+    the JSON written to $OUT is the one returned."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_bench
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    result = gpu_bench.main(["--smoke", "--device", "cpu", "--candidates", "fp32_eager,bf16_eager",
+                             "--profile", "fp32_eager"])
+    assert result["errors"] == {} and result["skipped"] == []
+    assert set(result["candidates"]) == {"fp32_eager", "bf16_eager"}
+    assert result["candidates"]["bf16_eager"]["images_per_s"] > 0
+    assert set(result["speedup_vs_fp32_eager"]) == {"fp32_eager", "bf16_eager"}
+    profile = result["profiles"]["fp32_eager"]
+    assert profile["device_ms_per_step"] > 0 and profile["top_kernels"]
+    assert sum(profile["share_by_family"].values()) == pytest.approx(1.0, abs=0.01)
+    assert json.loads((tmp_path / "gpu_bench.json").read_text()) == json.loads(json.dumps(result))
+
+
+@pytest.mark.parametrize("flag", ["--candidates", "--profile"])
+def test_gpu_bench_refuses_unknown_candidates(flag, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_bench.parse_args([flag, "fp32_eager,bf17_compile"])
+    assert exit_info.value.code == 2
+    assert "unknown candidate(s) bf17_compile" in capsys.readouterr().err

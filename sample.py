@@ -47,6 +47,7 @@ from latent_ddpm.sampling import (
     partial_path,
     run_dir_of,
     sample_generators,
+    saved_scheduler,
     write_npz,
 )
 
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(model, args.mixed_precision, state.device)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, guided=args.guidance_scale != 1.0)
+    else:
+        pipe.scheduler = saved_scheduler(pipe.scheduler)
     timesteps = pipe.scheduler.config.num_train_timesteps
     if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
         raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "

@@ -152,6 +152,18 @@ def make_scheduler(name: str, config, *, guided: bool = False) -> SchedulerMixin
     return cls.from_config(config, **overrides)
 
 
+def saved_scheduler(scheduler: SchedulerMixin) -> SchedulerMixin:
+    """The pipeline's own scheduler, as sampling with no named sampler uses it: with `TIMESTEP_SPACING`, like
+    every scheduler `make_scheduler` builds. A pipeline saved before trailing spacing became the default
+    carries diffusers' "leading", which starts DDPM at t = T - T // n at n < T steps; `--scheduler_config
+    '{"timestep_spacing": "leading"}'` (`configure_scheduler`) still restores it."""
+    spacing = getattr(scheduler.config, "timestep_spacing", None)
+    takes_spacing = "timestep_spacing" in inspect.signature(type(scheduler).__init__).parameters
+    if spacing == TIMESTEP_SPACING or not takes_spacing:
+        return scheduler
+    return type(scheduler).from_config(scheduler.config, timestep_spacing=TIMESTEP_SPACING)
+
+
 def configure_scheduler(scheduler: SchedulerMixin, overrides: dict, num_inference_steps: int, channels: int = 4
                         ) -> SchedulerMixin:
     """`scheduler` rebuilt with the options of `--scheduler_config` (a dict, see `errors.json_object`), e.g.

@@ -334,3 +334,28 @@ def test_every_sampler_starts_at_the_last_training_step(steps):
     leading = configure_scheduler(make_scheduler("dpmsolver++", new), {"timestep_spacing": "leading"}, steps)
     leading.set_timesteps(steps)
     assert int(leading.timesteps[0]) < 999
+
+
+def test_saved_scheduler_gets_the_default_spacing(tmp_path):
+    """With no --scheduler, sample.py samples with the pipeline's own scheduler, but with `TIMESTEP_SPACING`:
+    a pipeline saved with diffusers' "leading" DDPM samples exactly as `--scheduler ddpm` does (both start at
+    t = T - 1), where before it started at t = T - T // n. `--scheduler_config` still restores leading."""
+    from diffusers import DDPMScheduler
+
+    old = DDPMScheduler.from_config(default_scheduler().config, timestep_spacing="leading")
+    assert sampling.saved_scheduler(old).config.timestep_spacing == sampling.TIMESTEP_SPACING
+    new = default_scheduler()
+    assert sampling.saved_scheduler(new) is new  # already trailing: kept as is
+
+    torch.manual_seed(0)
+    unet = AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8)
+    LatentDDPMPipeline(unet=unet, scheduler=old).save_pretrained(tmp_path / "old")
+    base = ["--model", tmp_path / "old", "--num_samples", 2, "--num_inference_steps", 4, "--no_grid"]
+    outs = {}
+    for name, extra in (("saved", []), ("ddpm", ["--scheduler", "ddpm"]),
+                        ("leading", ["--scheduler_config", '{"timestep_spacing": "leading"}'])):
+        outs[name] = tmp_path / f"{name}.npz"
+        assert run([*base, *extra, "--output", outs[name]]) == 0
+    saved, ddpm, leading = (load(outs[n])["samples"] for n in ("saved", "ddpm", "leading"))
+    np.testing.assert_array_equal(saved, ddpm)
+    assert not np.allclose(saved, leading)

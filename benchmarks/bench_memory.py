@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from latent_ddpm.errors import ArgumentParser, run_cli  # noqa: E402
+
 SMALL_UNET = dict(down_channels=(8, 8, 8), mid_channels=(8, 8), time_emb_dim=8, down_sample=(True, True),
                   num_heads=1, norm_num_groups=4, head_channels=8, attention_levels=(), num_down_layers=1,
                   num_mid_layers=1, num_up_layers=1)
@@ -54,8 +56,6 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec.get("threads", 1))
-    from latent_ddpm.errors import run_cli
-
     watch = AnonPeak()
     watch.start()
     start = time.perf_counter()
@@ -88,15 +88,15 @@ def measure(spec: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sample_sizes", type=int, nargs=2, default=[1000, 10000], help="samples of (4, 64, 64)")
     p.add_argument("--train_sizes", type=int, nargs=2, default=[5000, 50000], help="Arrow dataset rows")
     p.add_argument("--train_shape", type=int, nargs=3, default=[4, 32, 32], help="latent shape of the dataset")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dir", default=tempfile.gettempdir(), help="scratch folder (deleted afterwards)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -148,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a bad flag: one line, exit status 2

@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import FRESH_DEMO_SEED, emit, machine_info, quality_figures, ratio, recipe_key, short_hash  # noqa: E402
 
 from latent_ddpm.demo import demo_dataset, make_demo_latents  # noqa: E402
+from latent_ddpm.errors import ArgumentParser, run_cli  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
 from latent_ddpm.sampling import make_scheduler, sample_generators  # noqa: E402
 
@@ -224,7 +225,7 @@ def sample(pipe_dir: Path, n: int, steps: int, seed: int, batch: int = 128) -> n
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", default="default,diffusers_example",
                         help="comma-separated: diffusers_example, " + ", ".join(TRAIN_PY))
     parser.add_argument("--budget_s", type=float, default=240, help="training-loop CPU seconds per candidate")
@@ -299,4 +300,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad flag: one line, exit status 2

@@ -55,6 +55,7 @@ from _common import (  # noqa: E402
 )
 
 from latent_ddpm.demo import make_demo_latents  # noqa: E402
+from latent_ddpm.errors import ArgumentParser, run_cli  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
 from latent_ddpm.sampling import (  # noqa: E402
     SCHEDULERS,
@@ -258,7 +259,7 @@ def parse_extra_samplers(text: str) -> list[tuple[str, int, str]]:
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a saved pipeline folder (default: train one into --work_dir once)")
     parser.add_argument("--work_dir", default="/tmp/latent_ddpm_bench", help="model and sample cache")
     parser.add_argument("--preset", default="small", help="preset of the trained demo model")
@@ -312,4 +313,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad flag: one line, exit status 2

@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import emit, machine_info, ratio, synchronize  # noqa: E402
 
+from latent_ddpm.errors import ArgumentParser, run_cli  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 #: train.py's per-step extras that `--ablate` adds to the bare loop one at a time.
 ABLATIONS = ("clip", "ema", "objective", "feeder", "sync", "all")
@@ -152,7 +154,7 @@ class Interleaver(logging.Handler):
 
 # ----------------------------------------------------------------------------- parent
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", help="model preset (train.py --preset)")
     parser.add_argument("--batch_size", type=int, default=32, help="batch size of both loops")
     parser.add_argument("--window", type=int, default=25, help="steps per timing window (train.py --logging_steps)")
@@ -217,4 +219,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))  # a bad flag: one line, exit status 2

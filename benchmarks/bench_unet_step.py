@@ -39,6 +39,7 @@ from _common import (  # noqa: E402
     time_calls,
 )
 
+from latent_ddpm.errors import ArgumentParser, run_cli  # noqa: E402
 from latent_ddpm.unet import AdvancedUNet2DModel  # noqa: E402
 
 # Default (batch, size) per preset on CPU: `large` is a GPU model, so smaller on CPU.
@@ -191,7 +192,7 @@ def bench_preset(args: argparse.Namespace, preset: str) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="seed", help="comma-separated presets (tiny, small, seed, large)")
     parser.add_argument("--batch_size", type=int, help="batch size for every preset (default: per preset)")
     parser.add_argument("--size", type=int, help="latent H = W for every preset (default: per preset)")
@@ -228,4 +229,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a bad flag: one line, exit status 2

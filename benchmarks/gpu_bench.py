@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import PeakMemory, count_flops, emit, machine_info, mib, ratio, synchronize  # noqa: E402
 
+from latent_ddpm.errors import ArgumentParser, run_cli  # noqa: E402
 from latent_ddpm.unet import AdvancedUNet2DModel  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s from NVIDIA's H100/H200 datasheets, by name substring, first match wins.
@@ -250,7 +251,7 @@ def split_names(names: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="seed")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--size", type=int, default=64, help="latent H = W")
@@ -381,4 +382,4 @@ def summarize_speedups(result: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a bad flag: one line, exit status 2

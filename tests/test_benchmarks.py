@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from latent_ddpm.errors import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 SNIPPET = """
 import sys
@@ -80,15 +82,15 @@ def test_fd_infinity_removes_the_one_over_n_bias():
 ])
 def test_extra_samplers_refuses_bad_entries_in_one_line(spec, message, capsys):
     """A bad `--extra_samplers` entry stops bench_sampling when its flags are parsed, before any training or
-    sampling: argparse's usage line and one error line naming the entry, exit status 2."""
+    sampling: one error line naming the entry, exit status 2."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_sampling import parse_args
+    import bench_sampling
 
     with pytest.raises(SystemExit) as stop:
-        parse_args(["--extra_samplers", f"ddpm:50;{spec}"])
+        run_cli(bench_sampling.main, ["--extra_samplers", f"ddpm:50;{spec}"])
     assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and message in err[0] and "--extra_samplers" in err[0], err
 
 
 def test_extra_samplers_normalises_the_options():
@@ -130,6 +132,22 @@ def test_gpu_bench_refuses_unknown_candidates(flag, capsys):
     import gpu_bench
 
     with pytest.raises(SystemExit) as exit_info:
-        gpu_bench.parse_args([flag, "fp32_eager,bf17_compile"])
+        run_cli(gpu_bench.main, [flag, "fp32_eager,bf17_compile"])
     assert exit_info.value.code == 2
-    assert "unknown candidate(s) bf17_compile" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"{flag}: unknown candidate(s) bf17_compile" in err[0], err
+
+
+@pytest.mark.parametrize("name", ["bench_memory", "bench_quality", "bench_sampling", "bench_train",
+                                  "bench_unet_step", "gpu_bench"])
+def test_every_benchmark_refuses_a_bad_flag_in_one_line(name, capsys):
+    """As the product's commands: a bad flag is one `error:` line naming it (no usage block), exit status 2."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, ["--no_such_flag", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--no_such_flag" in err[0], err

@@ -68,7 +68,7 @@ from latent_ddpm.sampling import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 #: (scheduler name in latent_ddpm.sampling.SCHEDULERS, steps), cheapest first; the first is the reference.
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmsolver++", 20), ("dpmsolver++", 10),
-            ("unipc", 10), ("sde-dpmsolver++", 20))
+            ("unipc", 10), ("sde-dpmsolver++", 20), ("hybrid-dpmsolver++", 20))
 
 
 # ----------------------------------------------------------------------------- model

@@ -34,6 +34,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import ArgumentParser, UserInputError, first_line
+from .hybrid_solver import HybridDPMSolverMultistepScheduler
 from .pipeline import DEFAULT_SCHEDULER_CONFIG, LatentDDPMPipeline, inference_steps_error
 from .sources import is_hub_id
 
@@ -44,6 +45,8 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "ddim": (DDIMScheduler, {}),  # deterministic at eta=0 (Song et al. 2021)
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),  # multistep, 10-25 steps
     "sde-dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),  # stochastic variant
+    # deterministic above sigma 6 (t ~ 600), stochastic below (hybrid_solver.py)
+    "hybrid-dpmsolver++": (HybridDPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
     "unipc": (UniPCMultistepScheduler, {}),  # predictor-corrector, good at 5-20 steps
     "euler": (EulerDiscreteScheduler, {}),  # Karras et al. 2022 Euler ODE
     "euler_a": (EulerAncestralDiscreteScheduler, {}),  # Euler, ancestral (stochastic)
@@ -147,7 +150,7 @@ def make_scheduler(name: str, config, *, guided: bool = False) -> SchedulerMixin
     overrides = {"timestep_spacing": TIMESTEP_SPACING, **overrides}
     if name == "dpmsolver++":
         overrides = {**overrides, "solver_order": DPM_SOLVER_ORDER["guided" if guided else "unguided"]}
-    elif name in ("sde-dpmsolver++", "unipc"):
+    elif name in ("sde-dpmsolver++", "hybrid-dpmsolver++", "unipc"):
         overrides = {**overrides, "solver_order": 2}  # diffusers' default (and its advice for the SDE form)
     return cls.from_config(config, **overrides)
 

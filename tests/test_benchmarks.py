@@ -3,9 +3,11 @@ to what they must cover."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +153,22 @@ def test_every_benchmark_refuses_a_bad_flag_in_one_line(name, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "--no_such_flag" in err[0], err
+
+
+def test_gpu_sampler_gap_smoke_trains_benches_and_packs(tmp_path):
+    # The device script's plumbing on a CPU: one 2-step job, 4 samples per sampler, plus an unknown job name.
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "JOBS": "s42 bogus", "STEPS_SCALE": "0.001",
+           "NUM_SAMPLES": "4", "BENCH_BATCH": "4", "DEADLINE_S": "400", "BENCH_RESERVE_S": "300"}
+    result = subprocess.run(["bash", "benchmarks/gpu_sampler_gap.sh"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "unknown job bogus" in result.stdout
+    assert "gpu_sampler_gap: train s42: exit 0" in result.stdout
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+        bench = json.load(tar.extractfile("bench_s42.json"))
+    assert {"bench_s42.json", "bench_s42.log", "train_s42.log"} <= set(names)
+    assert bench["quality"]["complete"] and "ddpm-1000" in bench["quality"]["samplers"]
+    with tarfile.open(out / "pipe_s42.tar") as tar:
+        assert "pipeline/model_index.json" in tar.getnames()

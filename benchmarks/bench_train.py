@@ -59,7 +59,7 @@ def make_bare_step(preset: str, batch: int, device: torch.device, mixed_precisio
     from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, training_target
     from latent_ddpm.feeding import LatentFeeder, compute_stats
 
-    cfg = TrainConfig(preset=preset, train_batch_size=batch)
+    cfg = TrainConfig(preset=preset, train_batch_size=batch).validate()  # resolves the default learning rate
     extras = set(ABLATIONS[:-1]) if extra == "all" else {extra} - {None}
     torch.manual_seed(cfg.seed)
     dataset = demo_dataset()

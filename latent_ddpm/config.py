@@ -25,6 +25,13 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 NORMALIZATIONS = ("channel", "global", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
+#: Peak AdamW learning rate of the default recipe at LR_REFERENCE_WIDTH channels: the small preset's widest layer,
+#: where 1e-3, 2e-3 and 4e-3 trained equally well on the demo latents at batch 32 (docs/benchmarks.md).
+LR_AT_REFERENCE_WIDTH = 2e-3
+#: Wider models get a proportionally smaller default rate (Adam's stable step for hidden layers shrinks as
+#: 1/width: Yang et al. 2022, muP). At 2e-3 the seed preset (256 wide) diverged at step ~1850 at batch 32 on
+#: the demo latents, and trained stably at 1e-3 (docs/benchmarks.md, seventh session).
+LR_REFERENCE_WIDTH = 128
 
 
 def _f(default, help: str, **kw):  # noqa: A002 - the field's help text doubles as its comment
@@ -70,7 +77,9 @@ class TrainConfig:
                                            "50 epochs, the original's default)")
     train_batch_size: int = _f(32, "batch size per process", alias="--batch_size")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(2e-3, "AdamW peak learning rate", alias="--lr")
+    learning_rate: float | None = _f(None, "AdamW peak learning rate; none: 2e-3 x min(1, 128 / the model's widest "
+                                           "channel count), i.e. 2e-3 for tiny and small, 1e-3 for seed, 5e-4 for "
+                                           "large (see default_learning_rate)", alias="--lr")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_weight_decay: float = _f(0.01, "AdamW decoupled weight decay")
@@ -134,6 +143,8 @@ class TrainConfig:
         need(0 < self.beta_end < 1, "beta_end", f"must be in (0, 1), got {self.beta_end}")
         need(self.beta_start < self.beta_end, "beta_end",
              f"must be larger than --beta_start ({self.beta_start}), got {self.beta_end}")
+        if self.learning_rate is None:  # resolved here, so that the saved config holds the rate used
+            self.learning_rate = default_learning_rate(self.preset, self.model_overrides())
         need(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         need(self.train_batch_size >= 1, "train_batch_size", f"must be >= 1, got {self.train_batch_size}")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
@@ -173,6 +184,19 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["hub_token"] = None
         return out
+
+
+def default_learning_rate(preset: str, overrides: dict) -> float:
+    """`--learning_rate`'s default for a model: LR_AT_REFERENCE_WIDTH x min(1, LR_REFERENCE_WIDTH / its widest
+    channel count), from the preset and `--model_config` overrides (an unreadable width, which the model's own
+    validation reports later, counts as the reference width)."""
+    model = {**PRESETS.get(preset, {}), **overrides}
+    try:
+        width = max(*model["down_channels"], *model["mid_channels"])
+        scale = min(1.0, LR_REFERENCE_WIDTH / width)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        scale = 1.0
+    return LR_AT_REFERENCE_WIDTH * scale
 
 
 # Original flags whose meaning needs more than a rename (the renames are the fields' `alias`es).

@@ -15,6 +15,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from safetensors.torch import load_file
 
 from latent_ddpm import LatentDDPMPipeline
+from latent_ddpm.config import parse_train_args
 from latent_ddpm.demo import make_demo_latents
 from latent_ddpm.errors import UserInputError
 
@@ -55,6 +56,7 @@ def test_training_writes_the_run_and_lowers_the_loss(data, tmp_path):
     train_dir = out / "train"
     for name in ("config.json", "latent_stats.json", "loss_curve.png", "samples.png", "metrics.json"):
         assert (train_dir / name).is_file(), name
+    assert json.loads((train_dir / "config.json").read_text())["learning_rate"] == 2e-3  # resolved, not null
     assert sorted(p.name for p in train_dir.glob("checkpoint-*")) == ["checkpoint-40", "checkpoint-80"]
     state = json.loads((train_dir / "checkpoint-80" / "trainer_state.json").read_text())
     losses = state["history"]["losses"]
@@ -123,6 +125,16 @@ def test_original_flags_and_default_run_folder(data, tmp_path):
     assert (cfg["num_train_timesteps"], cfg["num_epochs"], cfg["train_batch_size"], cfg["learning_rate"],
             cfg["seed"]) == (100, 1, 16, 1e-3, 7)
     assert (run_dir / "train" / "checkpoint-4").is_dir()  # 64 samples / 16 = 4 steps in the one epoch
+
+
+@pytest.mark.parametrize("argv, rate", [
+    ([], 1e-3),  # the seed preset (256 wide): diverged at 2e-3 on the demo latents
+    (["--preset", "tiny"], 2e-3), (["--preset", "small"], 2e-3), (["--preset", "large"], 5e-4),
+    (["--preset", "small", "--model_config", '{"down_channels": [32, 64, 512], "mid_channels": [512, 64]}'], 5e-4),
+    (["--preset", "large", "--lr", "1e-4"], 1e-4), (["--learning_rate", "none"], 1e-3),
+])
+def test_default_learning_rate_follows_the_model_width(argv, rate):
+    assert parse_train_args(argv).learning_rate == pytest.approx(rate)
 
 
 def test_config_file_with_flag_override(data, tmp_path):

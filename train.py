@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in unet.parameters())
     plan = (f"{data_name}: {len(dataset)} latents of {channels}x{height}x{width}; {cfg.preset} UNet, "
             f"{n_params / 1e6:.2f}M parameters; {max_steps} steps = {num_epochs} epochs of {steps_per_epoch} "
-            f"(batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {world} processes); "
-            f"run folder {run_dir}")
+            f"(batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {world} processes), "
+            f"peak learning rate {cfg.learning_rate:g}; run folder {run_dir}")
     hub_token = check_hub_access(cfg.hub_model_id, cfg.hub_token) if cfg.push_to_hub else None  # fail fast
     if cfg.dry_run:
         if accelerator.is_main_process:

@@ -149,7 +149,8 @@ def test_config_file_with_flag_override(data, tmp_path):
 def test_dry_run_writes_nothing(data, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(["--latent", str(data), "--output_dir", str(out), "--dry_run", *FAST]) == 0
-    assert "dry run" in capsys.readouterr().out and not out.exists()
+    printed = capsys.readouterr().out
+    assert "dry run" in printed and "peak learning rate 0.002;" in printed and not out.exists()
 
 
 @pytest.mark.parametrize("extra", [

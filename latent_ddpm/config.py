@@ -193,8 +193,8 @@ def default_learning_rate(preset: str, overrides: dict) -> float:
     model = {**PRESETS.get(preset, {}), **overrides}
     try:
         width = max(*model["down_channels"], *model["mid_channels"])
-        scale = min(1.0, LR_REFERENCE_WIDTH / width)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        scale = min(1.0, LR_REFERENCE_WIDTH / width) if width > 0 else 1.0
+    except (KeyError, TypeError, ValueError):
         scale = 1.0
     return LR_AT_REFERENCE_WIDTH * scale
 

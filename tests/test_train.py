@@ -132,6 +132,9 @@ def test_original_flags_and_default_run_folder(data, tmp_path):
     (["--preset", "tiny"], 2e-3), (["--preset", "small"], 2e-3), (["--preset", "large"], 5e-4),
     (["--preset", "small", "--model_config", '{"down_channels": [32, 64, 512], "mid_channels": [512, 64]}'], 5e-4),
     (["--preset", "large", "--lr", "1e-4"], 1e-4), (["--learning_rate", "none"], 1e-3),
+    # widths the model's own validation refuses later: the reference rate, not a confusing --learning_rate error
+    (["--model_config", '{"down_channels": [-8, -8], "mid_channels": [-8, -8]}'], 2e-3),
+    (["--model_config", '{"down_channels": "wide"}'], 2e-3),
 ])
 def test_default_learning_rate_follows_the_model_width(argv, rate):
     assert parse_train_args(argv).learning_rate == pytest.approx(rate)

@@ -29,8 +29,8 @@ REPORT_TO = ("none", "tensorboard", "wandb", "all")
 #: where 1e-3, 2e-3 and 4e-3 trained equally well on the demo latents at batch 32 (docs/benchmarks.md).
 LR_AT_REFERENCE_WIDTH = 2e-3
 #: Wider models get a proportionally smaller default rate (Adam's stable step for hidden layers shrinks as
-#: 1/width: Yang et al. 2022, muP). At 2e-3 the seed preset (256 wide) diverged at step ~1850 at batch 32 on
-#: the demo latents, and trained stably at 1e-3 (docs/benchmarks.md, seventh session).
+#: 1/width: Yang et al. 2022, muP). At 2e-3 the seed preset (256 wide) diverged at step ~1900 at batch 32 on
+#: the demo latents, on a GPU and on a CPU, and trained stably at 1e-3 (docs/benchmarks.md, seventh session).
 LR_REFERENCE_WIDTH = 128
 
 

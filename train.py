@@ -58,7 +58,7 @@ from latent_ddpm.encode import load_vae, read_encoding_info
 from latent_ddpm.errors import UserInputError, first_line, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
-from latent_ddpm.reporting import build_pipeline, final_report, preview_grid, push_checkpoint
+from latent_ddpm.reporting import DivergenceWatch, build_pipeline, final_report, preview_grid, push_checkpoint
 
 logger = logging.getLogger("latent_ddpm.train")
 
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     desc="train", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     pending: list[torch.Tensor] = []
     nonfinite_in_a_row, t_last, samples_since = 0, time.perf_counter(), 0
+    divergence = DivergenceWatch(cfg.lr_warmup_steps)
     accumulation = cfg.gradient_accumulation_steps
     epoch = global_step // steps_per_epoch
     while global_step < max_steps:
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                     logger.info("step %d/%d %s", global_step, max_steps,
                                 " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
                 accelerator.log(logs, step=global_step)
+                if (warning := divergence.update(global_step, history["losses"])) and accelerator.is_main_process:
+                    logger.warning(warning)
 
             # No periodic checkpoint inside a non-finite streak: the last one before it stays the newest.
             if (global_step % cfg.checkpointing_steps == 0 and not nonfinite_in_a_row) or global_step == max_steps:

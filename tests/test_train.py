@@ -483,3 +483,31 @@ def test_snr_floor_reaches_the_training_loss(data, tmp_path):
         state = json.loads((out / "train" / "checkpoint-1" / "trainer_state.json").read_text())
         losses[floor] = state["history"]["losses"][0]
     assert losses["5"] > losses["0"]  # floor = gamma: every weight at its maximum
+
+
+def test_divergence_watch_warns_once_on_a_loss_that_jumps_and_stays_up():
+    from latent_ddpm.reporting import SPIKE_WINDOW, DivergenceWatch
+
+    rng = np.random.default_rng(0)
+    healthy = list(0.055 * rng.uniform(0.2, 1.8, 1900))  # single steps vary several-fold; window means ~10%
+    losses = [0.5] * 200 + healthy  # high during the warm-up: not a divergence
+    watch = DivergenceWatch(warmup_steps=200)
+    assert all(watch.update(step, losses[:step]) is None for step in range(50, len(losses) + 1, 50))
+    losses += [0.18] * SPIKE_WINDOW  # the seed preset at lr 2e-3 (docs/benchmarks.md)
+    losses[-3] = float("nan")  # a skipped step is left out, not averaged
+    message = watch.update(len(losses), losses)
+    assert message and "x its lowest" in message and "--learning_rate" in message
+    assert watch.update(len(losses) + 50, losses + [0.2] * 50) is None  # once
+
+
+def test_train_py_names_a_divergence_in_the_log(data, tmp_path, capsys, monkeypatch):
+    # The wiring: with a factor below 1 every window after the warm-up counts as a divergence, so the warning
+    # must appear (once) in a healthy 60-step run; at the real factor it must not.
+    from latent_ddpm import reporting
+
+    for factor, expected in ((0.5, 1), (reporting.SPIKE_FACTOR, 0)):
+        monkeypatch.setattr(reporting, "SPIKE_FACTOR", factor)
+        capsys.readouterr()
+        assert run(["--latent", str(data), "--max_train_steps", "60", "--output_dir", str(tmp_path / str(factor)),
+                    "--lr_warmup_steps", "5", *FAST]) == 0
+        assert capsys.readouterr().out.count("training has likely diverged") == expected  # train.py logs to stdout

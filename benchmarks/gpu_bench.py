@@ -335,11 +335,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     jobs = [("time", n) for n in split_names(args.candidates)] + [("profile", n) for n in split_names(args.profile)]
     try:
         for job, name in jobs:
+            label = name if job == "time" else f"profile:{name}"  # its key in "skipped" and "errors"
             elapsed = time.perf_counter() - started
             kind = "compile" if CANDIDATES[name].compile else "eager"
             over_budget = job == "time" and elapsed > args.time_budget_s
             if over_budget or elapsed + estimate[kind] > args.deadline_s:
-                result["skipped"].append(name if job == "time" else f"profile:{name}")
+                result["skipped"].append(label)
                 continue
             try:
                 if job == "time":
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print(f"gpu_bench: profile {name}: {res['device_ms_per_step']} device ms/step, "
                           f"{res['share_by_family']}, {res['total_s']} s", flush=True)
             except Exception as err:  # record it (Deadline included); the other candidates still run
-                result["errors"][name if job == "time" else f"profile:{name}"] = f"{type(err).__name__}: {err}"
+                result["errors"][label] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
             finally:
                 if device.type == "cuda":

@@ -143,9 +143,8 @@ class TrainConfig:
         need(0 < self.beta_end < 1, "beta_end", f"must be in (0, 1), got {self.beta_end}")
         need(self.beta_start < self.beta_end, "beta_end",
              f"must be larger than --beta_start ({self.beta_start}), got {self.beta_end}")
-        if self.learning_rate is None:  # resolved here, so that the saved config holds the rate used
-            self.learning_rate = default_learning_rate(self.preset, self.model_overrides())
-        need(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        need(self.learning_rate is None or self.learning_rate > 0, "learning_rate",
+             f"must be > 0, got {self.learning_rate}")
         need(self.train_batch_size >= 1, "train_batch_size", f"must be >= 1, got {self.train_batch_size}")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         need(self.num_epochs is None or self.num_epochs >= 1, "num_epochs", "must be >= 1")
@@ -170,7 +169,9 @@ class TrainConfig:
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
         need(self.ddp_timeout >= 1, "ddp_timeout", f"must be >= 1 second, got {self.ddp_timeout}")
         need(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "is required with --push_to_hub")
-        self.model_overrides()  # parses --model_config
+        overrides = self.model_overrides()  # parses --model_config
+        if self.learning_rate is None:  # resolved here, so that the saved config holds the rate used
+            self.learning_rate = default_learning_rate(self.preset, overrides)
         return self
 
     def model_overrides(self) -> dict:

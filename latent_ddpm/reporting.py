@@ -1,4 +1,5 @@
-"""What a training run leaves behind: the pipeline (EMA weights), previews, the loss curve and quality figures."""
+"""What a training run leaves behind: the pipeline (EMA weights), previews, the loss curve and quality figures,
+and the log's warning when the loss shows the run has diverged."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ PREVIEW_SAMPLER = "sde-dpmsolver++"
 #: Steps whose losses the divergence check averages (one step's loss varies several-fold with its timesteps).
 SPIKE_WINDOW = 50
 #: A window mean this many times the lowest one after warm-up is reported as a likely divergence. Window means
-#: of a healthy run vary by about 20%; the seed preset's divergence at lr 2e-3 reached 3.3x (docs/benchmarks.md).
+#: of a healthy run vary by about 20%; the seed preset's divergence at lr 2e-3 reached 3.4x (docs/benchmarks.md).
 SPIKE_FACTOR = 2.0
 
 

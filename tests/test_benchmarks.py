@@ -110,8 +110,6 @@ def test_extra_samplers_normalises_the_options():
 def test_gpu_bench_smoke_times_and_profiles(tmp_path, monkeypatch):
     """gpu_bench's CPU smoke run: each named candidate is timed, the profile's family shares add up to 1, and
     the JSON written to $OUT is the one returned."""
-    import json
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_bench
 

@@ -298,14 +298,19 @@ def short_hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def recipe_key(*extra: Any) -> str:
-    """The `short_hash` naming a cached trained model: of train.py's defaults (`TrainConfig().to_dict()`), the
-    UNet preset definitions (`PRESETS`) and `extra` (the benchmark's flags, thread count, ...). A change to any
-    of them gives a new key, so a stale model is never reused."""
-    from latent_ddpm.config import TrainConfig
+def recipe_key(train_argv: list[str], *extra: Any) -> str:
+    """The `short_hash` naming a cached trained model: of the resolved training config that `train_argv` gives
+    (`parse_train_args(train_argv)`, so defaults resolved per preset, such as the learning rate, count as their
+    value), the UNet preset definitions (`PRESETS`) and `extra` (thread count, ...). A change to any of them
+    gives a new key, so a stale model is never reused; a change to a default that leaves this recipe as it was
+    keeps the key. Where the run is written (`output_dir`, `overwrite_output_dir`) is not part of it."""
+    from latent_ddpm.config import parse_train_args
     from latent_ddpm.unet import PRESETS
 
-    return short_hash([TrainConfig().to_dict(), PRESETS, *extra])
+    config = parse_train_args(list(train_argv)).to_dict()
+    for name in ("output_dir", "overwrite_output_dir"):
+        config.pop(name)
+    return short_hash([config, PRESETS, *extra])
 
 
 # ----------------------------------------------------------------------------- output

@@ -263,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.candidates:
         kind = "diffusers_example" if name == "diffusers_example" else "train.py"
         steps = int(args.budget_s / costs[kind])
-        # train.py candidates are their flags on top of train.py's defaults and the --preset definitions: all are
-        # in the cache key (`recipe_key`), so a changed recipe retrains; so is --threads (it changes the float
-        # arithmetic, hence the trained weights).
+        # train.py candidates are their flags on top of train.py's defaults: the resolved recipe and the preset
+        # definitions are in the cache key (`recipe_key`; the step count is in the folder name), so a changed
+        # recipe retrains; so is --threads (it changes the float arithmetic, hence the trained weights).
         key = short_hash([EXAMPLE, EXAMPLE_UNET, args.threads]) if kind == "diffusers_example" \
-            else recipe_key(PRESET, TRAIN_PY[name], args.threads)
+            else recipe_key(["--preset", PRESET, *TRAIN_PY[name]], args.threads)
         run = work / f"{name}_{steps}_{key}"
         info_file = run / "bench_train_info.json"
         if not info_file.is_file():

@@ -76,15 +76,14 @@ def ensure_model(args: argparse.Namespace) -> Path:
     """The pipeline folder: `--model`, or a cached `train.py --preset small` run (trained on first use)."""
     if args.model:
         return Path(args.model)
-    # train.py's defaults, the presets and the thread count (it changes the float arithmetic, hence the weights)
-    # are in the folder name: a changed default recipe, preset or --threads trains a new model.
-    recipe = recipe_key(args.threads)
-    run = Path(args.work_dir) / f"{args.preset}_{args.train_steps}_{recipe}"
+    # The resolved recipe, the presets and the thread count (it changes the float arithmetic, hence the weights)
+    # are in the folder name: a changed recipe, preset or --threads trains a new model.
+    recipe_argv = ["--preset", args.preset, "--max_train_steps", str(args.train_steps)]
+    run = Path(args.work_dir) / f"{args.preset}_{args.train_steps}_{recipe_key(recipe_argv, args.threads)}"
     if not (run / "pipeline" / "model_index.json").is_file():
         print(f"training the demo model into {run} (once) ...", file=sys.stderr)
         start = time.perf_counter()
-        cmd = [sys.executable, str(ROOT / "train.py"), "--preset", args.preset, "--max_train_steps",
-               str(args.train_steps), "--output_dir", str(run), "--overwrite_output_dir"]
+        cmd = [sys.executable, str(ROOT / "train.py"), *recipe_argv, "--output_dir", str(run), "--overwrite_output_dir"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
         subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=sys.stderr)
         print(f"trained in {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -24,7 +24,7 @@ from bench_sampling import scheduler_tag
 from latent_ddpm.diffusion import build_noise_scheduler
 from latent_ddpm.sampling import SCHEDULERS, make_scheduler
 base = build_noise_scheduler(1000, "linear", 1e-4, 0.02, "v_prediction").config
-print(recipe_key(1), *(scheduler_tag(make_scheduler(name, base)) for name in SCHEDULERS))
+print(recipe_key(["--preset", "small"], 1), *(scheduler_tag(make_scheduler(name, base)) for name in SCHEDULERS))
 """
 
 
@@ -39,6 +39,22 @@ def test_cache_keys_are_the_same_in_every_process():
     first, second = keys("1"), keys("2")
     assert first == second
     assert len(set(first[1:])) == len(first) - 1  # every sampler has its own tag
+
+
+def test_recipe_key_is_the_resolved_recipe():
+    """A cached model is named by what train.py would train: a default spelled out keeps the key (the small
+    preset's resolved learning rate is 2e-3), any other value, preset or thread count changes it, and where the
+    run is written does not count."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import recipe_key
+
+    base = ["--preset", "small", "--max_train_steps", "2000"]
+    key = recipe_key(base, 1)
+    assert recipe_key([*base, "--learning_rate", "2e-3"], 1) == key
+    assert recipe_key([*base, "--output_dir", "/elsewhere", "--overwrite_output_dir"], 1) == key
+    assert recipe_key([*base, "--learning_rate", "1e-3"], 1) != key
+    assert recipe_key(["--preset", "tiny", "--max_train_steps", "2000"], 1) != key
+    assert recipe_key(base, 2) != key
 
 
 def test_scheduler_tag_follows_the_sampler_config():

@@ -15,12 +15,15 @@ With --decode (or --vae), the latents are also decoded with an autoencoder: one 
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 from latent_ddpm.encode import load_vae, run_encoding_info
 from latent_ddpm.errors import UserInputError, json_object, run_cli
 from latent_ddpm.images import save_image_grid, to_uint8
+from latent_ddpm.paths import NpyRowWriter, OutputLock, partial_path, unwritable_folder, write_npz
 from latent_ddpm.pipeline import default_inference_steps, inference_steps_error
 from latent_ddpm.plots import save_latent_grid
 from latent_ddpm.sampling import (
@@ -35,7 +39,6 @@ from latent_ddpm.sampling import (
     PIPELINE_SUBDIR,
     SCHEDULERS,
     ArgParser,
-    NpyRowWriter,
     configure_scheduler,
     default_output,
     distributed_state,
@@ -44,11 +47,10 @@ from latent_ddpm.sampling import (
     locate_run,
     make_scheduler,
     parse_class_labels,
-    partial_path,
     run_dir_of,
     sample_generators,
     saved_scheduler,
-    write_npz,
+    scheduler_problem,
 )
 
 # Most samples shown in the PNG preview grid.
@@ -97,10 +99,22 @@ def parse_args(argv: list[str] | None = None):
         raise UserInputError(f"--seed must be >= 0, got {args.seed}")
     if args.model is None and args.latent is None:
         raise UserInputError("pass --model DIR_OR_HUB_ID (a saved pipeline) or the original's --latent FILE")
+    if not 0.0 <= args.eta <= 1.0:  # also refuses nan; beyond 1 DDIM's noise exceeds the step's variance
+        raise UserInputError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
+    if not math.isfinite(args.guidance_scale):
+        raise UserInputError(f"--guidance_scale must be a finite number, got {args.guidance_scale}")
     if args.guidance_scale != 1.0 and not args.class_labels:
         raise UserInputError("--guidance_scale needs --class_labels (guidance steers towards a class)")
     args.decode = args.decode or args.vae is not None
     return args
+
+
+def process_rows(num_samples: int, rank: int, world: int) -> range:
+    """This process's contiguous sample indices, split as `PartialState.split_between_processes` splits a list
+    (the first num_samples % world processes take one more), without building the list."""
+    per, extra = divmod(num_samples, world)
+    start = rank * per + min(rank, extra)
+    return range(start, start + per + (rank < extra))
 
 
 def attach_vae(pipe, args, model: str, device) -> None:
@@ -132,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output) if args.output else default_output(run_dir_of(model), args.seed, args.num_samples)
     if output.suffix != ".npz":
         raise UserInputError(f"--output {output} must end in .npz")
-    if output.exists() and not args.overwrite:
-        raise UserInputError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
+    if output.is_dir():
+        raise UserInputError(f"--output {output} is a folder; name the .npz file to write")
+    if problem := unwritable_folder(output.parent):
+        raise UserInputError(f"--output {output}: {problem}; choose another --output")
     images_dir = output.with_name(f"{output.stem}_images")
-    if args.decode and images_dir.exists() and not args.overwrite:
-        raise UserInputError(f"{images_dir} exists; pass --overwrite to replace it, or choose another --output")
+    grids = [] if args.no_grid else [output.with_suffix(".png")] + [images_dir.with_suffix(".png")] * args.decode
+    for path in [output, *([images_dir] if args.decode else []), *grids]:
+        if os.path.lexists(path) and not args.overwrite:
+            raise UserInputError(f"{path} exists; pass --overwrite to replace it, or choose another --output")
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
         raise UserInputError(f"unknown --scheduler {args.scheduler!r}; valid names: {', '.join(SCHEDULERS)}")
     options = None if args.scheduler_config is None else json_object(args.scheduler_config, "--scheduler_config",
@@ -158,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--num_inference_steps: {error}")
     if options is not None:
         pipe.scheduler = configure_scheduler(pipe.scheduler, options, steps, pipe.unet.config.in_channels)
+    elif failure := scheduler_problem(pipe.scheduler, steps, pipe.unet.config.in_channels):
+        raise UserInputError(f"--model {model}: {type(pipe.scheduler).__name__}, built from its saved scheduler "
+                             f"config, cannot sample {steps} steps ({failure}); fix scheduler/scheduler_config.json")
     if args.decode:
         attach_vae(pipe, args, model, state.device)
     unet = pipe.unet.config
@@ -165,37 +186,51 @@ def main(argv: list[str] | None = None) -> int:
     size = unet.sample_size
     shape = (args.num_samples, unet.in_channels, *((size, size) if isinstance(size, int) else size))
 
-    # 3. The main process creates the gathering file; every process fills its own contiguous rows.
-    partial = partial_path(output)
+    # 3. The main process locks the output against a second sample.py and creates the gathering file; every
+    #    process gets its verdict (no rank hangs on another's error) and fills its own contiguous rows.
+    partial, error = partial_path(output), None
+    lock = OutputLock(partial.with_suffix(".lock"), "another sample.py writing " + output.name,
+                      "wait for it, or choose another --output")
     if state.is_main_process:
-        NpyRowWriter(partial, shape, create=True)
-        if args.decode:
-            shutil.rmtree(images_dir, ignore_errors=True)
-            images_dir.mkdir(parents=True)
-    state.wait_for_everyone()
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            NpyRowWriter(partial, shape, create=True)
+            if args.decode:
+                shutil.rmtree(images_dir, ignore_errors=True)
+                images_dir.mkdir(parents=True)
+        except UserInputError as err:
+            error = str(err)
+        except OSError as err:  # a full disk, a file too large for the file system
+            partial.unlink(missing_ok=True)
+            error = f"--output {output}: cannot create the samples file ({err.strerror or err}); free space or " \
+                    "choose another --output"
+    if (error := broadcast_object_list([error])[0]) is not None:
+        lock.release()
+        raise UserInputError(error)
     writer = NpyRowWriter(partial, shape)
     try:
-        with state.split_between_processes(list(range(args.num_samples))) as mine:
-            start_time = time.perf_counter()
-            bar = tqdm(total=args.num_samples, desc="sampling", unit="sample", disable=not state.is_main_process)
-            for start in range(0, len(mine), args.batch_size):
-                idx = mine[start:start + args.batch_size]
-                out = pipe(batch_size=len(idx), num_inference_steps=steps,
-                           generator=sample_generators(args.seed, idx), class_labels=labels_for(idx, cycle),
-                           guidance_scale=args.guidance_scale, eta=args.eta,
-                           output_type="np_image" if args.decode else "np")
-                writer.write(idx[0], out.latents)
-                for i, image in zip(idx, out.images if args.decode else (), strict=False):
-                    Image.fromarray(to_uint8(image)).save(images_dir / f"{i:06d}.png")
-                bar.update(min(len(idx) * state.num_processes, bar.total - bar.n))  # others run in step
-            bar.close()
+        mine = process_rows(args.num_samples, state.process_index, state.num_processes)
+        start_time = time.perf_counter()
+        bar = tqdm(total=args.num_samples, desc="sampling", unit="sample", disable=not state.is_main_process)
+        for start in range(0, len(mine), args.batch_size):
+            idx = mine[start:start + args.batch_size]
+            out = pipe(batch_size=len(idx), num_inference_steps=steps,
+                       generator=sample_generators(args.seed, idx), class_labels=labels_for(idx, cycle),
+                       guidance_scale=args.guidance_scale, eta=args.eta,
+                       output_type="np_image" if args.decode else "np")
+            writer.write(idx[0], out.latents)
+            for i, image in zip(idx, out.images if args.decode else (), strict=False):
+                Image.fromarray(to_uint8(image)).save(images_dir / f"{i:06d}.png")
+            bar.update(min(len(idx) * state.num_processes, bar.total - bar.n))  # others run in step
+        bar.close()
         state.wait_for_everyone()
 
         # 4. One normal .npz, written by streaming (memory stays bounded), atomically; then the preview.
         if state.is_main_process:
             arrays = {"samples": partial}
             if cycle is not None:
-                arrays["labels"] = np.asarray(labels_for(range(args.num_samples), cycle), dtype=np.int64)
+                arrays["labels"] = np.asarray(cycle, dtype=np.int64)[np.arange(args.num_samples) % len(cycle)]
             write_npz(output, arrays)
             elapsed = time.perf_counter() - start_time
             if not args.no_grid:
@@ -213,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if state.is_main_process:
             partial.unlink(missing_ok=True)
+            lock.release()
     return 0
 
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -37,15 +36,16 @@ from tqdm.auto import tqdm
 
 from latent_ddpm import AdvancedUNet2DModel
 from latent_ddpm.checkpointing import (
-    ABANDONED_DIR,
     RunLock,
+    apply_resumed_settings,
     check_resume_compatible,
+    clear_run,
     default_run_dir,
     generator_state,
-    list_checkpoints,
     load_checkpoint,
     objective_settings,
     resolve_resume,
+    run_folder_conflict,
     save_checkpoint,
     set_aside_newer_checkpoints,
     set_generator_state,
@@ -54,7 +54,7 @@ from latent_ddpm.config import TrainConfig, parse_train_args
 from latent_ddpm.data import check_compatible, load_latents
 from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
-from latent_ddpm.encode import load_vae, read_encoding_info
+from latent_ddpm.encode import load_data_vae, read_encoding_info
 from latent_ddpm.errors import UserInputError, first_line, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.ERROR)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        logger.warning("--mixed_precision fp16 has no autocast on CPU: this run trains in float32 (bf16 works)")
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     set_seed(cfg.seed, device_specific=False)  # same init on every rank
@@ -86,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train_data is None:
         dataset, data_name = demo_dataset(), "demo"
     else:
-        dataset = load_latents(cfg.train_data, latent_key=cfg.latent_key, label_key=cfg.label_key)
+        # Labels are read only for a class-conditional model: the original's files carry a `y` it never used,
+        # which need not be class ids.
+        dataset = load_latents(cfg.train_data, latent_key=cfg.latent_key,
+                               label_key=cfg.label_key if cfg.class_conditional else None)
         data_name = Path(cfg.train_data.rstrip("/")).stem
     channels, height, width = dataset.features["latents"].shape
     if cfg.n_dim is not None and cfg.n_dim != channels:
@@ -111,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor)
     # Latents made by `python -m latent_ddpm.encode` name their autoencoder: previews and the pipeline decode.
     encoding = read_encoding_info(cfg.train_data)
-    vae = load_vae(encoding["vae"]["id"], encoding["vae"].get("subfolder")).to(accelerator.device) if encoding else None
+    vae = load_data_vae(encoding, cfg.train_data)
+    vae = vae.to(accelerator.device) if vae is not None else None
 
     # 4. Noise schedule (diffusers DDPMScheduler), warning on a schedule that ends far from noise.
     noise_scheduler = build_noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start,
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             f"peak learning rate {cfg.learning_rate:g}; run folder {run_dir}")
     hub_token = check_hub_access(cfg.hub_model_id, cfg.hub_token) if cfg.push_to_hub else None  # fail fast
     if cfg.dry_run:
+        if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir):
+            raise UserInputError(conflict)
         if accelerator.is_main_process:
             print(f"dry run, nothing written: {plan}")
         return 0
@@ -156,18 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     lock, error = RunLock(run_dir), None
     if accelerator.is_main_process:
         try:
-            previous = list_checkpoints(train_dir) or (run_dir / "pipeline").exists()
-            if previous and cfg.resume_from_checkpoint is None and not cfg.overwrite_output_dir:
-                raise UserInputError(f"{run_dir} already holds a run; continue it with --resume_from_checkpoint "
-                                     f"latest, start fresh with --overwrite_output_dir, or choose another --output_dir")
+            if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir):
+                raise UserInputError(conflict)
             lock.acquire()
             if cfg.overwrite_output_dir and resume is None:
-                for _, old in list_checkpoints(train_dir):
-                    shutil.rmtree(old)
-                shutil.rmtree(train_dir / ABANDONED_DIR, ignore_errors=True)
-            if resume is not None and (moved := set_aside_newer_checkpoints(train_dir, resume)):
-                logger.warning("resuming %s: moved %d checkpoint(s) it does not lead to (%s) to %s", resume,
-                               len(moved), ", ".join(p.name for p in moved), moved[0].parent)
+                clear_run(run_dir)
+            if cfg.resume_from_checkpoint is not None and (moved := set_aside_newer_checkpoints(train_dir, resume)):
+                logger.warning("resuming %s: moved %d checkpoint(s) it does not lead to (%s) to %s",
+                               resume or "from scratch", len(moved), ", ".join(p.name for p in moved), moved[0].parent)
             train_dir.mkdir(parents=True, exist_ok=True)
             (train_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
             (train_dir / "latent_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
@@ -212,17 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         set_generator_state(noise_gen, state["noise_generator"][accelerator.process_index])
         logger.info("resumed from %s at step %d", resume, global_step)
+        if changed := apply_resumed_settings(optimizer, lr_scheduler, ema, cfg):
+            logger.info("resumed with this run's settings, not the checkpoint's: %s", "; ".join(changed))
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.project_configuration.logging_dir = str(train_dir / "logs")  # now that the run folder is known
         accelerator.init_trackers("latent_ddpm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     logger.info(plan)
 
     # 9. Train. One optimizer step = gradient_accumulation_steps micro-batches (leftover micro-batches at
-    #    an epoch's end are skipped). The loss stays on the device and is read back every logging_steps;
-    #    only the finite-check flag crosses to the host each step.
+    #    an epoch's end are skipped). The loss stays on the device and is read back every logging_steps (and at
+    #    epoch ends and checkpoints); only the finite-check flag crosses to the host each step.
     progress = tqdm(total=max_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    pending: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []  # per-step losses still on the device
+    window: list[float] = []  # read back, not yet logged
     nonfinite_in_a_row, t_last, samples_since = 0, time.perf_counter(), 0
     divergence = DivergenceWatch(cfg.lr_warmup_steps)
     accumulation = cfg.gradient_accumulation_steps
@@ -230,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     while global_step < max_steps:
         first = global_step % steps_per_epoch
         batches = feeder.epoch_batches(epoch, start_batch=first * accumulation)
-        epoch_losses: list[torch.Tensor] = []
         model.train()
         for _ in range(first, steps_per_epoch):
             _maybe_die(accelerator.process_index, global_step + 1)
@@ -277,22 +283,35 @@ def main(argv: list[str] | None = None) -> int:
                                          f"stopping. Lower --learning_rate, use --mixed_precision bf16 or no, or "
                                          f"check the data; the last good checkpoint is in {train_dir}")
             optimizer.zero_grad(set_to_none=True)
+            step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used (logged), before the schedule moves
             lr_scheduler.step()
             global_step += 1
             samples_since += cfg.train_batch_size * accumulation * world
             pending.append(mean_loss)
-            epoch_losses.append(mean_loss)
             progress.update(1)
 
-            if global_step % cfg.logging_steps == 0 or global_step == max_steps:
+            # The losses reach the host only to be logged, at an epoch's end and in a checkpoint's history (so a
+            # resumed run's loss curve and epoch means are the uninterrupted run's).
+            log_now = global_step % cfg.logging_steps == 0 or global_step == max_steps
+            epoch_done = global_step % steps_per_epoch == 0
+            # No periodic checkpoint inside a non-finite streak: the last one before it stays the newest.
+            save_now = (global_step == max_steps
+                        or global_step % cfg.checkpointing_steps == 0 and not nonfinite_in_a_row)
+            if pending and (log_now or epoch_done or save_now):
                 values = torch.stack(pending).tolist()
                 history["steps"] += list(range(global_step - len(values) + 1, global_step + 1))
                 history["losses"] += values
+                window += values
                 pending.clear()
+            if epoch_done:  # every step of the epoch is in the history, resumed or not
+                history["epoch_ends"].append(global_step)
+                history["epoch_means"].append(sum(history["losses"][-steps_per_epoch:]) / steps_per_epoch)
+
+            if log_now:
                 now = time.perf_counter()
-                logs = {"loss": sum(values) / len(values), "lr": lr_scheduler.get_last_lr()[0],
+                logs = {"loss": sum(window) / len(window), "lr": step_lr,
                         "samples_per_s": samples_since / (now - t_last), "skipped": history["skipped"]}
-                t_last, samples_since = now, 0
+                t_last, samples_since, window = now, 0, []
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
                                      sps=f"{logs['samples_per_s']:.1f}")
                 if not sys.stderr.isatty():
@@ -302,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 if (warning := divergence.update(global_step, history["losses"])) and accelerator.is_main_process:
                     logger.warning(warning)
 
-            # No periodic checkpoint inside a non-finite streak: the last one before it stays the newest.
-            if (global_step % cfg.checkpointing_steps == 0 and not nonfinite_in_a_row) or global_step == max_steps:
+            if save_now:
                 state = {"global_step": global_step, "epoch": epoch, "history": history, "run_settings": run_settings,
                          "model_config": dict(unet.config), "lr_scheduler": lr_scheduler.state_dict(),
                          "noise_generator": _gather_generator_states(noise_gen)}
@@ -314,9 +332,6 @@ def main(argv: list[str] | None = None) -> int:
                 break
 
         if global_step % steps_per_epoch == 0:  # the epoch is complete
-            if epoch_losses:
-                history["epoch_ends"].append(global_step)
-                history["epoch_means"].append(torch.stack(epoch_losses).mean().item())
             epoch += 1
             if (accelerator.is_main_process and cfg.save_images_epochs and epoch % cfg.save_images_epochs == 0
                     and global_step < max_steps):
@@ -325,16 +340,21 @@ def main(argv: list[str] | None = None) -> int:
     progress.close()
 
     # 10. The final pipeline (EMA weights), loss curve, preview grid and quality figures. DDP keeps the
-    #     ranks' weights identical; the checksums prove it.
+    #     ranks' weights identical; the checksums check it (an error is logged if they differ).
     checksums = gather_object([sum(float(p.detach().double().sum()) for p in unet.parameters())])
     if accelerator.is_main_process:
         history["rank_weight_checksums"] = checksums
+        if len(set(checksums)) > 1:
+            logger.error("the ranks' weights differ at the end (checksums %s): DDP did not keep them in sync; "
+                         "the saved pipeline holds rank 0's", checksums)
         final_report(build_pipeline(unet, ema, noise_scheduler, stats, vae), cfg, dataset, run_dir, history,
                      num_classes, plan)
         if cfg.push_to_hub:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
                                        token=hub_token, train_dir=train_dir)
             logger.info("pushed the pipeline to %s", url)
+    # The other ranks wait here for the main process's report (under --ddp_timeout): leaving before it, they
+    # would tear the process group down under it, which can hang gloo's teardown on the main process.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     lock.release()

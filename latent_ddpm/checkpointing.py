@@ -9,13 +9,11 @@ deleted only once the new one is complete.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import json
 import os
 import re
 import shutil
-import socket
 import warnings
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserInputError, first_line
+from .paths import OutputLock
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -49,6 +48,46 @@ def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
         if match and path.is_dir() and (path / COMPLETE_MARKER).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def original_run_files(train_dir: Path) -> list[str]:
+    """The original project's weights in a run's `train/` folder (`model.pth`, `ddpm_epoch_N.pt`): the same
+    run-folder names mean a new run can land in an old one, whose files must not be silently replaced."""
+    names = ["model.pth", *sorted(p.name for p in train_dir.glob("ddpm_epoch_*.pt"))] if train_dir.is_dir() else []
+    return [name for name in names if (train_dir / name).is_file()]
+
+
+#: What a finished run leaves besides checkpoints (reporting.final_report, previews, trackers): removed by
+#: --overwrite_output_dir with the checkpoints, so an interrupted fresh start never shows the old run's model.
+RUN_OUTPUTS = ("pipeline", "pipeline.tmp", "pipeline.old", "train/metrics.json", "train/loss_curve.png",
+               "train/samples.png", "train/samples_images.png", "train/samples_epoch_*.png", "train/logs")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete a previous run's checkpoints (set-aside ones too) and outputs (`RUN_OUTPUTS`) from `run_dir`,
+    leaving other files (the original project's, the user's) alone."""
+    train_dir = run_dir / "train"
+    for _, old in list_checkpoints(train_dir):
+        (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
+        shutil.rmtree(old)
+    shutil.rmtree(train_dir / ABANDONED_DIR, ignore_errors=True)
+    for pattern in RUN_OUTPUTS:
+        for path in run_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
+    """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
+    `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may."""
+    train_dir = run_dir / "train"
+    if (list_checkpoints(train_dir) or (run_dir / "pipeline").exists()) and resume is None and not overwrite:
+        return (f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, start fresh with "
+                "--overwrite_output_dir, or choose another --output_dir")
+    if (old_files := original_run_files(train_dir)) and not overwrite:
+        return (f"{run_dir} holds a run of the original project (train/{old_files[0]}); choose another --output_dir "
+                "(convert its weights with python -m latent_ddpm.convert_original), or train beside them with "
+                "--overwrite_output_dir")
+    return None
 
 
 def is_valid_checkpoint(path: Path) -> bool:
@@ -105,8 +144,9 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
     return None
 
 
-def set_aside_newer_checkpoints(train_dir: Path, resume: Path) -> list[Path]:
-    """Move this run's checkpoints that the resumed one does not lead to into `train_dir/abandoned/` (kept).
+def set_aside_newer_checkpoints(train_dir: Path, resume: Path | None) -> list[Path]:
+    """Move this run's checkpoints that the resumed one does not lead to into `train_dir/abandoned/` (kept);
+    with `resume` None (every checkpoint was damaged, so the run starts from scratch), all of them.
 
     Resuming an older checkpoint starts a new timeline from it; the newer folders belong to the old one, and
     left in place a later `--resume_from_checkpoint latest` would jump back to them (and the new run would
@@ -115,8 +155,8 @@ def set_aside_newer_checkpoints(train_dir: Path, resume: Path) -> list[Path]:
     """
     if not train_dir.is_dir():
         return []
-    step = int(json.loads((resume / STATE_FILE).read_text())["global_step"])
-    elsewhere = resume.resolve().parent != train_dir.resolve()
+    step = 0 if resume is None else int(json.loads((resume / STATE_FILE).read_text())["global_step"])
+    elsewhere = resume is not None and resume.resolve().parent != train_dir.resolve()
     moved = []
     for path in sorted(train_dir.iterdir()):
         other = _CKPT_RE.match(path.name)
@@ -222,7 +262,8 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
                              f"{free}); free disk space or make the folder writable, then continue with "
                              f"--resume_from_checkpoint latest; {kept}") from None
     if accelerator.is_main_process and limit is not None:
-        for _, old in list_checkpoints(train_dir)[:-limit]:
+        older = [(s, p) for s, p in list_checkpoints(train_dir) if s < step]  # never the one just written
+        for _, old in older[:max(0, len(older) - (limit - 1))]:
             (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -241,6 +282,35 @@ def load_checkpoint(accelerator, path: Path, ema=None) -> dict:
         ema.load_state_dict(ema_state)
         ema.to(accelerator.device)
     return state
+
+
+def apply_resumed_settings(optimizer, lr_scheduler, ema, cfg) -> list[str]:
+    """After a resume, make the run use this run's flags rather than the checkpoint's copies of them: the peak
+    learning rate (the schedule's current factor kept), AdamW's betas, weight decay and epsilon, and the EMA's
+    decay and power. Lowering `--learning_rate` when resuming from before a divergence is what the divergence
+    warning advises. Returns what changed, as "name old -> new"."""
+    changed: list[str] = []
+
+    def note(name: str, old, new) -> None:
+        if old != new:
+            changed.append(f"{name} {old} -> {new}")
+
+    for group in optimizer.param_groups:
+        peak = group.get("initial_lr", group["lr"])
+        if peak != cfg.learning_rate:  # untouched otherwise: a resume with the same flags stays bit-identical
+            note("learning_rate", peak, cfg.learning_rate)
+            group["lr"] = group["lr"] * cfg.learning_rate / peak if peak else cfg.learning_rate
+            group["initial_lr"] = cfg.learning_rate
+        for key, value in (("betas", (cfg.adam_beta1, cfg.adam_beta2)), ("weight_decay", cfg.adam_weight_decay),
+                           ("eps", cfg.adam_epsilon)):
+            note(key, tuple(group[key]) if key == "betas" else group[key], value)
+            group[key] = value
+    lr_scheduler.base_lrs = [cfg.learning_rate] * len(lr_scheduler.base_lrs)
+    if ema is not None:
+        note("ema_decay", ema.decay, cfg.ema_decay)
+        note("ema_power", ema.power, cfg.ema_power)
+        ema.decay, ema.power = cfg.ema_decay, cfg.ema_power
+    return list(dict.fromkeys(changed))  # once, not once per parameter group
 
 
 def generator_state(gen: torch.Generator) -> list[int]:
@@ -278,13 +348,12 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-class RunLock:
+class RunLock(OutputLock):
     """An exclusive lock on a run folder: a second run on the same folder refuses to start; a stale
     lock (its process is gone) is taken over."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
-        self.held = False
+        super().__init__(run_dir / LOCK_FILE, "another training run", "wait for it, or use another --output_dir")
 
     def acquire(self) -> None:
         try:
@@ -292,39 +361,4 @@ class RunLock:
         except OSError as err:
             raise UserInputError(f"cannot create the run folder {self.path.parent} ({err.strerror or err}); "
                                  "choose another --output_dir (its parents must be folders you can write)") from None
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._stale():
-                    self.path.unlink(missing_ok=True)
-                    continue
-                holder = self.path.read_text().strip() if self.path.exists() else "?"
-                raise UserInputError(f"{self.path.parent} is in use by another training run (host, pid: {holder}); "
-                                     f"wait for it, or use another --output_dir") from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(me)
-            self.held = True
-            atexit.register(self.release)  # also on errors; a killed run leaves a stale lock, taken over later
-            return
-
-    def _stale(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
-            return True
-        if host != socket.gethostname():
-            return False  # another machine's run: we cannot tell, so respect it
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        super().acquire()

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ArgumentParser, UserInputError, first_line, json_object
+from .evaluate import K_NEIGHBOURS
 from .unet import PRESETS
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -25,6 +28,11 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 NORMALIZATIONS = ("channel", "global", "none")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
+#: Seeds feed numpy too, whose seeds are 32-bit.
+MAX_SEED = 2**32 - 1
+#: The longest --ddp_timeout accepted: 30 days is longer than any collective can legitimately wait (and far
+#: inside what Python's timedelta holds).
+MAX_DDP_TIMEOUT_S = 30 * 24 * 3600
 #: Peak AdamW learning rate of the default recipe at LR_REFERENCE_WIDTH channels: the small preset's widest layer,
 #: where 1e-3, 2e-3 and 4e-3 trained equally well on the demo latents at batch 32 (docs/benchmarks.md).
 LR_AT_REFERENCE_WIDTH = 2e-3
@@ -101,10 +109,12 @@ class TrainConfig:
     data_in_memory: bool | None = _f(None, "keep the whole dataset on the device (default: when it fits)")
     dataloader_num_workers: int = _f(0, "DataLoader workers when the data is streamed from disk")
     ddp_timeout: int = _f(1800, "seconds a process waits in a collective (e.g. for a rank that died) before "
-                                "failing; torchrun usually stops the survivors sooner")
+                                "failing; torchrun usually stops the survivors sooner. Also bounds the other "
+                                "ranks' wait for the main process's epoch previews and final report")
     # --- Outputs, logging, checkpoints ------------------------------------------------------------
     output_dir: str | None = _f(None, "run folder (default: runs/<data>_ddpm_<C>_<T>_<beta_start>_<beta_end>)")
-    overwrite_output_dir: bool = _f(False, "start fresh in an existing run folder (its checkpoints are deleted)")
+    overwrite_output_dir: bool = _f(False, "start fresh in an existing run folder (its checkpoints, pipeline and "
+                                           "reports are deleted)")
     seed: int = _f(42, "seed of everything: init, data order, noise")
     logging_steps: int = _f(50, "read the loss and log every N optimizer steps (no host sync in between)")
     report_to: str = _f("none", "tracker", choices=REPORT_TO)
@@ -137,7 +147,7 @@ class TrainConfig:
                 raise UserInputError(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
             if isinstance(value, float):
                 need(math.isfinite(value), f.name, f"must be a finite number, got {value}")
-        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        need(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED} (2**32 - 1), got {self.seed}")
         need(self.num_train_timesteps >= 2, "num_train_timesteps", f"must be >= 2, got {self.num_train_timesteps}")
         need(0 < self.beta_start < 1, "beta_start", f"must be in (0, 1), got {self.beta_start}")
         need(0 < self.beta_end < 1, "beta_end", f"must be in (0, 1), got {self.beta_end}")
@@ -163,12 +173,19 @@ class TrainConfig:
         need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         need(self.save_images_epochs >= 0, "save_images_epochs", "must be >= 0")
         need(self.num_preview_samples >= 1, "num_preview_samples", "must be >= 1")
-        need(self.preview_inference_steps >= 1, "preview_inference_steps", "must be >= 1")
-        need(self.num_eval_samples >= 0, "num_eval_samples", "must be >= 0")
+        need(1 <= self.preview_inference_steps <= self.num_train_timesteps, "preview_inference_steps",
+             f"must be in 1..{self.num_train_timesteps} (--num_train_timesteps), got {self.preview_inference_steps}")
+        need(self.num_eval_samples == 0 or self.num_eval_samples > K_NEIGHBOURS, "num_eval_samples",
+             f"must be 0 (no quality figures) or more than {K_NEIGHBOURS} (the k-NN radii of precision/recall), "
+             f"got {self.num_eval_samples}")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
-        need(self.ddp_timeout >= 1, "ddp_timeout", f"must be >= 1 second, got {self.ddp_timeout}")
+        need(1 <= self.ddp_timeout <= MAX_DDP_TIMEOUT_S, "ddp_timeout",
+             f"must be 1..{MAX_DDP_TIMEOUT_S} seconds (30 days), got {self.ddp_timeout}")
         need(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "is required with --push_to_hub")
+        for flag in ("train_data", "output_dir", "resume_from_checkpoint"):  # before any file-system call trips
+            need(not _name_too_long(getattr(self, flag)), flag, "the path (or one of its names) is too long for "
+                 "the file system; use a shorter one")
         overrides = self.model_overrides()  # parses --model_config
         if self.learning_rate is None:  # resolved here, so that the saved config holds the rate used
             self.learning_rate = default_learning_rate(self.preset, overrides)
@@ -185,6 +202,14 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["hub_token"] = None
         return out
+
+
+def _name_too_long(path: str | None) -> bool:
+    try:
+        os.stat(path) if path else None
+    except OSError as err:
+        return err.errno == errno.ENAMETOOLONG
+    return False
 
 
 def default_learning_rate(preset: str, overrides: dict) -> float:
@@ -240,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{meta['help']} (default: {f.default})"
         if tp is bool:
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
+                                help=f"turn --{f.name} off" if f.default else argparse.SUPPRESS)
         else:
             conv = _none_or(tp) if _is_optional(hints[f.name]) else tp  # "none" means None only where None is valid
             parser.add_argument(*names, dest=f.name, type=conv, choices=None, help=help_text,

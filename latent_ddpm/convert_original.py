@@ -95,6 +95,13 @@ def read_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         raise UserInputError(
             f"{path} is not a model state dict: entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor"
         )
+    for key, tensor in obj.items():
+        if tensor.layout != torch.strided or tensor.is_meta or tensor.is_complex():
+            raise UserInputError(f"{path}: entry {key!r} is not a plain real tensor ({tensor.layout}, {tensor.dtype}"
+                                 f"{', meta' if tensor.is_meta else ''}); expected the original's dense weights")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserInputError(f"{path}: entry {key!r} holds NaN/Inf values (the run had diverged when it was "
+                                 "saved); convert an earlier checkpoint (ddpm_epoch_N.pt)")
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
@@ -113,14 +120,14 @@ def infer_original_config(state_dict: dict[str, torch.Tensor]) -> dict:
         pat = re.compile(re.escape(prefix) + r"(\d+)\.")
         return len({m.group(1) for k in sd if (m := pat.match(k))})
 
-    if "conv_in.weight" in sd:
-        config["in_channels"] = sd["conv_in.weight"].shape[1]
-    if "t_proj.0.weight" in sd:
-        config["time_emb_dim"] = sd["t_proj.0.weight"].shape[0]
-    if "conv_out.weight" in sd:
-        config["head_channels"] = sd["conv_out.weight"].shape[1]
     n_down, n_mid = count("downs."), count("mids.")
     try:
+        if "conv_in.weight" in sd:
+            config["in_channels"] = sd["conv_in.weight"].shape[1]
+        if "t_proj.0.weight" in sd:
+            config["time_emb_dim"] = sd["t_proj.0.weight"].shape[0]
+        if "conv_out.weight" in sd:
+            config["head_channels"] = sd["conv_out.weight"].shape[1]
         if n_down:
             config["down_channels"] = [sd["conv_in.weight"].shape[0]] + [
                 sd[f"downs.{b}.resnet_conv_first.0.2.weight"].shape[0] for b in range(n_down)
@@ -134,8 +141,8 @@ def infer_original_config(state_dict: dict[str, torch.Tensor]) -> dict:
             config["num_mid_layers"] = count("mids.0.resnet_conv_first.") - 1
         if count("ups."):
             config["num_up_layers"] = count("ups.0.resnet_conv_first.")
-    except KeyError:
-        pass  # an incomplete checkpoint: the strict key check reports it
+    except (KeyError, IndexError):
+        pass  # an incomplete or malformed checkpoint: the strict key and shape check reports it
     return config
 
 
@@ -236,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_mid_layers", type=int)
     p.add_argument("--num_up_layers", type=int)
     p.add_argument("--num_heads", type=int)
+    p.add_argument("--head_channels", type=int, help="width of the last up block (the original's 16)")
     p.add_argument("--sample_size", type=int, nargs="+", metavar="H [W]", help="latent size (default 64)")
     p.add_argument("--pipeline", action="store_true", help="save a full LatentDDPMPipeline (unet + scheduler)")
     p.add_argument("--n_steps", type=int, default=50, help="training timesteps of the original run (default 50)")
@@ -246,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _MODEL_FLAGS = ("in_channels", "down_channels", "mid_channels", "time_emb_dim", "down_sample", "num_down_layers",
-                "num_mid_layers", "num_up_layers", "num_heads", "sample_size")
+                "num_mid_layers", "num_up_layers", "num_heads", "head_channels", "sample_size")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.exceptions import DatasetGenerationError
 
-from .errors import ArgumentParser, run_cli
+from .errors import ArgumentParser, first_line, run_cli
 from .npyio import (
     CACHE_VERSION,
     DEFAULT_CACHE_DIR,
@@ -27,10 +29,20 @@ from .npyio import (
     cached_numpy,
     dataset_from_arrays,
     in_memory,
+    latent_nbytes,
     write_numpy,
 )
+from .paths import check_replaceable, replace_with
 from .sources import is_hub_id
-from .validation import CHUNK_BYTES, DataError, NaNCounter, check_latent_meta, chunk_rows, latent_features
+from .validation import (
+    CHUNK_BYTES,
+    DataError,
+    NaNCounter,
+    check_label_max,
+    check_latent_meta,
+    chunk_rows,
+    latent_features,
+)
 
 # Re-exported for `from latent_ddpm.data import ...`. CHUNK_BYTES is read from `latent_ddpm.validation`:
 # patch it there (rebinding `data.CHUNK_BYTES` changes nothing).
@@ -60,34 +72,60 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
     if lat is None:
         raise DataError(f"{where}: no latents column (looked for '{latent_key}', 'latents', 'X'); the columns are "
                         f"{names}; pass the right one with --latent_key / latent_key=")
-    lab = next((c for c in (label_key, *LABEL_COLUMNS) if c in names), None)
+    lab = None if label_key is None else next((c for c in (label_key, *LABEL_COLUMNS) if c in names), None)
     ds = ds.select_columns([c for c in (lat, lab) if c is not None])
     ds = ds.rename_columns({k: v for k, v in ((lat, "latents"), (lab, "labels")) if k is not None and k != v})
     if len(ds) == 0:
         raise DataError(f"{where}: the dataset is empty (0 samples); check the split and the files")
     feat = ds.features["latents"]
-    dtype = np.dtype(getattr(feat, "dtype", None) or _innermost_dtype(feat) or "O")
-    first = np.asarray(ds.with_format("numpy")[0]["latents"])
+    dtype = _numpy_dtype(getattr(feat, "dtype", None) or _innermost_dtype(feat))
+    if dtype is None or dtype.kind != "f":
+        raise DataError(f"{where}: latents column '{lat}' must hold floating-point arrays, got {feat}; store "
+                        "float32 (C, H, W) arrays")
+    try:
+        first = np.asarray(ds.with_format("numpy")[0]["latents"], dtype=np.float32)
+    except (ValueError, TypeError, pa.ArrowException) as err:
+        raise DataError(f"{where}: the first sample's latents are not one (C, H, W) array ({first_line(err)}); "
+                        "all samples must have the same shape") from err
     check_latent_meta(where, (len(ds), *first.shape), dtype)
     if lab is not None:
-        ldtype = _innermost_dtype(ds.features["labels"])
-        if ldtype is None or np.dtype(ldtype).kind not in "iu":
-            raise DataError(f"{where}: labels column '{lab}' must be integer class ids, got {ds.features['labels']}")
+        ldtype, lfeat = _numpy_dtype(_innermost_dtype(ds.features["labels"])), ds.features["labels"]
+        if ldtype is None or ldtype.kind not in "iu" or not isinstance(lfeat, (datasets.Value, datasets.ClassLabel)):
+            raise DataError(f"{where}: labels column '{lab}' must hold one integer class id per sample, got {lfeat}; "
+                            "map class names to ids 0..K-1 (or drop the column)")
+        column = ds.data.column("labels")  # one int per sample: checked whole, before the cast to int64
+        if column.null_count:
+            raise DataError(f"{where}: labels column '{lab}' has {column.null_count} missing values; give every "
+                            "sample a class id")
+        low, high = (pc.min_max(column)[k].as_py() for k in ("min", "max"))
+        if low < 0:
+            raise DataError(f"{where}: labels must be >= 0, found {low} at index {pc.index(column, low).as_py()}; "
+                            "use ids 0..K-1")
+        check_label_max(where, high, pc.index(column, high).as_py())
     want = latent_features(first.shape, lab is not None)
+    bad_shape = f"{where}: latents cannot be read as one (C, H, W) float32 array per sample"
     if ds.features != want:
         try:
             ds = ds.cast(want)
-        except (ValueError, TypeError, pa.ArrowInvalid) as err:
-            raise DataError(f"{where}: latents cannot be read as one (C, H, W) float32 array per sample ({err}); "
-                            "all samples must have the same shape") from err
+        except (ValueError, TypeError, pa.ArrowException) as err:
+            raise DataError(f"{bad_shape} ({first_line(err)}); all samples must have the same shape") from err
     nan = NaNCounter(where)
-    for start, chunk, labels in iter_chunks(ds, with_labels=True) if verify else ():
-        nan.update(chunk, start)
-        if labels is not None and len(labels) and labels.min() < 0:
-            i = start + int(np.argmin(labels))
-            raise DataError(f"{where}: labels must be >= 0, found {int(labels.min())} at index {i}; use ids 0..K-1")
+    try:
+        for start, chunk, _ in iter_chunks(ds) if verify else ():
+            nan.update(chunk, start)
+    except (ValueError, TypeError, pa.ArrowException) as err:  # a lazy cast meets a ragged or null sample
+        raise DataError(f"{bad_shape} ({first_line(err)}); all samples must have the same shape and no missing "
+                        "values") from err
     nan.check()
     return ds
+
+
+def _numpy_dtype(name: str | None) -> np.dtype | None:
+    """A numpy dtype from an Arrow/datasets dtype name, or None where numpy has none (string, timestamp, ...)."""
+    try:
+        return np.dtype(name) if name else None
+    except TypeError:
+        return None
 
 
 def iter_chunks(ds: datasets.Dataset, rows: int | None = None, with_labels: bool = False
@@ -111,8 +149,8 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     checking it (shape, dtype, NaN/Inf, labels). `.npy`/`.npz` files bigger than `in_memory_max_bytes`
     are converted once, in bounded memory, to an Arrow file under `cache_dir` (default
     ~/.cache/latent_ddpm or $LATENT_DDPM_CACHE) keyed by path, size and mtime, and memory-mapped.
-    `labels_file` gives labels for a `.npy`. `verify=False` skips the full NaN/Inf and label scan of
-    Arrow/Parquet/hub sources (shape and dtype are still checked). Hub ids (owner/name) go to
+    `labels_file` gives labels for a `.npy`. `verify=False` skips the full NaN/Inf scan of Arrow/Parquet/hub
+    sources (shape, dtype and labels are still checked). Hub ids (owner/name) go to
     `datasets.load_dataset(source, split=split, **hub_kwargs)`. Raises `DataError` (one line) on bad input.
     """
     path = Path(source)
@@ -141,7 +179,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     if not os.access(path, os.R_OK):
         raise DataError(f"{path}: the file is not readable (permissions); check them")
     if suffix in NUMPY_SUFFIXES:
-        if path.stat().st_size <= in_memory_max_bytes:
+        if latent_nbytes(path, latent_key) <= in_memory_max_bytes:
             return in_memory(lambda kw: write_numpy(path, kw, latent_key, label_key, labels_file))
         return cached_numpy(path, Path(cache_dir or DEFAULT_CACHE_DIR), latent_key, label_key, labels_file)
     try:
@@ -154,8 +192,9 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
                 parquet_log.disabled = was
         else:
             ds = _read_arrow(path)
-    except (OSError, ValueError, pa.ArrowException) as err:
-        raise DataError(f"{path}: not a readable {suffix} file ({err}); re-export it") from err
+    except (OSError, ValueError, pa.ArrowException, DatasetGenerationError) as err:
+        raise DataError(f"{path}: not a readable {suffix} file, or one with no rows ({first_line(err)}); re-export "
+                        "it") from err
     return _standardize(ds, str(path), latent_key, label_key, verify)
 
 
@@ -200,23 +239,27 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, latent_key: str =
     output size while it runs. Everything is written to a temporary folder beside `out` and renamed at
     the end, so a failure leaves nothing behind. Returns the new dataset.
     """
-    src, out = Path(src), Path(out)
+    src = Path(src)
     if not src.is_file():
         raise DataError(f"{src}: no such file; check the path")
     if src.suffix.lower() not in NUMPY_SUFFIXES:
         raise DataError(f"{src}: unknown format '{src.suffix}'; convert takes .npz or .npy files")
-    if out.exists() and not overwrite:
+    out = check_replaceable(out, "output", (src, labels_file))
+    if os.path.lexists(out) and not overwrite:
         raise DataError(f"{out}: already exists; pass --overwrite or choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
+        raise DataError(f"{out}: cannot create it ({why}); choose a writable output path") from None
     try:
         write_numpy(src, dict(path=str(tmp / "raw.arrow")), latent_key, label_key, labels_file)
         ds = datasets.Dataset.from_file(str(tmp / "raw.arrow"))
         ds.save_to_disk(str(tmp / "dataset"))
         del ds
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp / "dataset", out)
+        replace_with(tmp / "dataset", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(out))

@@ -11,7 +11,9 @@ command skips the complete shards, and the last step concatenates them into OUTP
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
 from .images import prepare_image, to_model_range
+from .paths import check_replaceable, replace_with
 from .sampling import DTYPES, ArgParser, distributed_state, sample_seed
 from .sources import is_hub_id
 
@@ -56,9 +59,32 @@ def read_encoding_info(train_data: str | os.PathLike | None) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: not readable JSON ({err}); re-encode or delete it") from err
+    vae = info.get("vae") if isinstance(info, dict) else None
+    if not (isinstance(vae, dict) and isinstance(vae.get("id"), str)
+            and isinstance(vae.get("subfolder"), (str, type(None)))):
+        raise DataError(f"{path}: not an encoding.json written by latent_ddpm.encode (it needs \"vae\": {{\"id\": "
+                        "...}); re-encode or delete it")
+    return info
+
+
+def load_data_vae(info: dict | None, where: str):
+    """The autoencoder that `read_encoding_info`'s `info` names, for previews and the pipeline; None, with a
+    warning, when it cannot be loaded (moved, or a hub id offline): training needs only the latents."""
+    if info is None:
+        return None
+    source = info["vae"]["id"]
+    try:
+        return load_vae(source, info["vae"].get("subfolder"))
+    except UserInputError as err:
+        gone = Path(source).is_absolute() and not Path(source).exists()
+        reason = "that folder no longer exists" if gone else str(err).removeprefix(f"--vae {source}: ").split("; ")[0]
+        logging.getLogger(__name__).warning(
+            "%s/%s names the autoencoder %s, which cannot be loaded (%s); training without it: previews stay "
+            "latents and the pipeline is saved without a VAE", where, ENCODING_FILE, source, reason)
+        return None
 
 
 def run_encoding_info(run_dir: str | os.PathLike) -> dict | None:
@@ -260,9 +286,10 @@ def _describe(entry, index: int) -> str:
 def encode_images(args) -> dict:
     """Run the whole encode for parsed arguments (see `parse_args`); returns the encoding.json content."""
     state = distributed_state()
-    output = Path(args.output)
+    inputs = [args.data, *glob.glob(args.data), args.vae, args.cache_dir]  # --data may be a glob of parquet files
+    output = check_replaceable(args.output, "--output", inputs)
     partial = output.with_name(output.name + ".partial")
-    if output.exists() and not args.overwrite:
+    if os.path.lexists(output) and not args.overwrite:
         raise UserInputError(f"--output {output} exists; pass --overwrite to replace it, or choose another folder")
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
     settings["vae"] = _vae_id(args.vae)
@@ -341,9 +368,7 @@ def encode_images(args) -> dict:
     }
     (final / ENCODING_FILE).write_text(json.dumps(info, indent=2) + "\n")
     del parts
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    os.replace(final, output)
+    replace_with(final, output)
     shutil.rmtree(partial, ignore_errors=True)
     return info
 

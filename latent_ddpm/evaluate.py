@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ArgumentParser, UserInputError, run_cli
+from .errors import ArgumentParser, UserInputError, first_line, run_cli
+from .paths import check_replaceable, replace_with, unwritable_folder
 
 # Width of the random projection of the flattened standardised latent.
 NUM_PROJECTIONS = 256
@@ -262,8 +266,9 @@ def load_samples(path: str | Path, key: str = "samples",
             return f[key], (f[label_key] if label_key in f.files else None)
     except UserInputError:
         raise
-    except (OSError, ValueError) as err:
-        raise UserInputError(f"{path}: not a readable .npz/.npy file ({err})") from err
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise UserInputError(f"{path}: not a readable .npz/.npy file ({first_line(err)}); pass the .npz written by "
+                             "sample.py") from err
 
 
 def load_reference(source: str, latent_key: str = "X", label_key: str = "y",
@@ -294,20 +299,57 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("k", "max_reference", "max_pr_samples", "num_projections"):
         if getattr(args, flag) < 1:
             raise UserInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.out is not None:
+        check_replaceable(args.out, "--out", (args.samples, args.reference))
+        if Path(args.out).suffix != ".json" or Path(args.out).is_dir():
+            raise UserInputError(f"--out {args.out}: name a .json file to write")
+        if problem := unwritable_folder(Path(args.out).parent):
+            raise UserInputError(f"--out {args.out}: {problem}; choose another --out")
     samples, labels = load_samples(args.samples, args.samples_key)
     reference, ref_labels = load_reference(args.reference, args.latent_key, args.label_key, args.max_reference)
-    if samples.ndim != 4 or samples.shape[1:] != reference.shape[1:]:
-        raise UserInputError(f"samples of shape {samples.shape} do not match reference latents {reference.shape[1:]}")
-    report = evaluate(samples, reference, labels, ref_labels, baseline=not args.no_baseline, k=args.k,
-                      max_reference=args.max_reference, max_pr_samples=args.max_pr_samples,
-                      num_projections=args.num_projections)
+    check_inputs(args, samples, labels, reference)
+    try:
+        report = evaluate(samples, reference, labels, ref_labels, baseline=not args.no_baseline, k=args.k,
+                          max_reference=args.max_reference, max_pr_samples=args.max_pr_samples,
+                          num_projections=args.num_projections)
+    except np.linalg.LinAlgError as err:  # finite values so large that the features overflow
+        raise UserInputError(f"--samples {args.samples}: the metrics cannot be computed ({err}); the samples are "
+                             f"far outside the reference's range (largest |value| {np.nanmax(np.abs(samples)):.3g})"
+                             ) from None
     report = {"samples": str(args.samples), "reference": str(args.reference), **report}
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp{os.getpid()}")
+        tmp.write_text(text + "\n")
+        replace_with(tmp, args.out)
     sys.stdout.write(text + "\n")
     return 0
+
+
+def check_inputs(args, samples: np.ndarray, labels: np.ndarray | None, reference: np.ndarray) -> None:
+    """One line naming the flag for inputs the metrics cannot use: wrong shape or dtype, labels that do not
+    match the samples, fewer usable samples than the k-NN radii need, a reference too small for its baseline."""
+    if samples.ndim != 4 or samples.shape[1:] != reference.shape[1:]:
+        raise UserInputError(f"--samples {args.samples}: shape {samples.shape} does not match the reference latents "
+                             f"{reference.shape[1:]}")
+    if samples.dtype.kind != "f":
+        raise UserInputError(f"--samples {args.samples}: latents must be floating point, got dtype {samples.dtype}")
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(samples),)):
+        raise UserInputError(f"--samples {args.samples}: 'labels' must be {len(samples)} integer class ids (one per "
+                             f"sample), got dtype {labels.dtype} and shape {labels.shape}")
+    usable = int(np.isfinite(samples.reshape(len(samples), -1)).all(axis=1).sum())
+    if usable <= args.k:
+        dropped = f" ({len(samples) - usable} with NaN/Inf left out)" if usable < len(samples) else ""
+        raise UserInputError(f"--samples {args.samples}: {usable} usable samples{dropped}; the metrics need more than "
+                             f"--k {args.k}; sample more")
+    if not args.no_baseline and len(reference) // 2 <= args.k:
+        raise UserInputError(f"--reference {args.reference}: {len(reference)} latents are too few for the "
+                             f"real-vs-real baseline (two halves of more than --k {args.k}); pass a larger reference "
+                             "or --no_baseline")
+    if len(reference) <= args.k:
+        raise UserInputError(f"--reference {args.reference}: {len(reference)} latents; the metrics need more than "
+                             f"--k {args.k}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ def compute_stats(ds: datasets.Dataset, mode: str = "channel", scaling_factor: f
     if (std == 0).any():
         which = "all channels" if mode == "global" else f"channel(s) {np.flatnonzero(std == 0).tolist()}"
         raise DataError(f"{source}: {which} of the latents are constant (std 0), so they cannot be normalised; "
-                        "drop those channels, or use mode='none' or a scaling factor")
+                        "drop those channels, or do not normalise (train.py --normalization none, or "
+                        "--scaling_factor; mode='none' in Python)")
     return LatentStats(mode, mean.tolist(), std.tolist())
 
 

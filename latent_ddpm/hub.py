@@ -28,7 +28,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntry
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
-from .errors import UserInputError
+from .errors import UserInputError, first_line
 from .remote.card import build_model_card, find_run_files
 from .remote.code import PIPELINE_ENTRY, UNET_ENTRY, remote_code_files
 from .sources import is_hub_id
@@ -269,7 +269,12 @@ def _read_model_index(folder: Path) -> dict[str, Any]:
     path = folder / "model_index.json"
     if not path.is_file():
         raise UserInputError(f"{folder} is not a saved pipeline (no model_index.json)")
-    index = json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserInputError(f"{path}: not readable JSON ({first_line(err)}); save the pipeline again") from None
+    if not isinstance(index, dict):
+        raise UserInputError(f"{path}: not a pipeline index (a JSON object); save the pipeline again")
     class_name = index.get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
     if class_name != "LatentDDPMPipeline" or index.get("unet") not in (PACKAGE_UNET_ENTRY, UNET_ENTRY):

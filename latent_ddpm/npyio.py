@@ -9,7 +9,9 @@ import json
 import math
 import os
 import tempfile
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,16 @@ import numpy as np
 import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 
-from .validation import DataError, NaNCounter, check_labels, check_latent_meta, chunk_rows, latent_features
+from .errors import first_line
+from .validation import (
+    DataError,
+    NaNCounter,
+    check_float32_range,
+    check_labels,
+    check_latent_meta,
+    chunk_rows,
+    latent_features,
+)
 
 #: `.npy`/`.npz` files up to this size load straight into memory; bigger ones go to the Arrow cache.
 IN_MEMORY_MAX_BYTES = 256 * 2**20
@@ -26,6 +37,8 @@ IN_MEMORY_MAX_BYTES = 256 * 2**20
 DEFAULT_CACHE_DIR = Path(os.environ.get("LATENT_DDPM_CACHE", Path.home() / ".cache" / "latent_ddpm"))
 #: Bump when the cached Arrow layout changes, so that old cache files are not reused.
 CACHE_VERSION = 1
+#: What reading a damaged file raises: a bad archive, a truncated or corrupt (compressed) member, a bad header.
+READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -36,9 +49,29 @@ def _read_npy_header(fp, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
             return np.lib.format.read_array_header_1_0(fp)
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(fp)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{where}: not a readable .npy array ({err}); re-save it with np.save/np.savez") from err
+    except (*READ_ERRORS, SyntaxError, tokenize.TokenError) as err:  # the last two: a damaged header dict
+        raise DataError(f"{where}: not a readable .npy array ({first_line(err)}); re-save it with np.save/np.savez"
+                        ) from err
     raise DataError(f"{where}: unsupported .npy format version {version}; re-save it with np.save/np.savez")
+
+
+def _header(path: Path, member: str | None, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The header of a `.npy` file (member None) or of a `.npz` member."""
+    try:
+        with (open(path, "rb") if member is None else zipfile.ZipFile(path).open(member)) as fp:
+            return _read_npy_header(fp, where)
+    except DataError:
+        raise
+    except READ_ERRORS as err:
+        raise DataError(f"{where}: not a readable .npy array ({first_line(err)}); re-save it with np.save/np.savez"
+                        ) from err
+
+
+def latent_nbytes(path: Path, latent_key: str) -> int:
+    """Size of a `.npy`/`.npz` file's latents as float32, from the header alone (a compressed `.npz` can hold
+    far more than its file size)."""
+    shape, _, _ = _open_numpy(path, latent_key, None, None)
+    return 4 * math.prod(shape)
 
 
 def _numpy_chunks(path: Path, member: str | None, where: str) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
@@ -46,18 +79,21 @@ def _numpy_chunks(path: Path, member: str | None, where: str) -> tuple[tuple[int
 
     Only the header is read here; chunks of about CHUNK_BYTES come later, so RAM use stays bounded.
     """
-    with (open(path, "rb") if member is None else zipfile.ZipFile(path).open(member)) as fp:
-        shape, fortran, dtype = _read_npy_header(fp, where)
+    shape, fortran, dtype = _header(path, member, where)
     check_latent_meta(where, shape, dtype)
     step, row_bytes = chunk_rows(shape), dtype.itemsize * math.prod(shape[1:])
-    if member is None or fortran:  # Fortran-order .npz members (rare) are read whole: rows are not contiguous
+
+    def whole() -> Iterator[np.ndarray]:  # Fortran-order .npz members (rare) are read whole: rows not contiguous
         try:
             arr = (np.load(path, mmap_mode="r", allow_pickle=False) if member is None
                    else np.load(path, allow_pickle=False)[member[:-4]])
-        except (ValueError, OSError, zipfile.BadZipFile) as err:
-            raise DataError(f"{where}: cannot read the array ({err}); the file is probably truncated, "
-                            "re-save it") from err
-        return shape, (np.asarray(arr[i:i + step]) for i in range(0, shape[0], step))
+            yield from (np.asarray(arr[i:i + step]) for i in range(0, shape[0], step))
+        except READ_ERRORS as err:
+            raise DataError(f"{where}: cannot read the array ({first_line(err)}); the file is probably truncated "
+                            "or corrupt, re-save it") from err
+
+    if member is None or fortran:
+        return shape, whole()
 
     def chunks() -> Iterator[np.ndarray]:
         with zipfile.ZipFile(path) as zf, zf.open(member) as fp:
@@ -66,8 +102,9 @@ def _numpy_chunks(path: Path, member: str | None, where: str) -> tuple[tuple[int
                 n = min(step, shape[0] - i)
                 try:
                     buf = fp.read(n * row_bytes)
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
-                    raise DataError(f"{where}: the archive is corrupt ({err}); re-save it with np.savez") from err
+                except READ_ERRORS as err:
+                    raise DataError(f"{where}: the archive is corrupt ({first_line(err)}); re-save it with np.savez"
+                                    ) from err
                 if len(buf) != n * row_bytes:
                     raise DataError(f"{where}: truncated, the data ends in sample {i + len(buf) // row_bytes}; "
                                     "re-save the file")
@@ -79,13 +116,14 @@ def _numpy_chunks(path: Path, member: str | None, where: str) -> tuple[tuple[int
 def _read_labels(where: str, read, n: int) -> np.ndarray:
     try:
         labels = read()
-    except (ValueError, OSError, zipfile.BadZipFile) as err:  # object arrays raise here: never unpickled
-        raise DataError(f"{where}: labels are not a numeric array ({err}); save int64 class ids") from err
+    except READ_ERRORS as err:  # object arrays raise here (never unpickled), and so do damaged members
+        raise DataError(f"{where}: labels are not a readable numeric array ({first_line(err)}); save int64 class "
+                        "ids") from err
     return check_labels(where, labels, n)
 
 
-def _open_numpy(path: Path, latent_key: str, label_key: str, labels_file: str | Path | None):
-    """(shape, chunk iterator, labels or None) for a `.npy`/`.npz` file."""
+def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file: str | Path | None):
+    """(shape, chunk iterator, labels or None) for a `.npy`/`.npz` file; `label_key` None reads no labels."""
     labels = None
     if path.suffix.lower() == ".npy":
         shape, chunks = _numpy_chunks(path, None, str(path))
@@ -93,13 +131,14 @@ def _open_numpy(path: Path, latent_key: str, label_key: str, labels_file: str | 
         try:
             with zipfile.ZipFile(path) as zf:
                 keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-        except (zipfile.BadZipFile, OSError) as err:
-            raise DataError(f"{path}: not a readable .npz archive ({err}); re-save it with np.savez") from err
+        except READ_ERRORS as err:
+            raise DataError(f"{path}: not a readable .npz archive ({first_line(err)}); re-save it with np.savez"
+                            ) from err
         if latent_key not in keys:
             raise DataError(f"{path}: no array named '{latent_key}'; the file has {keys}; "
                             "pass the right one with --latent_key / latent_key=")
         shape, chunks = _numpy_chunks(path, latent_key + ".npy", f"{path}[{latent_key}]")
-        if label_key in keys:
+        if label_key is not None and label_key in keys:
             read = lambda: np.load(path, allow_pickle=False)[label_key]
             labels = _read_labels(f"{path}[{label_key}]", read, shape[0])
     if labels_file is not None:
@@ -114,6 +153,8 @@ def _write(writer_kwargs: dict, shape: tuple[int, ...], chunks, labels: np.ndarr
     writer = ArrowWriter(features=latent_features(shape[1:], labels is not None), **writer_kwargs)
     nan, start = NaNCounter(where), 0
     for chunk in chunks:
+        if chunk.dtype.itemsize > 4:  # float64/longdouble: a value beyond float32's range would become Inf
+            check_float32_range(where, chunk, start)
         chunk = chunk.astype(np.float32, copy=False)
         nan.update(chunk, start)
         batch = {"latents": chunk} if labels is None else {"latents": chunk, "labels": labels[start:start + len(chunk)]}
@@ -150,17 +191,26 @@ def dataset_from_arrays(latents: np.ndarray, labels: np.ndarray | None = None, s
 
 def cached_numpy(path: Path, cache_dir: Path, latent_key: str, label_key: str, labels_file) -> datasets.Dataset:
     """Arrow copy of a big `.npy`/`.npz` under cache_dir, keyed by path, size, mtime and keys."""
-    st = path.stat()
-    key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, latent_key, label_key,
-                      str(labels_file), CACHE_VERSION])
+    files = [path] if labels_file is None or not Path(labels_file).is_file() else [path, Path(labels_file)]
+    stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = json.dumps([stamps, latent_key, label_key, str(labels_file), CACHE_VERSION])
     target = cache_dir / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
     if not target.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".arrow.tmp", dir=cache_dir)
-        os.close(fd)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".arrow.tmp", dir=cache_dir)
+            os.close(fd)
+        except OSError as err:
+            raise DataError(f"{path}: big files are converted once to an Arrow cache, but the cache folder "
+                            f"{cache_dir} cannot be written ({err.strerror or err}); set $LATENT_DDPM_CACHE to a "
+                            "writable folder, or convert the file first (python -m latent_ddpm.data convert)"
+                            ) from None
         try:
             write_numpy(path, dict(path=tmp), latent_key, label_key, labels_file)
             os.replace(tmp, target)
+        except OSError as err:  # a full disk, a quota
+            raise DataError(f"{path}: writing its Arrow cache in {cache_dir} failed ({err.strerror or err}); free "
+                            "space there or set $LATENT_DDPM_CACHE to another folder") from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

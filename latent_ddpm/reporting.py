@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from diffusers import DDPMScheduler
 
 from .images import save_image_grid
@@ -63,8 +64,12 @@ def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMSchedule
                    ) -> LatentDDPMPipeline:
     """A CPU/device copy of the model with the EMA weights (when EMA is on), paired with the training
     schedule, the data's normalisation and, if given, the autoencoder that decodes the latents (the
-    data's encoding.json names it: `latent_ddpm.encode.read_encoding_info` + `load_vae`)."""
-    model = AdvancedUNet2DModel.from_config(unet.config).to(next(unet.parameters()).device)
+    data's encoding.json names it: `latent_ddpm.encode.read_encoding_info` + `load_vae`). The global random state
+    is left as it was (the copy's initialisation draws from it), so a run that builds one at a checkpoint or an
+    epoch's end trains on exactly as one resumed from there does."""
+    with keep_random_state(next(unet.parameters()).device):
+        model = AdvancedUNet2DModel.from_config(unet.config)
+    model = model.to(next(unet.parameters()).device)
     model.load_state_dict(unet.state_dict())
     if ema is not None:
         ema.copy_to(model.parameters())
@@ -73,6 +78,12 @@ def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMSchedule
                               vae=vae)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def keep_random_state(device: torch.device):
+    """`torch.random.fork_rng` over the CPU and, on a GPU, `device`: whatever runs inside leaves the global random
+    state (dropout's, for one) untouched."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def save_decoded_grid(pipe: LatentDDPMPipeline, latents: np.ndarray, path: Path) -> None:
@@ -105,8 +116,9 @@ def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int
 def preview_grid(pipe: LatentDDPMPipeline, cfg, path: Path, num_classes: int | None) -> None:
     """Write a grid of `cfg.num_preview_samples` samples of `pipe` (from `build_pipeline`) to `path`; when the
     pipeline has a vae, also the decoded images to `<path stem>_images.png`."""
-    latents, labels = sample_for_preview(pipe, cfg.num_preview_samples, cfg.preview_inference_steps, cfg.seed,
-                                         num_classes)
+    with keep_random_state(pipe.unet.device):  # samplers may draw from it: the run must not notice
+        latents, labels = sample_for_preview(pipe, cfg.num_preview_samples, cfg.preview_inference_steps, cfg.seed,
+                                             num_classes)
     save_latent_grid(path, latents, labels=labels, title=path.stem)
     save_decoded_grid(pipe, latents, path.with_name(f"{path.stem}_images.png"))
 
@@ -166,14 +178,20 @@ def final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history:
 def quality_figures(samples: np.ndarray, labels: np.ndarray | None, dataset, cfg) -> dict:
     """Fréchet distance, precision/recall against the training data (and the demo judge on demo data)."""
     from .data import iter_chunks
-    from .evaluate import evaluate
+    from .evaluate import K_NEIGHBOURS, evaluate
 
     n_ref = min(len(dataset), MAX_REFERENCE)
+    if n_ref <= K_NEIGHBOURS:
+        warnings.warn(f"{n_ref} training latents are too few for the quality figures (precision/recall need more "
+                      f"than {K_NEIGHBOURS}); they are left out", stacklevel=2)
+        return {}
     ref = dataset.select(range(n_ref)) if n_ref < len(dataset) else dataset
     chunks = list(iter_chunks(ref, with_labels=labels is not None))
     ref_x = np.concatenate([x for _, x, _ in chunks])
     ref_y = np.concatenate([y for _, _, y in chunks]) if labels is not None else None
-    out = {"evaluation": evaluate(samples, ref_x, sample_labels=labels, reference_labels=ref_y)}
+    # The real-vs-real baseline splits the reference in two halves, each of which needs more than k latents.
+    out = {"evaluation": evaluate(samples, ref_x, sample_labels=labels, reference_labels=ref_y,
+                                  baseline=n_ref // 2 > K_NEIGHBOURS)}
     if cfg.train_data is None:
         from .demo import demo_quality
 

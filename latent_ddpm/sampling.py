@@ -1,5 +1,5 @@
-"""Pieces of `sample.py`: schedulers by name, per-sample generators, class labels, run folders, and a
-streaming `.npz` writer (bounded memory however many samples; several processes may write one file).
+"""Pieces of `sample.py`: schedulers by name and their checks, per-sample generators, class labels and run
+folders (its streaming `.npz` writer and output lock are in `latent_ddpm.paths`).
 
 Reproducibility: sample `i` of a run with seed `s` draws all its noise (initial and per step) from its
 own `torch.Generator` seeded with `sample_seed(s, i)`, on the CPU, so the noise does not depend on the
@@ -8,12 +8,11 @@ batch size, the number of processes or the device.
 
 from __future__ import annotations
 
+import glob
 import inspect
 import json
 import logging
 import os
-import shutil
-import zipfile
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,8 +74,6 @@ TRAINING_SCHEDULER_KEYS = frozenset({
 SOLVER_ORDERS = (1, 2, 3)
 # `--mixed_precision` -> the dtype of the UNet weights (the scheduler always works in float32).
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Bytes copied per read when assembling the final .npz: bounds the writer's memory.
-COPY_CHUNK_BYTES = 8 * 2**20
 # Name of the run folder's pipeline subfolder and of the samples folder (the original's layout).
 PIPELINE_SUBDIR, GENERATED_SUBDIR = "pipeline", "generated"
 
@@ -100,6 +97,12 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
     except Exception as err:  # noqa: BLE001 - hub, file and config errors all mean "cannot load this"
         raise UserInputError(f"--model {model}: cannot load the pipeline ({type(err).__name__}: "
                              f"{first_line(err)})") from err
+    channels = pipe.unet.config.in_channels
+    for name in ("latents_mean", "latents_std"):
+        stats = getattr(pipe.config, name, None)
+        if stats is not None and len(stats) not in (1, channels):
+            raise UserInputError(f"--model {model}: model_index.json's {name} has {len(stats)} values but the UNet "
+                                 f"has {channels} channels; re-save the pipeline with one value per channel")
     pipe.to(device)
     # The pipeline casts the UNet's input and output itself; plain Module.to skips diffusers' dtype warning.
     torch.nn.Module.to(pipe.unet, DTYPES[mixed_precision])
@@ -206,8 +209,25 @@ def configure_scheduler(scheduler: SchedulerMixin, overrides: dict, num_inferenc
         raise UserInputError(f"{flag}: {cls.__name__} refuses it ({type(err).__name__}: {first_line(err)})") from err
     if error := inference_steps_error(configured, num_inference_steps):
         raise UserInputError(f"{flag}: {error}")
+    if failure := scheduler_problem(configured, num_inference_steps, channels):
+        raise UserInputError(f"{flag}: {cls.__name__} cannot sample {num_inference_steps} steps with it ({failure})")
+    return configured
+
+
+def scheduler_problem(scheduler: SchedulerMixin, num_inference_steps: int, channels: int = 4) -> str | None:
+    """Why `scheduler` cannot sample `num_inference_steps` steps for this UNet, or None: a learned variance (the
+    UNet predicts none), a negative steps_offset, a step count it refuses, or, tried on a copy with random
+    (1, `channels`, 2, 2) inputs, a step outside the training timesteps, an error or non-finite values (a bad
+    prediction_type, betas beyond 1, ...). Used for `--scheduler_config` and for a pipeline's saved config."""
+    config = scheduler.config
+    if str(getattr(config, "variance_type", None) or "").startswith("learned"):
+        return "a learned variance_type needs a UNet that predicts the variance; this one does not"
+    if (getattr(config, "steps_offset", 0) or 0) < 0:
+        return f"steps_offset must be >= 0, got {config.steps_offset}"
+    if error := inference_steps_error(scheduler, num_inference_steps):
+        return error
     try:
-        probe = cls.from_config(configured.config)
+        probe = type(scheduler).from_config(config)
         probe.set_timesteps(num_inference_steps)
         with torch.random.fork_rng(devices=[]):  # stochastic steps draw from the global generator: keep it
             torch.manual_seed(0)
@@ -215,14 +235,11 @@ def configure_scheduler(scheduler: SchedulerMixin, overrides: dict, num_inferenc
             for t in probe.timesteps:
                 x = probe.step(0.1 * torch.randn_like(x), t, probe.scale_model_input(x, t)).prev_sample
         steps = probe.timesteps.float()
-        outside = bool((steps < 0).any() or (steps > scheduler.config.num_train_timesteps - 1).any())
-        failure = ("steps outside the training timesteps" if outside else
-                   None if torch.isfinite(x).all() else "non-finite samples")
-    except Exception as err:  # noqa: BLE001 - as above
-        failure = f"{type(err).__name__}: {first_line(err)}"
-    if failure:
-        raise UserInputError(f"{flag}: {cls.__name__} cannot sample {num_inference_steps} steps with it ({failure})")
-    return configured
+        outside = bool((steps < 0).any() or (steps > config.num_train_timesteps - 1).any())
+        return ("steps outside the training timesteps" if outside else
+                None if torch.isfinite(x).all() else "non-finite samples")
+    except Exception as err:  # noqa: BLE001 - any failure of these settings is bad input, said in one line
+        return f"{type(err).__name__}: {first_line(err)}"
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -281,7 +298,7 @@ def locate_run(latent: str | os.PathLike, runs_dir: str | os.PathLike = "runs", 
     runs_dir, stem = Path(runs_dir), Path(latent).stem
     pattern = "_".join([f"{stem}_ddpm"] + ["*" if v is None else str(v) for v in (n_dim, n_steps, lbeta, ubeta)])
     found = []
-    for path in sorted(runs_dir.glob(f"{stem}_ddpm_*")) if runs_dir.is_dir() else []:
+    for path in sorted(runs_dir.glob(f"{glob.escape(stem)}_ddpm_*")) if runs_dir.is_dir() else []:
         fields = path.name[len(stem) + len("_ddpm_"):].split("_")
         if len(fields) != 4 or not (path / PIPELINE_SUBDIR).is_dir():
             continue
@@ -312,65 +329,3 @@ def run_dir_of(model: str) -> Path:
 def default_output(run_dir: Path, seed: int, num_samples: int) -> Path:
     """The original's output path: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz`."""
     return run_dir / GENERATED_SUBDIR / f"seed_{seed}" / f"samples_{seed}_{num_samples}.npz"
-
-
-def partial_path(output: Path) -> Path:
-    """Where the samples are gathered before the final .npz is written (next to it, hidden)."""
-    return output.with_name(f".{output.name}.partial.npy")
-
-
-class NpyRowWriter:
-    """A `.npy` file of a known shape filled row-range by row-range with seek + write (no memory map).
-
-    The main process `create`s it (header + a sparse file of the full size); then any process may
-    `write(start, rows)` its own disjoint rows, in any order.
-    """
-
-    def __init__(self, path: str | os.PathLike, shape: Sequence[int], dtype=np.float32, create: bool = False):
-        self.path, self.shape, self.dtype = Path(path), tuple(int(s) for s in shape), np.dtype(dtype)
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "wb") as f:
-                np.lib.format.write_array_header_2_0(f, header)
-                self.offset = f.tell()
-                f.truncate(self.offset + self.shape[0] * self.row_bytes)
-        else:
-            with open(self.path, "rb") as f:
-                np.lib.format.read_magic(f)
-                np.lib.format.read_array_header_2_0(f)
-                self.offset = f.tell()
-
-    def write(self, start: int, rows: np.ndarray) -> None:
-        """Write `rows` (n, *shape[1:]) at row `start`."""
-        rows = np.ascontiguousarray(rows, dtype=self.dtype)
-        if rows.shape[1:] != self.shape[1:] or not 0 <= start <= start + len(rows) <= self.shape[0]:
-            raise ValueError(f"rows {rows.shape} at {start} do not fit a {self.shape} array")
-        with open(self.path, "r+b") as f:
-            f.seek(self.offset + start * self.row_bytes)
-            f.write(rows.tobytes())
-
-
-def write_npz(output: str | os.PathLike, arrays: dict[str, np.ndarray | str | os.PathLike]) -> Path:
-    """Write a normal (uncompressed, zip64) `.npz` atomically: temp file, then rename.
-
-    Each value is an array (written whole: keep those small) or the path of a `.npy` file, copied in
-    `COPY_CHUNK_BYTES` pieces, so memory stays bounded whatever its size.
-    """
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, value in arrays.items():
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as dst:
-                    if isinstance(value, (str, os.PathLike)):
-                        with open(value, "rb") as src:
-                            shutil.copyfileobj(src, dst, COPY_CHUNK_BYTES)
-                    else:
-                        np.lib.format.write_array(dst, np.asarray(value), allow_pickle=False)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return output

@@ -13,6 +13,10 @@ from .errors import UserInputError
 
 #: Bytes of latents read per step when streaming (conversion, checks, statistics): bounds memory.
 CHUNK_BYTES = 32 * 2**20
+#: The largest accepted class id. A class-conditional model has one embedding row per id up to the largest, so
+#: ids far beyond any real class count (hashes, timestamps, uint64 values that do not fit int64) would ask for
+#: an absurd table; 2**20 - 1 (about a million classes) leaves every real labelling room.
+MAX_CLASS_ID = 2**20 - 1
 
 
 class DataError(UserInputError):
@@ -44,6 +48,9 @@ def check_latent_meta(where: str, shape: tuple[int, ...], dtype: np.dtype) -> No
                         "convert them with X.astype(np.float32)")
     if shape[0] == 0:
         raise DataError(f"{where}: the dataset is empty (0 samples); check that the right array was saved")
+    if min(shape) < 1:
+        raise DataError(f"{where}: every dimension of (N, C, H, W) must be at least 1, got shape {tuple(shape)}; "
+                        "check that the right array was saved")
 
 
 def check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:
@@ -56,7 +63,28 @@ def check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:
     if n and y.min() < 0:
         raise DataError(f"{where}: labels must be >= 0, found {int(y.min())} at index {int(np.argmin(y))}; "
                         "use class ids 0..K-1")
+    if n:
+        check_label_max(where, int(y.max()), int(np.argmax(y)))
     return y.astype(np.int64, copy=False)
+
+
+def check_label_max(where: str, largest: int, index: int) -> None:
+    """Raise `DataError` if the largest class id is above MAX_CLASS_ID (the model would need that many + 1
+    class embeddings)."""
+    if largest > MAX_CLASS_ID:
+        raise DataError(f"{where}: label {largest} at index {index} is not a class id (the largest allowed is "
+                        f"{MAX_CLASS_ID}; the model needs one embedding per id up to it); map the labels to ids "
+                        "0..K-1, e.g. np.unique(y, return_inverse=True)[1]")
+
+
+def check_float32_range(where: str, chunk: np.ndarray, offset: int) -> None:
+    """Raise `DataError` if a finite value of a wider float `chunk` (samples from `offset`) overflows float32."""
+    with np.errstate(invalid="ignore"):
+        big = np.isfinite(chunk) & (np.abs(chunk) > np.finfo(np.float32).max)
+    if big.any():
+        i, *_ = (int(v) for v in np.argwhere(big)[0])
+        raise DataError(f"{where}: {int(big.sum())} values are beyond float32's range (about 3.4e38), the first in "
+                        f"sample {i + offset}; latents are stored as float32, so rescale or fix them")
 
 
 class NaNCounter:

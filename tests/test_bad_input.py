@@ -103,7 +103,7 @@ def out(d: Path) -> str:
 CASES = [
     # --- train.py: data files
     ("train-int8-latents", "train", lambda d: ["--latent", d / "int8.npz"], "must be floating point, got dtype int8"),
-    ("train-labels-n-plus-1", "train", lambda d: ["--latent", d / "labels_n_plus_1.npz"],
+    ("train-labels-n-plus-1", "train", lambda d: ["--latent", d / "labels_n_plus_1.npz", "--class_conditional"],
      "labels must have shape (64,) to match 64 latents, got (65,)"),
     ("train-3d-latents", "train", lambda d: ["--latent", d / "x3d.npz"], "must be 4-D (N, C, H, W)"),
     ("train-wrong-key", "train", lambda d: ["--latent", d / "other_key.npz"], "no array named 'X'; the file has"),
@@ -111,8 +111,10 @@ CASES = [
     ("train-nan", "train", lambda d: ["--latent", d / "nan.npy"], "1 NaN/Inf values in the latents, the first in "
      "sample 5"),
     ("train-empty", "train", lambda d: ["--latent", d / "empty.npz"], "the dataset is empty"),
-    ("train-negative-label", "train", lambda d: ["--latent", d / "negative_labels.npz"], "labels must be >= 0"),
-    ("train-float-labels", "train", lambda d: ["--latent", d / "float_labels.npz"], "labels must be integers"),
+    ("train-negative-label", "train", lambda d: ["--latent", d / "negative_labels.npz", "--class_conditional"],
+     "labels must be >= 0"),
+    ("train-float-labels", "train", lambda d: ["--latent", d / "float_labels.npz", "--class_conditional"],
+     "labels must be integers"),
     ("train-odd-size", "train", lambda d: ["--latent", d / "odd7.npz"], "7x7 is not divisible"),
     ("train-unknown-format", "train", lambda d: ["--latent", d / "latents.txt"], "unknown format '.txt'"),
     ("train-missing-file", "train", lambda d: ["--latent", d / "missing.npz"], "no such file or folder"),
@@ -132,7 +134,7 @@ CASES = [
     ("train-config-wrong-type", "train", lambda d: ["--config", d / "wrong_type.yaml"],
      "--learning_rate: expected float, got 'fast'"),
     ("train-config-bad-yaml", "train", lambda d: ["--config", d / "bad_yaml.yaml"], "is not valid YAML/JSON"),
-    ("train-ddp-timeout", "train", lambda d: ["--ddp_timeout", "0"], "--ddp_timeout: must be >= 1 second"),
+    ("train-ddp-timeout", "train", lambda d: ["--ddp_timeout", "0"], "--ddp_timeout: must be 1..2592000 seconds"),
     ("train-nan-flag", "train", lambda d: ["--learning_rate", "nan"], "--learning_rate: must be a finite number"),
     ("train-output-under-file", "train", lambda d: ["--output_dir", d / "a_file" / "run"],
      "cannot create the run folder"),
@@ -193,7 +195,7 @@ CASES = [
     ("evaluate-missing", "evaluate", lambda d: ["--samples", d / "missing.npz", "--reference", d / "good.npz"],
      "no such file"),
     ("evaluate-shape", "evaluate", lambda d: ["--samples", d / "samples_4x4.npz", "--reference", d / "good.npz"],
-     "do not match reference latents"),
+     "does not match the reference latents"),
     ("evaluate-key", "evaluate", lambda d: ["--samples", d / "samples_other_key.npz", "--reference", d / "good.npz"],
      "no array 'samples'"),
     ("evaluate-int8-reference", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "int8.npz"],
@@ -246,7 +248,7 @@ def test_there_are_enough_cases():
     ([str(ROOT / "sample.py")], ["--model", "pipe_pickled", "--output", "s.npz"], "no file named diffusion_pytorch"),
     (["-m", "latent_ddpm.data"], ["convert", "labels_n_plus_1.npz", "out"], "labels must have shape"),
     (["-m", "latent_ddpm.convert_original"], ["a_list.pth", "out"], "is not a model state dict"),
-    (["-m", "latent_ddpm.evaluate"], ["--samples", "samples_4x4.npz", "--reference", "good.npz"], "do not match"),
+    (["-m", "latent_ddpm.evaluate"], ["--samples", "samples_4x4.npz", "--reference", "good.npz"], "does not match"),
 ], ids=["train", "sample", "data", "convert_original", "evaluate"])
 def test_the_real_commands_exit_2(files, command, argv, message):
     before = snapshot(files)

@@ -139,7 +139,7 @@ def test_reference_from_saved_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("samples, message", [("missing.npz", "no such file"), ("bad_key.npz", "no array 'samples'"),
-                                              ("wrong_shape.npz", "do not match")])
+                                              ("wrong_shape.npz", "does not match the reference")])
 def test_cli_errors_one_line(tmp_path, capsys, samples, message):
     np.savez(tmp_path / "ref.npz", X=_latents(10))
     np.savez(tmp_path / "bad_key.npz", X=_latents(10))

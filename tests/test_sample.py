@@ -12,17 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, sampling
+from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, paths, sampling
 from latent_ddpm.errors import run_cli
+from latent_ddpm.paths import NpyRowWriter, partial_path, write_npz
 from latent_ddpm.sampling import (
     SCHEDULERS,
-    NpyRowWriter,
     configure_scheduler,
     load_pipeline,
     locate_run,
     make_scheduler,
     sample_generators,
-    write_npz,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +248,7 @@ def test_scheduler_config_checks_the_default_step_count(tmp_path, capsys):
     assert run([*argv, "--scheduler_config", '{"timestep_spacing": "leading", "steps_offset": 1}']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--scheduler_config" in err[0] and "19 steps" in err[0], err
-    assert not out.exists() and not sampling.partial_path(out).exists()
+    assert not out.exists() and not partial_path(out).exists()
 
 
 def test_bad_models_and_labels(models, tmp_path, capsys):
@@ -285,7 +284,7 @@ def test_labels_mixed_precision_and_grid(models, tmp_path):
 
 def test_streaming_writer_memory_is_bounded(tmp_path, monkeypatch):
     """Peak Python/numpy allocations stay near one batch + one copy chunk, far below the data size."""
-    monkeypatch.setattr(sampling, "COPY_CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(paths, "COPY_CHUNK_BYTES", 2**20)
     n, shape, batch = 16_000, (4, 8, 8), 250  # 16.4 MB of float32 in all
     total = n * int(np.prod(shape)) * 4
     tracemalloc.start()

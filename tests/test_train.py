@@ -238,7 +238,7 @@ def test_skipped_step_leaves_parameters_and_ema_untouched(data, tmp_path, monkey
     (["--model_config", "{not json"], "--model_config: invalid JSON"),
     (["--model_config", '{"down_channels": [8, 16]}'], "mid_channels[0]"),
     (["--config", "/nonexistent.yaml"], "--config: /nonexistent.yaml does not exist"),
-    (["--seed", "-1"], "--seed: must be >= 0"),
+    (["--seed", "-1"], "--seed: must be in 0..4294967295"),
     (["--train_batch_size", "none"], "invalid int value: 'none'"),
     (["--model_config", '{"norm_num_groups": 0}'], "norm_num_groups must be >= 1"),
 ])

@@ -70,7 +70,8 @@ def test_npz_with_a_pickled_object_array_is_refused(tmp_path, capsys, where):
     arrays = {"X": x, "y": y}
     arrays[where] = np.array([Payload(marker)] * 16, dtype=object)
     np.savez(tmp_path / "evil.npz", **arrays)  # np.savez pickles object arrays
-    assert cli(train.main, ["--latent", tmp_path / "evil.npz", "--output_dir", tmp_path / "run", *FAST],
+    labels = ["--class_conditional"] if where == "y" else []  # labels are read only for a conditional model
+    assert cli(train.main, ["--latent", tmp_path / "evil.npz", "--output_dir", tmp_path / "run", *FAST, *labels],
                capsys)[0] == 2
     code, line = cli(data.main, ["convert", tmp_path / "evil.npz", tmp_path / "arrow"], capsys)
     assert code == 2 and ("Python objects" in line or "labels" in line), line

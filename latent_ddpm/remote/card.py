@@ -112,8 +112,12 @@ def find_run_files(pipeline_dir: str | os.PathLike, train_dir: str | os.PathLike
         if hits:
             found["images"][alt] = hits[0].resolve()
     for key, file in (("train_config", "config.json"), ("metrics", "metrics.json")):
-        if (folders[-1] / file).is_file():
-            found[key] = json.loads((folders[-1] / file).read_text())
+        try:  # an unreadable file is left out of the card, like a missing one
+            value = json.loads((folders[-1] / file).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(value, dict):
+            found[key] = value
     return found
 
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import inspect
 
-from diffusers import DPMSolverMultistepScheduler
+# Saved in a pipeline as ["latent_ddpm.hybrid_solver", "HybridDPMSolverMultistepScheduler"], diffusers finds the
+# loading method by looking the base class names up in this module: SchedulerMixin must be importable from it.
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    SchedulerMixin,  # noqa: F401
+)
 
 # Switch point, as the noise-to-signal ratio sigma = sqrt((1 - alpha_bar) / alpha_bar) of the step being
 # taken: steps from sigma <= this value are stochastic. 6.0 is t ~ 600 of the default linear schedule (sigma

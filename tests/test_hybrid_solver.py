@@ -77,3 +77,18 @@ def test_settings_survive_from_config_and_bad_ones_are_refused():
         configure_scheduler(hybrid, {"sde_below_sigma": "high"}, 20)
     with pytest.raises(UserInputError, match="refuses it"):
         configure_scheduler(hybrid, {"sde_below_sigma": -2.0}, 20)
+
+
+def test_a_pipeline_saved_with_the_hybrid_scheduler_loads_back(pipe, tmp_path):
+    """diffusers finds a saved component's loading method through its module; the pipeline round-trips with
+    the hybrid scheduler and its switch point, and samples the same."""
+    from latent_ddpm.sampling import load_pipeline
+
+    hybrid = make_scheduler("hybrid-dpmsolver++", pipe.scheduler.config)
+    hybrid = HybridDPMSolverMultistepScheduler.from_config(hybrid.config, sde_below_sigma=3.0)
+    saved = LatentDDPMPipeline(unet=pipe.unet, scheduler=hybrid)
+    saved.save_pretrained(tmp_path / "p")
+    loaded = load_pipeline(str(tmp_path / "p"))
+    assert isinstance(loaded.scheduler, HybridDPMSolverMultistepScheduler)
+    assert loaded.scheduler.config.sde_below_sigma == 3.0
+    np.testing.assert_array_equal(sample(saved, saved.scheduler), sample(loaded, loaded.scheduler))

@@ -30,6 +30,7 @@ from .npyio import (
     dataset_from_arrays,
     in_memory,
     latent_nbytes,
+    source_key,
     write_numpy,
 )
 from .paths import check_replaceable, replace_with
@@ -180,7 +181,8 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
         raise DataError(f"{path}: the file is not readable (permissions); check them")
     if suffix in NUMPY_SUFFIXES:
         if latent_nbytes(path, latent_key) <= in_memory_max_bytes:
-            return in_memory(lambda kw: write_numpy(path, kw, latent_key, label_key, labels_file))
+            return in_memory(lambda kw: write_numpy(path, kw, latent_key, label_key, labels_file),
+                             fingerprint=source_key(path, latent_key, label_key, labels_file))
         return cached_numpy(path, Path(cache_dir or DEFAULT_CACHE_DIR), latent_key, label_key, labels_file)
     try:
         if suffix in PARQUET_SUFFIXES:  # datasets logs its own line for a bad file: ours says it all

@@ -655,3 +655,16 @@ def test_constant_channel_names_the_train_flag():
         compute_stats(ds, mode="channel")
     assert "--normalization none" in str(info.value)
     assert compute_stats(ds, mode="none").mode == "none"
+
+
+def test_in_memory_datasets_are_named_by_their_file_not_hashed(tmp_path):
+    """The in-memory path gives the dataset a fingerprint from the file's path, size and mtime (hashing the
+    table would copy it): the same for two loads of one file, new when the file changes."""
+    x = np.random.default_rng(0).standard_normal((8, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    first, again = load_latents(tmp_path / "x.npy"), load_latents(tmp_path / "x.npy")
+    assert first._fingerprint == again._fingerprint
+    np.save(tmp_path / "x.npy", x + 1)
+    os.utime(tmp_path / "x.npy", ns=(1, 1))
+    assert load_latents(tmp_path / "x.npy")._fingerprint != first._fingerprint
+    assert dataset_from_arrays(x)._fingerprint != dataset_from_arrays(x)._fingerprint  # arrays: random names

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     feeder = LatentFeeder(dataset, cfg.train_batch_size, seed=cfg.seed, rank=accelerator.process_index,
                           world_size=world, device=accelerator.device, random_flip=cfg.random_flip,
                           in_memory=cfg.data_in_memory, num_workers=cfg.dataloader_num_workers)
+    # The saved config holds what the run uses: the precision accelerate settled on, where the data lives.
+    cfg.mixed_precision, cfg.data_in_memory = accelerator.mixed_precision, feeder.in_memory
     if len(feeder) < cfg.gradient_accumulation_steps:
         raise UserInputError(f"{cfg.train_data or 'demo'}: {len(dataset)} samples give {len(feeder)} batches of "
                              f"{cfg.train_batch_size} x {world} processes per epoch, fewer than "

@@ -56,7 +56,9 @@ def test_training_writes_the_run_and_lowers_the_loss(data, tmp_path):
     train_dir = out / "train"
     for name in ("config.json", "latent_stats.json", "loss_curve.png", "samples.png", "metrics.json"):
         assert (train_dir / name).is_file(), name
-    assert json.loads((train_dir / "config.json").read_text())["learning_rate"] == 2e-3  # resolved, not null
+    saved = json.loads((train_dir / "config.json").read_text())
+    assert saved["learning_rate"] == 2e-3  # resolved, not null; so are the two below
+    assert saved["mixed_precision"] == "no" and saved["data_in_memory"] is True
     assert sorted(p.name for p in train_dir.glob("checkpoint-*")) == ["checkpoint-40", "checkpoint-80"]
     state = json.loads((train_dir / "checkpoint-80" / "trainer_state.json").read_text())
     losses = state["history"]["losses"]

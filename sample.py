@@ -28,7 +28,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
 
-from latent_ddpm.encode import load_vae, run_encoding_info
+from latent_ddpm.autoencoder import load_vae, run_encoding_info
 from latent_ddpm.errors import UserInputError, json_object, run_cli
 from latent_ddpm.images import save_image_grid, to_uint8
 from latent_ddpm.paths import NpyRowWriter, OutputLock, partial_path, unwritable_folder, write_npz
@@ -163,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     # 2. The pipeline, with the requested sampler built from the saved scheduler config.
     diffusers_logging.disable_progress_bar()
     pipe = load_pipeline(model, args.mixed_precision, state.device)
+    saved = saved_scheduler(pipe.scheduler)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, guided=args.guidance_scale != 1.0)
     else:
-        pipe.scheduler = saved_scheduler(pipe.scheduler)
+        pipe.scheduler = saved
     timesteps = pipe.scheduler.config.num_train_timesteps
     if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
         raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if options is not None:
         pipe.scheduler = configure_scheduler(pipe.scheduler, options, steps, pipe.unet.config.in_channels)
     elif failure := scheduler_problem(pipe.scheduler, steps, pipe.unet.config.in_channels):
+        if args.scheduler is not None and scheduler_problem(saved, steps, pipe.unet.config.in_channels) is None:
+            raise UserInputError(f"--scheduler {args.scheduler} cannot sample {model} at {steps} steps ({failure}); "
+                                 "choose another --scheduler")
         raise UserInputError(f"--model {model}: {type(pipe.scheduler).__name__}, built from its saved scheduler "
                              f"config, cannot sample {steps} steps ({failure}); fix scheduler/scheduler_config.json")
     if args.decode:

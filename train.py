@@ -35,6 +35,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from latent_ddpm import AdvancedUNet2DModel
+from latent_ddpm.autoencoder import load_data_vae, read_encoding_info
 from latent_ddpm.checkpointing import (
     RunLock,
     apply_resumed_settings,
@@ -54,7 +55,6 @@ from latent_ddpm.config import TrainConfig, parse_train_args
 from latent_ddpm.data import check_compatible, load_latents
 from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
-from latent_ddpm.encode import load_data_vae, read_encoding_info
 from latent_ddpm.errors import UserInputError, first_line, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
@@ -305,9 +305,12 @@ def main(argv: list[str] | None = None) -> int:
                 history["losses"] += values
                 window += values
                 pending.clear()
-            if epoch_done:  # every step of the epoch is in the history, resumed or not
+            if epoch_done:  # the epoch's steps in the history (all of them, unless resumed from an older version)
+                epoch_losses = [loss for step, loss in zip(history["steps"][-steps_per_epoch:],
+                                                           history["losses"][-steps_per_epoch:], strict=True)
+                                if step > global_step - steps_per_epoch]
                 history["epoch_ends"].append(global_step)
-                history["epoch_means"].append(sum(history["losses"][-steps_per_epoch:]) / steps_per_epoch)
+                history["epoch_means"].append(sum(epoch_losses) / max(1, len(epoch_losses)))
 
             if log_now:
                 now = time.perf_counter()

@@ -16,6 +16,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +24,11 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserInputError, first_line
 from .paths import OutputLock
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
+    from .config import TrainConfig
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -78,12 +84,13 @@ def clear_run(run_dir: Path) -> None:
 
 def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
     """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
-    `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may."""
+    `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may. Resuming
+    is always allowed: a run of ours beside the original's files was started with `overwrite`."""
     train_dir = run_dir / "train"
     if (list_checkpoints(train_dir) or (run_dir / "pipeline").exists()) and resume is None and not overwrite:
         return (f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, start fresh with "
                 "--overwrite_output_dir, or choose another --output_dir")
-    if (old_files := original_run_files(train_dir)) and not overwrite:
+    if (old_files := original_run_files(train_dir)) and resume is None and not overwrite:
         return (f"{run_dir} holds a run of the original project (train/{old_files[0]}); choose another --output_dir "
                 "(convert its weights with python -m latent_ddpm.convert_original), or train beside them with "
                 "--overwrite_output_dir")
@@ -284,7 +291,8 @@ def load_checkpoint(accelerator, path: Path, ema=None) -> dict:
     return state
 
 
-def apply_resumed_settings(optimizer, lr_scheduler, ema, cfg) -> list[str]:
+def apply_resumed_settings(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+                           ema: EMAModel | None, cfg: TrainConfig) -> list[str]:
     """After a resume, make the run use this run's flags rather than the checkpoint's copies of them: the peak
     learning rate (the schedule's current factor kept), AdamW's betas, weight decay and epsilon, and the EMA's
     decay and power. Lowering `--learning_rate` when resuming from before a divergence is what the divergence

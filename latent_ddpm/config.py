@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import math
 import os
 import types
@@ -205,11 +204,17 @@ class TrainConfig:
 
 
 def _name_too_long(path: str | None) -> bool:
+    """Whether `path` (existing or not) has a name longer than its file system takes (NAME_MAX of its nearest
+    existing folder), or is longer than PATH_MAX: such a path fails deep inside a run with ENAMETOOLONG."""
+    if not path:
+        return False
+    full = Path(path).absolute()
+    base = next((p for p in (full, *full.parents) if os.path.isdir(p)), Path("/"))
     try:
-        os.stat(path) if path else None
-    except OSError as err:
-        return err.errno == errno.ENAMETOOLONG
-    return False
+        name_max, path_max = os.pathconf(base, "PC_NAME_MAX"), os.pathconf(base, "PC_PATH_MAX")
+    except (OSError, ValueError):  # a platform without these limits: let the file system say it
+        return False
+    return len(os.fsencode(full)) >= path_max or any(len(os.fsencode(part)) > name_max for part in full.parts)
 
 
 def default_learning_rate(preset: str, overrides: dict) -> float:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import datasets
 import diffusers
@@ -27,6 +25,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
+from .autoencoder import ENCODING_FILE, load_vae, vae_id, vae_info
 from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
 from .images import prepare_image, to_model_range
@@ -34,8 +33,6 @@ from .paths import check_replaceable, replace_with
 from .sampling import DTYPES, ArgParser, distributed_state, sample_seed
 from .sources import is_hub_id
 
-#: The file beside the latent dataset that describes the encoding (read by sampling and training).
-ENCODING_FILE = "encoding.json"
 #: Version of the encoding.json layout.
 ENCODING_FORMAT = 1
 #: Images per shard: the unit of resumption (a rerun redoes at most one shard per process).
@@ -44,105 +41,9 @@ DEFAULT_SHARD_SIZE = 1024
 IMAGE_COLUMNS = ("image", "img", "images", "png", "jpg")
 #: Skipped images listed by name in encoding.json (all are counted); and messages printed per kind.
 MAX_LISTED_SKIPS, MAX_PRINTED = 100, 10
-#: The autoencoder config values copied to encoding.json (absent ones are stored as null).
-VAE_CONFIG_KEYS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "latent_channels")
 #: Settings that must match when a partial encode is resumed.
 RESUME_KEYS = ("data", "split", "image_column", "label_column", "vae", "vae_subfolder", "resolution", "flip_augment",
                "sample_posterior", "seed", "min_size", "shard_size", "mixed_precision")
-
-
-def read_encoding_info(train_data: str | os.PathLike | None) -> dict | None:
-    """The `encoding.json` of a latent dataset folder written by this module, or None (other sources)."""
-    if train_data is None:
-        return None
-    path = Path(train_data) / ENCODING_FILE
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not readable JSON ({err}); re-encode or delete it") from err
-    vae = info.get("vae") if isinstance(info, dict) else None
-    if not (isinstance(vae, dict) and isinstance(vae.get("id"), str)
-            and isinstance(vae.get("subfolder"), (str, type(None)))):
-        raise DataError(f"{path}: not an encoding.json written by latent_ddpm.encode (it needs \"vae\": {{\"id\": "
-                        "...}); re-encode or delete it")
-    return info
-
-
-def load_data_vae(info: dict | None, where: str):
-    """The autoencoder that `read_encoding_info`'s `info` names, for previews and the pipeline; None, with a
-    warning, when it cannot be loaded (moved, or a hub id offline): training needs only the latents."""
-    if info is None:
-        return None
-    source = info["vae"]["id"]
-    try:
-        return load_vae(source, info["vae"].get("subfolder"))
-    except UserInputError as err:
-        gone = Path(source).is_absolute() and not Path(source).exists()
-        reason = "that folder no longer exists" if gone else str(err).removeprefix(f"--vae {source}: ").split("; ")[0]
-        logging.getLogger(__name__).warning(
-            "%s/%s names the autoencoder %s, which cannot be loaded (%s); training without it: previews stay "
-            "latents and the pipeline is saved without a VAE", where, ENCODING_FILE, source, reason)
-        return None
-
-
-def run_encoding_info(run_dir: str | os.PathLike) -> dict | None:
-    """The encoding.json of the data a training run used (`<run>/train/config.json`'s train_data), or None."""
-    config = Path(run_dir) / "train" / "config.json"
-    try:
-        train_data = json.loads(config.read_text()).get("train_data") if config.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return read_encoding_info(train_data)
-
-
-def load_vae(id_or_path: str | os.PathLike, subfolder: str | None = None, torch_dtype: torch.dtype | None = None):
-    """Load any diffusers autoencoder by local path or hub id; the class comes from its config's `_class_name`.
-
-    A pipeline folder/repo (with a `vae/` subfolder) works too. Weights are read from safetensors only.
-    Raises `UserInputError` (one line) when it cannot be loaded.
-    """
-    source = os.fspath(id_or_path)
-    config, last = None, None
-    for sub in [subfolder] if subfolder is not None else [None, "vae"]:
-        try:
-            config = diffusers.AutoencoderKL.load_config(source, subfolder=sub)
-            subfolder = sub
-            break
-        except (OSError, ValueError) as err:
-            last = err
-    if config is None:
-        raise UserInputError(f"--vae {source}: no autoencoder config found ({first_line(last)}); pass a "
-                             "diffusers autoencoder folder or hub id (with --vae_subfolder for a pipeline)")
-    name = config.get("_class_name")
-    cls = getattr(diffusers, str(name), None)
-    if not (isinstance(cls, type) and hasattr(cls, "encode") and hasattr(cls, "decode")):
-        raise UserInputError(f"--vae {source}: config class {name!r} is not a diffusers autoencoder")
-    try:
-        vae = cls.from_pretrained(source, subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise UserInputError(f"--vae {source}: cannot load the {name} weights (safetensors only; "
-                             f"{first_line(err)})") from err
-    vae.eval().requires_grad_(False)
-    vae.latent_ddpm_source = {"id": _vae_id(source), "subfolder": subfolder}
-    return vae
-
-
-def _vae_id(source: str) -> str:
-    """A local path made absolute (found again from anywhere); a hub id unchanged."""
-    return str(Path(source).resolve()) if Path(source).exists() else source
-
-
-def vae_info(vae) -> dict[str, Any]:
-    """What encoding.json records about an autoencoder: id, class and its scaling config values."""
-    info = dict(getattr(vae, "latent_ddpm_source", {"id": None, "subfolder": None}), class_name=type(vae).__name__)
-    info.update({k: _plain(vae.config.get(k)) for k in VAE_CONFIG_KEYS})
-    return info
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
 
 
 def open_image_dataset(data: str, split: str = "train", cache_dir: str | None = None) -> datasets.Dataset:
@@ -292,7 +193,7 @@ def encode_images(args) -> dict:
     if os.path.lexists(output) and not args.overwrite:
         raise UserInputError(f"--output {output} exists; pass --overwrite to replace it, or choose another folder")
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
-    settings["vae"] = _vae_id(args.vae)
+    settings["vae"] = vae_id(args.vae)
 
     # 1. Images, labels and the autoencoder; the latent shape from one dummy encode.
     ds = open_image_dataset(args.data, args.split, args.cache_dir)

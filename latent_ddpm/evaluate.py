@@ -20,6 +20,7 @@ the data's scale; per-class FD when both sides have labels; and a reference-vs-r
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_inputs(args, samples: np.ndarray, labels: np.ndarray | None, reference: np.ndarray) -> None:
+def check_inputs(args: argparse.Namespace, samples: np.ndarray, labels: np.ndarray | None,
+                 reference: np.ndarray) -> None:
     """One line naming the flag for inputs the metrics cannot use: wrong shape or dtype, labels that do not
     match the samples, fewer usable samples than the k-NN radii need, a reference too small for its baseline."""
     if samples.ndim != 4 or samples.shape[1:] != reference.shape[1:]:

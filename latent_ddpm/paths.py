@@ -44,6 +44,8 @@ def unwritable_folder(folder: str | os.PathLike) -> str | None:
     not writable; None when they can."""
     for path in (Path(folder), *Path(folder).parents):
         if os.path.lexists(path):
+            if path.is_symlink() and not path.exists():
+                return f"{path} is a broken link"
             if not path.is_dir():
                 return f"{path} is a file, not a folder"
             if not os.access(path, os.W_OK | os.X_OK):
@@ -61,7 +63,11 @@ def replace_with(new: str | os.PathLike, out: str | os.PathLike) -> None:
         return
     aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
     os.replace(out, aside)
-    os.replace(new, out)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(aside, out)  # the old one back: never neither
+        raise
     if aside.is_dir() and not aside.is_symlink():
         shutil.rmtree(aside)
     else:
@@ -77,6 +83,7 @@ class OutputLock:
         self.path, self.holder, self.advice, self.held = Path(path), holder, advice, False
 
     def acquire(self) -> None:
+        """Take the lock, or raise `UserInputError` naming its holder; a stale lock is taken over."""
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
             try:
@@ -97,8 +104,8 @@ class OutputLock:
         no other process ever reads it empty and takes it for stale; `FileExistsError` if it exists. Where the
         file system has no hard links, an exclusive create followed by the write."""
         tmp = self.path.with_name(f"{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-        tmp.write_text(content)
         try:
+            tmp.write_text(content)
             os.link(tmp, self.path)
         except FileExistsError:
             raise
@@ -125,6 +132,7 @@ class OutputLock:
         return False
 
     def release(self) -> None:
+        """Give the lock up (a no-op when not held)."""
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False

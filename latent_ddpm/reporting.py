@@ -3,6 +3,7 @@ and the log's warning when the loss shows the run has diverged."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -64,7 +65,7 @@ def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMSchedule
                    ) -> LatentDDPMPipeline:
     """A CPU/device copy of the model with the EMA weights (when EMA is on), paired with the training
     schedule, the data's normalisation and, if given, the autoencoder that decodes the latents (the
-    data's encoding.json names it: `latent_ddpm.encode.read_encoding_info` + `load_vae`). The global random state
+    data's encoding.json names it: `latent_ddpm.autoencoder.read_encoding_info` + `load_vae`). The global random state
     is left as it was (the copy's initialisation draws from it), so a run that builds one at a checkpoint or an
     epoch's end trains on exactly as one resumed from there does."""
     with keep_random_state(next(unet.parameters()).device):
@@ -80,7 +81,7 @@ def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMSchedule
     return pipe
 
 
-def keep_random_state(device: torch.device):
+def keep_random_state(device: torch.device) -> contextlib.AbstractContextManager:
     """`torch.random.fork_rng` over the CPU and, on a GPU, `device`: whatever runs inside leaves the global random
     state (dropout's, for one) untouched."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

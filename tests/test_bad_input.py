@@ -1,7 +1,7 @@
 """Bad input, table-driven: every command answers each bad file, config or flag with one line on stderr
 (what, where, how to fix), exit status 2, no traceback, and leaves every file on disk as it was.
 
-The commands run in this process through `run_cli` (what their `__main__` does), so 50 cases take seconds;
+The commands run in this process through `run_cli` (what their `__main__` does), so 60 cases take seconds;
 `test_the_real_commands_exit_2` runs one case per command as a real subprocess.
 """
 

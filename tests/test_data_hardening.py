@@ -522,6 +522,10 @@ def test_train_refuses_a_run_folder_of_the_original(demo_x, tmp_path, capfd, old
     assert code == 0, err[-3000:]
     assert (run_dir / "pipeline" / "model_index.json").is_file()
     assert (run_dir / "train" / old_file).is_file() and (run_dir / "train" / "notes.txt").is_file()  # beside them
+    # That run, started beside them on purpose, resumes like any other (no second --overwrite_output_dir).
+    code, out, err = cli(train.main, [*base[:-len(FAST) - 2], "--max_train_steps", "4", *FAST,
+                                      "--resume_from_checkpoint", "latest"], capfd)
+    assert code == 0 and "resumed from" in out + err, err[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers import AutoencoderKL, AutoencoderTiny
 from PIL import Image
 
-from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, encode
+from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, autoencoder, default_scheduler, encode
 from latent_ddpm.data import load_latents
 from latent_ddpm.errors import run_cli
 from latent_ddpm.feeding import LatentStats
@@ -109,7 +109,7 @@ def test_encode_writes_raw_posterior_means_labels_flips_and_the_factors(encoded,
     pixels = np.stack([prepare_image(str(images / "dog" / "2.png"), RES).pixels] * 2)
     pixels[1] = pixels[1, :, ::-1]  # row 11 is the mirror of dog/2.png (24x16: resized + center-cropped)
     np.testing.assert_allclose(x[10:12], posterior_mean(vae_dir, pixels), rtol=1e-5, atol=1e-5)  # raw, unscaled
-    info = encode.read_encoding_info(encoded)
+    info = autoencoder.read_encoding_info(encoded)
     assert info["vae"]["id"] == str(vae_dir.resolve()) and info["vae"]["class_name"] == "AutoencoderKL"
     assert info["vae"]["scaling_factor"] == 0.18215 and info["vae"]["shift_factor"] is None
     assert info["vae"]["latents_mean"] is None and info["posterior"] == "mean"
@@ -117,7 +117,7 @@ def test_encode_writes_raw_posterior_means_labels_flips_and_the_factors(encoded,
     assert info["counts"] == {"images": 6, "latents": 12, "skipped_corrupt": 0, "skipped_too_small": 0,
                               "upscaled": 0, "converted_to_rgb": 0}
     assert info["settings"]["resolution"] == RES and info["settings"]["flip_augment"] is True
-    assert encode.read_encoding_info(images) is None and encode.read_encoding_info(None) is None
+    assert autoencoder.read_encoding_info(images) is None and autoencoder.read_encoding_info(None) is None
     assert not encoded.with_name("latents.partial").exists()
 
 
@@ -129,7 +129,7 @@ def test_sample_posterior_is_seeded_per_image(images, vae_dir, tmp_path):
                                             "--shard_size", shard)) == 0
         outs.append(np.asarray(load_latents(out).with_format("numpy")["latents"]))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
-    assert encode.read_encoding_info(tmp_path / "a")["posterior"] == "sample"
+    assert autoencoder.read_encoding_info(tmp_path / "a")["posterior"] == "sample"
     pixels = np.stack([prepare_image(str(images / "cat" / "0.png"), RES).pixels])
     assert not np.allclose(outs[0][0], posterior_mean(vae_dir, pixels)[0], atol=1e-3)
 
@@ -179,7 +179,7 @@ def test_bad_images_are_skipped_converted_or_upscaled_with_messages(vae_dir, tmp
     assert "b_corrupt.png (image 1): skipped, not a readable image" in err and "Traceback" not in err
     assert "grayscale (L) image converted to RGB" in err and "RGBA (RGBA) image converted to RGB" in err
     assert "f_small.png (image 5): 8x6 is smaller than --resolution 16: upscaled" in err
-    info = encode.read_encoding_info(tmp_path / "out")
+    info = autoencoder.read_encoding_info(tmp_path / "out")
     assert info["counts"] == {"images": 7, "latents": 6, "skipped_corrupt": 1, "skipped_too_small": 0,
                               "upscaled": 1, "converted_to_rgb": 3}
     assert info["skipped"][0]["image"].endswith("b_corrupt.png (image 1)") and info["label_names"] is None
@@ -187,7 +187,7 @@ def test_bad_images_are_skipped_converted_or_upscaled_with_messages(vae_dir, tmp
     # --min_size skips small images instead of upscaling them.
     assert run(encode.main, encode_args(data, vae_dir, tmp_path / "out2", tmp_path, "--min_size", 10)) == 0
     assert "f_small.png (image 5): skipped, 8x6 is below --min_size 10" in capsys.readouterr().err
-    assert encode.read_encoding_info(tmp_path / "out2")["counts"]["skipped_too_small"] == 1
+    assert autoencoder.read_encoding_info(tmp_path / "out2")["counts"]["skipped_too_small"] == 1
 
 
 def test_one_line_errors(vae_dir, images, tmp_path, capsys):
@@ -213,9 +213,9 @@ def test_load_vae_by_class_name_and_pipeline_subfolder(vae_dir, tmp_path):
     tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
                            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
     tiny.save_pretrained(tmp_path / "pipe" / "vae")
-    assert type(encode.load_vae(tmp_path / "pipe")).__name__ == "AutoencoderTiny"  # found in vae/
-    vae = encode.load_vae(vae_dir)
-    assert isinstance(vae, AutoencoderKL) and encode.vae_info(vae)["id"] == str(vae_dir.resolve())
+    assert type(autoencoder.load_vae(tmp_path / "pipe")).__name__ == "AutoencoderTiny"  # found in vae/
+    vae = autoencoder.load_vae(vae_dir)
+    assert isinstance(vae, AutoencoderKL) and autoencoder.vae_info(vae)["id"] == str(vae_dir.resolve())
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +316,7 @@ def test_parquet_source_with_string_labels(vae_dir, tmp_path):
     assert run(encode.main, encode_args(tmp_path / "images.parquet", vae_dir, out, tmp_path, "--label_column",
                                         "kind")) == 0
     assert load_latents(out)["labels"] == [1, 0, 1]
-    assert encode.read_encoding_info(out)["label_names"] == ["ant", "zebra"]
+    assert autoencoder.read_encoding_info(out)["label_names"] == ["ant", "zebra"]
 
 
 DIFFUSERS_ONLY = """

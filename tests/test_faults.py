@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import ForkServerClient
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 
@@ -42,21 +43,7 @@ BOUND_S = 120  # the longest any single wait may take on a busy machine before t
 STEP_RE = re.compile(r"INFO step (\d+)/")
 
 
-class ForkServer:
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "_forkserver.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert "ready" in self._ask(None)
-
-    def _ask(self, request: dict | None) -> dict:
-        if request is not None:
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the fork server died"
-        return json.loads(line)
-
+class ForkServer(ForkServerClient):
     def start(self, argv: list[str], log: Path, env: dict | None = None, fsize: int | None = None) -> int:
         return self._ask({"cmd": "start", "argv": [str(a) for a in argv], "out": str(log),
                           "err": str(log.with_suffix(".err")), "env": env or {}, "fsize": fsize})["pid"]
@@ -68,10 +55,6 @@ class ForkServer:
         status = self.wait(self.start(argv, log, **kw))
         assert status is not None, f"run did not finish in {BOUND_S}s: {log.read_text()[-2000:]}"
         return status
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import exit_status, save_tiny_pipelines
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, paths, sampling
-from latent_ddpm.errors import run_cli
 from latent_ddpm.paths import NpyRowWriter, partial_path, write_npz
 from latent_ddpm.sampling import (
     SCHEDULERS,
@@ -37,21 +37,13 @@ FAST = ["--num_inference_steps", "2", "--no_grid"]
 def models(tmp_path_factory):
     """An unconditional pipeline in runs/<RUN>/pipeline and a 3-class one in cond/pipeline."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    for where, classes in ((root / "runs" / RUN / "pipeline", None), (root / "cond" / "pipeline", 3)):
-        unet = AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8, num_class_embeds=classes)
-        pipe = LatentDDPMPipeline(unet=unet, scheduler=default_scheduler(), latents_mean=[0.0, 1.0, 2.0, 3.0],
-                                  latents_std=2.0)
-        pipe.save_pretrained(where)
+    save_tiny_pipelines([(root / "runs" / RUN / "pipeline", None), (root / "cond" / "pipeline", 3)])
     return root
 
 
 def run(argv) -> int:
     """sample.py's main through run_cli, as the command line runs it: returns the exit status."""
-    try:
-        return run_cli(sample_script.main, [str(a) for a in argv])
-    except SystemExit as err:
-        return err.code
+    return exit_status(sample_script.main, argv)
 
 
 def load(path):

@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import exit_status, save_tiny_pipelines
 from accelerate.state import PartialState
 from diffusers import DDPMScheduler
 
-from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, evaluate, paths
-from latent_ddpm.errors import UserInputError, run_cli
-from latent_ddpm.sampling import load_pipeline, scheduler_problem
+from latent_ddpm import default_scheduler, evaluate, paths
+from latent_ddpm.errors import UserInputError
+from latent_ddpm.pipeline import default_inference_steps
+from latent_ddpm.sampling import SCHEDULERS, load_pipeline, make_scheduler, scheduler_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("sample_hardening_script", ROOT / "sample.py")
@@ -41,29 +43,18 @@ FAST = ["--num_inference_steps", "2", "--num_samples", "2"]
 def models(tmp_path_factory) -> Path:
     """An unconditional pipeline in uncond/ and a 3-class one in cond/ (tiny UNets, 4x8x8 latents)."""
     root = tmp_path_factory.mktemp("hardening_models")
-    torch.manual_seed(0)
-    for name, classes in (("uncond", None), ("cond", 3)):
-        unet = AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8, num_class_embeds=classes)
-        pipe = LatentDDPMPipeline(unet=unet, scheduler=default_scheduler(), latents_mean=[0.0, 1.0, 2.0, 3.0],
-                                  latents_std=2.0)
-        pipe.save_pretrained(root / name)
+    save_tiny_pipelines([(root / "uncond", None), (root / "cond", 3)])
     return root
 
 
 def run(argv) -> int:
     """sample.py's main through run_cli, as its __main__ runs it: the exit status."""
-    try:
-        return run_cli(sample_script.main, [str(a) for a in argv])
-    except SystemExit as err:
-        return err.code
+    return exit_status(sample_script.main, argv)
 
 
 def run_evaluate(argv) -> int:
     """`python -m latent_ddpm.evaluate argv` in this process: the exit status."""
-    try:
-        return run_cli(evaluate.main, [str(a) for a in argv])
-    except SystemExit as err:
-        return err.code
+    return exit_status(evaluate.main, argv)
 
 
 def one_error_line(capsys) -> str:
@@ -300,6 +291,15 @@ def test_scheduler_problem_directly():
             assert isinstance(problem, str) and reason in problem, (change, steps, problem)
 
 
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_scheduler_problem_passes_every_sampler_at_its_default_steps(name, guided):
+    """The check that sample.py runs on every scheduler must not refuse a valid one: each sampler of the table,
+    built from a trained pipeline's config, at its default step count, guided or not."""
+    scheduler = make_scheduler(name, default_scheduler().config, guided=guided)
+    assert scheduler_problem(scheduler, default_inference_steps(scheduler)) is None
+
+
 def test_scheduler_problem_keeps_the_global_rng():
     torch.manual_seed(0)
     expected = torch.rand(3)
@@ -477,7 +477,7 @@ def test_evaluate_out_is_the_samples_file(ev, capsys):
     before = samples.read_bytes()
     assert run_evaluate(ev.argv(samples, "--out", samples)) == 2
     line = one_error_line(capsys)
-    assert "--out" in line, line
+    assert "--out" in line and "would replace the input" in line, line
     assert samples.read_bytes() == before
 
 

@@ -1,25 +1,23 @@
 """train.py hardening: bit-identical resumes across previews, complete loss history, the resumed run's own
 optimizer/EMA flags, all-damaged checkpoints, rotation, flag validation, tiny data sets, --overwrite_output_dir,
---dry_run conflicts, the logged learning rate, fp16 on CPU, --help, and a 2-rank run whose rank 0 samples long.
+--dry_run conflicts, the logged learning rate, fp16 on CPU and --help.
 
 Training runs are real processes forked from `tests/_forkserver.py` (train.py imported once: fast starts, one
-thread, so the float arithmetic of every run is the same); the torchrun test launches its own processes.
+thread, so the float arithmetic of every run is the same).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _helpers import ForkServerClient
 from safetensors.torch import load_file, save_file
 
 from latent_ddpm.checkpointing import checkpoint_problem, list_checkpoints, save_checkpoint
@@ -42,22 +40,8 @@ class Result:
     err: str
 
 
-class ForkServer:
-    """A client of tests/_forkserver.py (as in test_faults.py)."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "_forkserver.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert "ready" in self._ask(None)
-
-    def _ask(self, request: dict | None) -> dict:
-        if request is not None:
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the fork server died"
-        return json.loads(line)
+class ForkServer(ForkServerClient):
+    """The fork server client, with a run-to-completion call."""
 
     def run(self, argv: list, log: Path, env: dict | None = None) -> Result:
         pid = self._ask({"cmd": "start", "argv": [str(a) for a in argv], "out": str(log),
@@ -65,10 +49,6 @@ class ForkServer:
         status = self._ask({"cmd": "wait", "pid": pid, "timeout": BOUND_S})["status"]
         assert status is not None, f"run did not finish in {BOUND_S}s: {log.read_text()[-2000:]}"
         return Result(status, log.read_text(), log.with_suffix(".err").read_text())
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

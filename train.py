@@ -309,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                 epoch_losses = [loss for step, loss in zip(history["steps"][-steps_per_epoch:],
                                                            history["losses"][-steps_per_epoch:], strict=True)
                                 if step > global_step - steps_per_epoch]
-                history["epoch_ends"].append(global_step)
-                history["epoch_means"].append(sum(epoch_losses) / max(1, len(epoch_losses)))
+                if epoch_losses:
+                    history["epoch_ends"].append(global_step)
+                    history["epoch_means"].append(sum(epoch_losses) / len(epoch_losses))
 
             if log_now:
                 now = time.perf_counter()
@@ -358,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
                                        token=hub_token, train_dir=train_dir)
             logger.info("pushed the pipeline to %s", url)
-    # The other ranks wait here for the main process's report (under --ddp_timeout): leaving before it, they
-    # would tear the process group down under it, which can hang gloo's teardown on the main process.
+    # The other ranks wait here for the main process's report (under --ddp_timeout).
     accelerator.wait_for_everyone()
     # DDP's reducer must not be the last owner of the process group when it goes: gloo's teardown from there
     # waits for its worker threads while holding the GIL that they may need (pytorch/pytorch#56297; seen as a

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import types
@@ -406,30 +407,29 @@ def test_evaluate_truncated_samples(ev, capsys):
     assert str(path) in line and "not a readable" in line, line
 
 
-def corrupt_stored(tmp_path: Path) -> Path:
-    """An uncompressed .npz whose 'samples' data bytes were changed after writing (its CRC no longer matches)."""
-    path = tmp_path / "crc.npz"
-    np.savez(path, samples=_latents(20, seed=3))
+def damage_member(path: Path, fraction: float, damage: bytes) -> Path:
+    """Overwrite the bytes of `path`'s 'samples.npy' zip member at `fraction` of its stored data with `damage`
+    (the data starts after the member's local header, whose name and extra-field lengths are read from it)."""
     raw = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo("samples.npy")
-    middle = info.header_offset + 30 + len(info.filename) + info.file_size // 2  # inside the array data
-    raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len + int(info.compress_size * fraction)
+    raw[start:start + len(damage)] = damage
     path.write_bytes(bytes(raw))
     return path
+
+
+def corrupt_stored(tmp_path: Path) -> Path:
+    """An uncompressed .npz whose 'samples' data bytes were changed after writing (its CRC no longer matches)."""
+    np.savez(tmp_path / "crc.npz", samples=_latents(20, seed=3))
+    return damage_member(tmp_path / "crc.npz", 0.5, b"\x5a" * 64)
 
 
 def corrupt_compressed(tmp_path: Path) -> Path:
     """A compressed .npz whose deflate stream was overwritten in the middle."""
-    path = tmp_path / "deflate.npz"
-    np.savez_compressed(path, samples=_latents(20, seed=3))
-    raw = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo("samples.npy")
-    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 3
-    raw[start:start + 200] = b"\xff" * 200
-    path.write_bytes(bytes(raw))
-    return path
+    np.savez_compressed(tmp_path / "deflate.npz", samples=_latents(20, seed=3))
+    return damage_member(tmp_path / "deflate.npz", 1 / 3, b"\xff" * 200)
 
 
 def bad_npy_member(tmp_path: Path) -> Path:

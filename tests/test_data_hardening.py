@@ -400,6 +400,16 @@ def test_parquet_labels_with_a_null(tmp_path):
 
 
 @pytest.mark.parametrize("row", [0, 5])
+def test_parquet_null_latent_row(tmp_path, row):
+    rows = nested(latents())
+    rows[row] = None  # a missing sample, not a sample of NaN values
+    path = parquet(tmp_path / "n.parquet", latents=rows)
+    with pytest.raises(DataError, match=rf"latents column 'latents' has 1 missing samples \(null rows, the first at "
+                                        rf"index {row}\)"):
+        load_latents(path, cache_dir=tmp_path / "hf")
+
+
+@pytest.mark.parametrize("row", [0, 5])
 def test_parquet_ragged_latents(tmp_path, row):
     x = latents()
     rows = nested(x)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from latent_ddpm import AdvancedUNet2DModel
+from latent_ddpm import AdvancedUNet2DModel, faults
 from latent_ddpm.autoencoder import load_data_vae, read_encoding_info
 from latent_ddpm.checkpointing import (
     RunLock,
@@ -241,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         batches = feeder.epoch_batches(epoch, start_batch=first * accumulation)
         model.train()
         for _ in range(first, steps_per_epoch):
-            _maybe_die(accelerator.process_index, global_step + 1)
+            faults.die_at(accelerator.process_index, global_step + 1)
             step_loss = torch.zeros((), device=accelerator.device)
             for i in range(accumulation):
                 x0, labels = next(batches)
@@ -345,10 +344,22 @@ def main(argv: list[str] | None = None) -> int:
                              train_dir / f"samples_epoch_{epoch}.png", num_classes)
     progress.close()
 
-    # 10. The final pipeline (EMA weights), loss curve, preview grid and quality figures. DDP keeps the
-    #     ranks' weights identical; the checksums check it (an error is logged if they differ).
+    # 10. The ranks part. DDP keeps their weights identical; the checksums check it (an error is logged if they
+    #     differ). Nothing after this needs the other ranks, so they finish here, instead of waiting under
+    #     --ddp_timeout for the main process's report and upload (a big model or a slow link can take longer).
     checksums = gather_object([sum(float(p.detach().double().sum()) for p in unet.parameters())])
+    accelerator.wait_for_everyone()
+    # DDP's reducer must not be the last owner of the process group when it goes: gloo's teardown from there
+    # waits for its worker threads while holding the GIL that they may need (pytorch/pytorch#56297; seen as a
+    # rare hang at the end of 2-process CPU runs). Dropped first, the group goes in end_training, GIL released.
+    del model
+    accelerator.free_memory()
+    accelerator.end_training()  # trackers finished, process group destroyed: no collective from here on
+    faults.rank_ended(accelerator.is_main_process)
+
+    # 11. The final pipeline (EMA weights), loss curve, preview grid and quality figures; the upload.
     if accelerator.is_main_process:
+        faults.hold_report()
         history["rank_weight_checksums"] = checksums
         if len(set(checksums)) > 1:
             logger.error("the ranks' weights differ at the end (checksums %s): DDP did not keep them in sync; "
@@ -359,22 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
                                        token=hub_token, train_dir=train_dir)
             logger.info("pushed the pipeline to %s", url)
-    # The other ranks wait here for the main process's report (under --ddp_timeout).
-    accelerator.wait_for_everyone()
-    # DDP's reducer must not be the last owner of the process group when it goes: gloo's teardown from there
-    # waits for its worker threads while holding the GIL that they may need (pytorch/pytorch#56297; seen as a
-    # rare hang at the end of 2-process CPU runs). Dropped first, the group goes in end_training, GIL released.
-    del model
-    accelerator.free_memory()
-    accelerator.end_training()
     lock.release()
     return 0
-
-
-def _maybe_die(rank: int, step: int) -> None:
-    """Test hook: LATENT_DDPM_DIE_AT="RANK:STEP" makes that rank exit abruptly (status 1) as it starts STEP."""
-    if os.environ.get("LATENT_DDPM_DIE_AT") == f"{rank}:{step}":
-        os._exit(1)
 
 
 def _gather_generator_states(gen: torch.Generator) -> list[list[int]]:

@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .errors import UserInputError, first_line
 from .paths import OutputLock
 
@@ -251,7 +252,7 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
                 save_file({str(i): p.detach().contiguous().cpu() for i, p in enumerate(shadow)}, tmp / EMA_FILE)
                 state = {**state, "ema": ema_state}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            _checkpoint_hook(tmp)
+            faults.pause_in_save(tmp)
             _fsync_tree(tmp)
             files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
@@ -274,8 +275,7 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
             (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if os.environ.get("LATENT_DDPM_EXIT_AFTER_CHECKPOINT") == str(step):
-        os._exit(3)  # test hook: simulate a crash right after this checkpoint
+    faults.exit_after_checkpoint(step)  # a test's crash right after this checkpoint
     return final
 
 
@@ -328,18 +328,6 @@ def generator_state(gen: torch.Generator) -> list[int]:
 
 def set_generator_state(gen: torch.Generator, state: list[int]) -> None:
     gen.set_state(torch.tensor(state, dtype=torch.uint8))
-
-
-def _checkpoint_hook(tmp: Path) -> None:
-    """Test hook: with LATENT_DDPM_PAUSE_IN_SAVE=FILE, create FILE and wait for it to vanish, so a test
-    can kill the process half-way through a checkpoint write."""
-    flag = os.environ.get("LATENT_DDPM_PAUSE_IN_SAVE")
-    if flag:
-        import time
-
-        Path(flag).write_text(str(tmp))
-        while Path(flag).exists():
-            time.sleep(0.01)
 
 
 def _free_space(folder: Path) -> str:

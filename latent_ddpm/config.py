@@ -109,7 +109,7 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "DataLoader workers when the data is streamed from disk")
     ddp_timeout: int = _f(1800, "seconds a process waits in a collective (e.g. for a rank that died) before "
                                 "failing; torchrun usually stops the survivors sooner. Also bounds the other "
-                                "ranks' wait for the main process's epoch previews and final report")
+                                "ranks' wait for the main process's epoch previews (not the final report)")
     # --- Outputs, logging, checkpoints ------------------------------------------------------------
     output_dir: str | None = _f(None, "run folder (default: runs/<data>_ddpm_<C>_<T>_<beta_start>_<beta_end>)")
     overwrite_output_dir: bool = _f(False, "start fresh in an existing run folder (its checkpoints, pipeline and "

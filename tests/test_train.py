@@ -267,8 +267,11 @@ def test_two_process_run_and_resume(data, tmp_path):
 
     args = ["--latent", str(data), "--max_train_steps", "6", "--checkpointing_steps", "3", *FAST,
             "--train_batch_size", "4"]
-    full = torchrun(*args, "--output_dir", str(tmp_path / "a"))
+    # The main process holds its final report until rank 1 has finished: the other ranks must not wait for it.
+    ended = tmp_path / "rank_1_ended"
+    full = torchrun(*args, "--output_dir", str(tmp_path / "a"), env={"LATENT_DDPM_HOLD_REPORT": str(ended)})
     assert full.returncode == 0, full.stderr[-3000:]
+    assert ended.exists() and (tmp_path / "a/train/metrics.json").exists()
     checksums = json.loads((tmp_path / "a/train/metrics.json").read_text())["rank_weight_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
     assert (tmp_path / "a/train/checkpoint-6/random_states_1.pkl").exists()

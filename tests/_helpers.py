@@ -1,16 +1,23 @@
-"""Pieces several test files share: the client of `tests/_forkserver.py`, and tiny saved pipelines for sample.py."""
+"""Pieces several test files share: the client of `tests/_forkserver.py`, tiny saved pipelines for sample.py,
+in-process runs of the commands (train.py, sample.py, the package's `__main__`s) and their one-line errors, and
+small latents and snapshots of files on disk."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
+from accelerate.state import AcceleratorState, GradientState, PartialState
 
-from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler
+from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, paths
 from latent_ddpm.errors import run_cli
 
 HERE = Path(__file__).resolve().parent
@@ -57,3 +64,113 @@ def exit_status(main, argv: list) -> int:
         return run_cli(main, [str(a) for a in argv])
     except SystemExit as err:
         return err.code
+
+
+# --- the data and run hardening tests: commands in this process, tiny latents, files on disk --------------------
+
+#: The shape of `latents()`: N samples of C x H x W.
+N, C, H, W = 8, 4, 8, 8
+
+
+def latents(n: int = N, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, C, H, W)).astype(dtype)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root (folders too) -> a hash of its content."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def read_back(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray | None]:
+    view = ds.with_format("numpy")[:]
+    return view["latents"], view.get("labels")
+
+
+def reset_accelerate() -> None:
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+
+
+def cli(main, argv: list, capfd) -> tuple[int, str, str]:
+    """A command's main through run_cli (what its `__main__` does), in this process: (exit status, out, err)."""
+    reset_accelerate()
+    try:
+        code = exit_status(main, argv)
+    finally:
+        reset_accelerate()
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def one_line_error(code: int, err: str, *fragments: str) -> str:
+    """Assert exit status 2 and exactly one `error: ...` line on stderr holding every fragment; return the line."""
+    lines = err.strip().splitlines()
+    assert code == 2, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# --- tests/test_train*.py: train.py in this process or as a subprocess --------------------------------------------
+
+#: Small and fast: the tiny preset, 8x8 latents, no preview sampling unless a test asks.
+TRAIN_FAST = ["--preset", "tiny", "--train_batch_size", "8", "--num_eval_samples", "0", "--num_preview_samples", "2",
+              "--preview_inference_steps", "2", "--logging_steps", "1", "--save_images_epochs", "0"]
+
+
+def run_train(argv: list[str]) -> int:
+    """train.main in this process, with accelerate's process-wide state reset around it. train.py is the module
+    `train` (the repository root on sys.path, as the test files import it), so a test's patches of it apply."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import train
+
+    reset_accelerate()
+    try:
+        return train.main(argv)
+    finally:
+        reset_accelerate()
+
+
+def train_subprocess(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python train.py args` as a subprocess from the repository root (env: variables added): its output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+# --- the sample.py and evaluate hardening tests -------------------------------------------------------------------
+
+#: sample.py, loaded from its file (as tests/test_sample.py does); the sample hardening tests patch and run it.
+_spec = importlib.util.spec_from_file_location("sample_hardening_script", ROOT / "sample.py")
+sample_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample_script)
+
+#: Two samples in two denoising steps.
+SAMPLE_FAST = ["--num_inference_steps", "2", "--num_samples", "2"]
+
+
+def run_sample(argv) -> int:
+    """sample.py's main through run_cli, as its __main__ runs it: the exit status."""
+    return exit_status(sample_script.main, argv)
+
+
+def one_error_line(capsys) -> str:
+    """The single `error:` line on stderr (asserting that there is exactly one)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def no_outputs(folder: Path, output: Path) -> None:
+    """Neither the output, its grid, its gathering file nor its lock exists."""
+    partial = paths.partial_path(output)
+    for path in (output, output.with_suffix(".png"), partial, partial.with_suffix(".lock")):
+        assert not os.path.lexists(path), path
+
+
+def load_npz(path) -> dict:
+    """Every array of a .npz file (read without pickle)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}

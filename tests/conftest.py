@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: tiny models (CPU, fast) and the original UNet reference."""
+"""Shared pytest fixtures: tiny models (CPU, fast), the original UNet reference, the training tests' data and the
+sample hardening tests' saved pipelines."""
 
 from __future__ import annotations
 
@@ -50,3 +51,14 @@ def data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "demo8.npz"
     np.savez(path, X=x, y=y)
     return path
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory) -> Path:
+    """An unconditional pipeline in uncond/ and a 3-class one in cond/ (tiny UNets, 4x8x8 latents): the sample
+    hardening tests' models (tests/test_sample.py's `models` are laid out as the original's run folders)."""
+    from _helpers import save_tiny_pipelines
+
+    root = tmp_path_factory.mktemp("pipes")
+    save_tiny_pipelines([(root / "uncond", None), (root / "cond", 3)])
+    return root

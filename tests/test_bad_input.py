@@ -7,7 +7,6 @@ The commands run in this process through `run_cli` (what their `__main__` does),
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import snapshot
 from accelerate.state import AcceleratorState, GradientState, PartialState
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, convert_original, data, default_scheduler, evaluate
@@ -203,12 +203,6 @@ CASES = [
     ("evaluate-bad-flag", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "good.npz",
                                                  "--k", "many"], "invalid int value"),
 ]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under root (folders too) -> a hash of its content."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
 
 
 def call(command: str, argv: list, capfd) -> tuple[int, str]:

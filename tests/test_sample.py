@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import exit_status, save_tiny_pipelines
+from _helpers import exit_status, load_npz, save_tiny_pipelines
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, paths, sampling
 from latent_ddpm.paths import NpyRowWriter, partial_path, write_npz
@@ -46,17 +46,12 @@ def run(argv) -> int:
     return exit_status(sample_script.main, argv)
 
 
-def load(path):
-    with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
 def test_every_scheduler(models, tmp_path):
     for name in SCHEDULERS:
         out = tmp_path / f"{name}.npz"
         assert run(["--model", models / "cond" / "pipeline", "--scheduler", name, "--num_samples", 2, "--eta", 0.5,
                     "--output", out, *FAST]) == 0
-        x = load(out)["samples"]
+        x = load_npz(out)["samples"]
         assert x.shape == (2, 4, 8, 8) and x.dtype == np.float32 and np.isfinite(x).all(), name
 
 
@@ -82,7 +77,7 @@ def test_batch_size_invariance(models, tmp_path):
               "--class_labels", "all", "--guidance_scale", 2.0, *FAST]
     for bs in (2, 5, 1):
         assert run([*common, "--batch_size", bs, "--output", tmp_path / f"b{bs}.npz"]) == 0
-    b2, b5, b1 = (load(tmp_path / f"b{bs}.npz") for bs in (2, 5, 1))
+    b2, b5, b1 = (load_npz(tmp_path / f"b{bs}.npz") for bs in (2, 5, 1))
     # The noise is identical by construction; the UNet's float arithmetic (BLAS kernels chosen by batch
     # shape) may differ in the last bits, so the outputs agree to float32 rounding, relative to the largest
     # value (the untrained model's samples, which start at t = T - 1, reach ~450).
@@ -92,7 +87,7 @@ def test_batch_size_invariance(models, tmp_path):
     np.testing.assert_array_equal(b2["labels"], [0, 1, 2, 0, 1])
     # A different seed gives different samples.
     assert run([*common, "--seed", 4, "--output", tmp_path / "s4.npz"]) == 0
-    assert np.abs(load(tmp_path / "s4.npz")["samples"] - b5["samples"]).max() > 0.1
+    assert np.abs(load_npz(tmp_path / "s4.npz")["samples"] - b5["samples"]).max() > 0.1
 
 
 def test_per_sample_noise_does_not_depend_on_batch():
@@ -112,7 +107,7 @@ def test_two_processes_match_one(models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "over 2 process(es)" in proc.stdout
     assert run([*common, "--output", tmp_path / "one.npz"]) == 0
-    one, two = load(tmp_path / "one.npz"), load(tmp_path / "two.npz")
+    one, two = load_npz(tmp_path / "one.npz"), load_npz(tmp_path / "two.npz")
     # Same batches on each side (rank 0: 0-2, rank 1: 3-5), hence bit-identical.
     np.testing.assert_array_equal(one["samples"], two["samples"])
     np.testing.assert_array_equal(one["labels"], two["labels"])
@@ -125,7 +120,7 @@ def test_original_flags_locate_the_run(models, tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     assert run(["--latent", "data/x.npz", "--n_samples", 3, "--n_steps", 2, "--seed", 7, "--mode", "sample"]) == 0
     out = work / "runs" / RUN / "generated" / "seed_7" / "samples_7_3.npz"
-    assert load(out)["samples"].shape == (3, 4, 8, 8) and "labels" not in load(out)
+    assert load_npz(out)["samples"].shape == (3, 4, 8, 8) and "labels" not in load_npz(out)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert locate_run("x.npz", n_dim=4, lbeta=1e-4, ubeta=0.02, n_steps=50) == Path("runs") / RUN
     # A second run with 50 steps: ambiguous without --n_steps, picked with it.
@@ -146,7 +141,7 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     assert len(err) == 1 and "exists" in err[0] and "--overwrite" in err[0]
     assert out.read_bytes() == b"precious"
     assert run([*argv, "--overwrite"]) == 0
-    assert load(out)["samples"].shape == (2, 4, 8, 8)
+    assert load_npz(out)["samples"].shape == (2, 4, 8, 8)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -216,15 +211,15 @@ def test_scheduler_config(models, tmp_path):
     assert run([*common, "--output", tmp_path / "plain.npz"]) == 0
     assert run([*common, "--scheduler_config", tmp_path / "karras.json", "--output", tmp_path / "k.npz"]) == 0
     assert run([*common, "--scheduler_config", '{"use_karras_sigmas": true}', "--output", tmp_path / "k2.npz"]) == 0
-    plain, karras = load(tmp_path / "plain.npz")["samples"], load(tmp_path / "k.npz")["samples"]
+    plain, karras = load_npz(tmp_path / "plain.npz")["samples"], load_npz(tmp_path / "k.npz")["samples"]
     assert np.isfinite(karras).all() and not np.allclose(plain, karras)
-    np.testing.assert_array_equal(karras, load(tmp_path / "k2.npz")["samples"])
+    np.testing.assert_array_equal(karras, load_npz(tmp_path / "k2.npz")["samples"])
     # Without --scheduler the settings apply to the pipeline's saved scheduler (DDPM here), and act.
     ddpm = ["--model", models / "runs" / RUN / "pipeline", "--num_samples", 1, *FAST]
     assert run([*ddpm, "--output", tmp_path / "small.npz"]) == 0
     large = '{"variance_type": "fixed_large"}'
     assert run([*ddpm, "--scheduler_config", large, "--output", tmp_path / "large.npz"]) == 0
-    assert not np.allclose(load(tmp_path / "small.npz")["samples"], load(tmp_path / "large.npz")["samples"])
+    assert not np.allclose(load_npz(tmp_path / "small.npz")["samples"], load_npz(tmp_path / "large.npz")["samples"])
 
 
 def test_scheduler_config_checks_the_default_step_count(tmp_path, capsys):
@@ -268,7 +263,7 @@ def test_labels_mixed_precision_and_grid(models, tmp_path):
     out = tmp_path / "c.npz"
     assert run(["--model", models / "cond" / "pipeline", "--num_samples", 3, "--class_labels", 2, 0,
                 "--guidance_scale", 1.5, "--mixed_precision", "bf16", "--num_inference_steps", 2, "--output", out]) == 0
-    got = load(out)
+    got = load_npz(out)
     np.testing.assert_array_equal(got["labels"], [2, 0, 2])
     assert got["labels"].dtype == np.int64 and np.isfinite(got["samples"]).all()
     assert out.with_suffix(".png").exists()
@@ -347,6 +342,6 @@ def test_saved_scheduler_gets_the_default_spacing(tmp_path):
                         ("leading", ["--scheduler_config", '{"timestep_spacing": "leading"}'])):
         outs[name] = tmp_path / f"{name}.npz"
         assert run([*base, *extra, "--output", outs[name]]) == 0
-    saved, ddpm, leading = (load(outs[n])["samples"] for n in ("saved", "ddpm", "leading"))
+    saved, ddpm, leading = (load_npz(outs[n])["samples"] for n in ("saved", "ddpm", "leading"))
     np.testing.assert_array_equal(saved, ddpm)
     assert not np.allclose(saved, leading)

@@ -1,0 +1,205 @@
+"""Hardening around runs and checkpoints: train.py on the original's labels and run folders and on a malformed or
+unloadable encoding.json, original checkpoints with bad tensors or another config (convert_original), run lookup
+with glob characters in the name (locate_run), and upload folders with a malformed model_index.json or
+metrics.json. Everything is tiny; train.py runs in this process (dry runs or 2 steps)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _helpers import cli, one_line_error, snapshot
+
+from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, convert_original, data, default_scheduler
+from latent_ddpm.demo import make_demo_latents
+from latent_ddpm.errors import UserInputError, run_cli
+from latent_ddpm.hub import prepare_upload_folder
+from latent_ddpm.sampling import locate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+#: train.py kept small: the tiny preset, no evaluation, no image grids, short previews.
+FAST = ["--preset", "tiny", "--train_batch_size", "8", "--num_eval_samples", "0", "--num_preview_samples", "2",
+        "--preview_inference_steps", "2", "--save_images_epochs", "0"]
+TINY_PIPE_UNET = dict(in_channels=4, down_channels=(8, 16, 16), mid_channels=(16, 16), time_emb_dim=16,
+                      down_sample=(True, False), num_heads=2, norm_num_groups=4, head_channels=8, sample_size=8)
+#: A tiny original UNet (the original hard-codes GroupNorm(8), 4 heads and a 16-channel last up block).
+TINY_ORIGINAL = dict(im_channels=2, down_channels=[16, 32, 32], mid_channels=[32, 32], time_emb_dim=16,
+                     down_sample=[True, False], num_down_layers=1, num_mid_layers=1, num_up_layers=1)
+
+
+# ============================================================================ 7-9. train.py
+
+
+@pytest.fixture(scope="module")
+def demo_x() -> np.ndarray:
+    x, _ = make_demo_latents(num_samples=16, seed=0, size=8)
+    return x
+
+
+@pytest.mark.parametrize("labels, message", [
+    (lambda n: np.arange(n, dtype=np.float32) + 0.5, "labels must be integers"),
+    (lambda n: np.arange(n, dtype=np.int64)[:, None], "labels must have shape (16,) to match 16 latents"),
+    (lambda n: np.array([f"class{i % 3}" for i in range(n)]), "labels must be integers"),
+], ids=["float", "2d", "strings"])
+def test_train_ignores_the_originals_labels_unless_class_conditional(demo_x, tmp_path, capfd, labels, message):
+    path = tmp_path / "original.npz"
+    np.savez(path, X=demo_x, y=labels(len(demo_x)))
+    base = ["--train_data", path, "--output_dir", tmp_path / "run", "--dry_run", *FAST]
+    code, out, err = cli(train.main, base, capfd)
+    assert code == 0, err[-3000:]
+    assert "dry run, nothing written" in out and "16 latents of 4x8x8" in out
+    code, _, err = cli(train.main, [*base, "--class_conditional"], capfd)
+    one_line_error(code, err, "original.npz[y]", message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("old_file", ["model.pth", "ddpm_epoch_10.pt"])
+def test_train_refuses_a_run_folder_of_the_original(demo_x, tmp_path, capfd, old_file):
+    path = tmp_path / "demo.npz"
+    np.savez(path, X=demo_x)
+    run_dir = tmp_path / "runs" / "demo_ddpm_4_1000_0.0001_0.02"
+    (run_dir / "train").mkdir(parents=True)
+    (run_dir / "train" / old_file).write_bytes(b"")
+    (run_dir / "train" / "notes.txt").write_text("the original's run")
+    before = snapshot(run_dir)
+    base = ["--train_data", path, "--output_dir", run_dir, "--max_train_steps", "2", *FAST]
+    code, _, err = cli(train.main, base, capfd)
+    one_line_error(code, err, "original project", f"train/{old_file}", "--overwrite_output_dir")
+    assert snapshot(run_dir) == before
+    code, _, err = cli(train.main, [*base, "--overwrite_output_dir"], capfd)
+    assert code == 0, err[-3000:]
+    assert (run_dir / "pipeline" / "model_index.json").is_file()
+    assert (run_dir / "train" / old_file).is_file() and (run_dir / "train" / "notes.txt").is_file()  # beside them
+    # That run, started beside them on purpose, resumes like any other (no second --overwrite_output_dir).
+    code, out, err = cli(train.main, [*base[:-len(FAST) - 2], "--max_train_steps", "4", *FAST,
+                                      "--resume_from_checkpoint", "latest"], capfd)
+    assert code == 0 and "resumed from" in out + err, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def saved_dataset(demo_x, tmp_path_factory) -> Path:
+    """A save_to_disk folder made by `python -m latent_ddpm.data convert` (in this process)."""
+    root = tmp_path_factory.mktemp("saved")
+    np.savez(root / "demo.npz", X=demo_x)
+    assert run_cli(data.main, ["convert", str(root / "demo.npz"), str(root / "latents")]) == 0
+    return root / "latents"
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"vae": null}', '{"vae": {"id": 3}}', "{not json"],
+                         ids=["list", "null-vae", "numeric-id", "not-json"])
+def test_train_refuses_a_malformed_encoding_json(saved_dataset, tmp_path, capfd, text):
+    folder = tmp_path / "latents"
+    shutil.copytree(saved_dataset, folder)
+    (folder / "encoding.json").write_text(text)
+    argv = ["--train_data", folder, "--output_dir", tmp_path / "run", "--dry_run", *FAST]
+    code, _, err = cli(train.main, argv, capfd)
+    one_line_error(code, err, str(folder / "encoding.json"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_without_the_encoding_vae_warns_and_saves_no_vae(saved_dataset, tmp_path, capfd, caplog):
+    folder = tmp_path / "latents"
+    shutil.copytree(saved_dataset, folder)
+    (folder / "encoding.json").write_text(json.dumps({"vae": {"id": "/nonexistent/vae"}}))
+    out = tmp_path / "run"
+    code, stdout, err = cli(train.main, ["--train_data", folder, "--output_dir", out, "--max_train_steps", "2",
+                                         *FAST], capfd)
+    assert code == 0, err[-3000:]
+    text = stdout + err + caplog.text
+    warning = next((line for line in text.splitlines() if "cannot be loaded" in line), None)
+    assert warning is not None and "encoding.json" in warning and "/nonexistent/vae" in warning, text[-3000:]
+    assert (out / "pipeline" / "unet").is_dir() and not (out / "pipeline" / "vae").exists()
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert index.get("vae") in (None, [None, None])
+
+
+# ============================================================================ 10. convert_original
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (lambda: torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), "holds NaN/Inf values"),
+    (lambda: torch.eye(3).to_sparse(), "is not a plain real tensor"),
+    (lambda: torch.zeros(3, dtype=torch.complex64), "is not a plain real tensor"),
+    (lambda: torch.zeros(16), "does not match the model config"),
+], ids=["nan", "sparse", "complex", "1d-conv-in"])
+def test_convert_original_bad_tensors(tmp_path, capfd, tensor, message):
+    ckpt = tmp_path / "model.pth"
+    torch.save({"conv_in.weight": tensor(), "t_proj.0.weight": torch.zeros(16, 16)}, ckpt)
+    code, _, err = cli(convert_original.main, [ckpt, tmp_path / "out"], capfd)
+    one_line_error(code, err, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_original_suggested_flags_work_verbatim(original_unet, tmp_path, capfd):
+    torch.manual_seed(0)
+    model = original_unet.Unet(TINY_ORIGINAL).eval()
+    ckpt = tmp_path / "model.pth"
+    torch.save(model.state_dict(), ckpt)
+    code, _, err = cli(convert_original.main, [ckpt, tmp_path / "out"], capfd)  # the seed preset: wrong
+    line = one_line_error(code, err, "The checkpoint's shapes suggest:", "--head_channels 16")
+    flags = re.search(r"The checkpoint's shapes suggest: (.*?); pass", line).group(1).split()
+    code, _, err = cli(convert_original.main, [ckpt, tmp_path / "out", *flags, "--sample_size", "8"], capfd)
+    assert code == 0, err
+    ours = AdvancedUNet2DModel.from_pretrained(tmp_path / "out")
+    assert ours.config.head_channels == 16 and ours.config.in_channels == 2
+    x, t = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 17])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t).sample, model(x, t), atol=1e-5, rtol=1e-4)
+    # The flag reaches the model: another width does not fit this checkpoint.
+    wrong = [f if f != "16" or flags[i - 1] != "--head_channels" else "8" for i, f in enumerate(flags)]
+    assert wrong != flags
+    code, _, err = cli(convert_original.main, [ckpt, tmp_path / "out2", *wrong, "--sample_size", "8"], capfd)
+    one_line_error(code, err, "does not match the model config")
+
+
+# ============================================================================ 11. locate_run
+
+
+def test_locate_run_with_glob_characters_in_the_name(tmp_path):
+    runs = tmp_path / "runs"
+    run_dir = runs / "lat[1]_ddpm_4_1000_0.0001_0.02"
+    (run_dir / "pipeline").mkdir(parents=True)
+    (runs / "lat1_ddpm_4_1000_0.0001_0.02" / "pipeline").mkdir(parents=True)  # what the glob [1] would match
+    assert locate_run("lat[1].npz", runs_dir=runs) == run_dir
+    assert locate_run("data/lat[1].npz", runs_dir=runs, n_dim=4, lbeta=1e-4) == run_dir
+    assert locate_run("lat1.npz", runs_dir=runs) == runs / "lat1_ddpm_4_1000_0.0001_0.02"
+    with pytest.raises(UserInputError, match="no trained run"):
+        locate_run("lat[2].npz", runs_dir=runs)
+
+
+# ============================================================================ 12. hub upload folder
+
+
+@pytest.mark.parametrize("text", ['{"_class_name": "LatentDDPMPipeline", ', "[1, 2]"], ids=["truncated", "a-list"])
+def test_upload_folder_malformed_model_index(tmp_path, text):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model_index.json").write_text(text)
+    with pytest.raises(UserInputError, match=r"model_index\.json") as info:
+        prepare_upload_folder(tmp_path / "pipeline", tmp_path / "upload", repo_id="me/model")
+    assert not isinstance(info.value, json.JSONDecodeError) and "\n" not in str(info.value)
+    assert not (tmp_path / "upload").exists()
+
+
+def test_upload_folder_leaves_a_malformed_metrics_json_out_of_the_card(tmp_path):
+    torch.manual_seed(0)
+    pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel(**TINY_PIPE_UNET), scheduler=default_scheduler())
+    pipe.save_pretrained(tmp_path / "pipeline", safe_serialization=True)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.json").write_text('{"final_loss": 0.5, ')
+    (tmp_path / "train" / "config.json").write_text(json.dumps({"learning_rate": 0.001}))
+    out = prepare_upload_folder(tmp_path / "pipeline", tmp_path / "upload", repo_id="me/model")
+    card = (out / "README.md").read_text()
+    assert "## Metrics" not in card and "final_loss" not in card
+    assert "## Training configuration" in card and "learning_rate: 0.001" in card
+    (tmp_path / "train" / "metrics.json").write_text(json.dumps({"final_loss": 0.5}))  # a good one is shown
+    out = prepare_upload_folder(tmp_path / "pipeline", tmp_path / "upload2", repo_id="me/model")
+    assert "| final_loss | 0.5 |" in (out / "README.md").read_text()

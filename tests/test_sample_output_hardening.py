@@ -1,0 +1,228 @@
+"""Hardening of sample.py's flags and outputs: --eta and --guidance_scale out of range, outputs that cannot be
+written (a folder, under a regular file, an unwritable folder), the grid PNG next to the output, the output lock,
+the split of samples between processes and the labels written to the .npz. Every refusal is exit status 2 with
+exactly one `error:` line on stderr, comes before any model is loaded, and writes nothing.
+
+sample.py runs in this process through `run_cli` (loaded from its file, as tests/test_sample.py does), on tiny
+pipelines (4x8x8 latents, 2 denoising steps).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _helpers import SAMPLE_FAST as FAST
+from _helpers import load_npz, no_outputs, one_error_line, sample_script
+from _helpers import run_sample as run
+from accelerate.state import PartialState
+
+from latent_ddpm import paths
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Make loading the pipeline fail the test: a refusal must come before any model is loaded or sampled."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded: the refusal came too late")
+
+    monkeypatch.setattr(sample_script, "load_pipeline", refuse)
+
+
+# --- 1. --eta and --guidance_scale ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eta", ["1.5", "-0.5", "nan", "inf"])
+def test_eta_outside_0_1_is_refused(pipes, tmp_path, capsys, no_loading, eta):
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "uncond", "--scheduler", "ddim", f"--eta={eta}", "--output", out, *FAST]) == 2
+    line = one_error_line(capsys)
+    assert "--eta must be in [0, 1]" in line, line
+    no_outputs(tmp_path, out)
+
+
+@pytest.mark.parametrize("eta", ["0", "1"])
+def test_eta_at_the_bounds_is_accepted(pipes, tmp_path, eta):
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "uncond", "--scheduler", "ddim", "--eta", eta, "--output", out, "--no_grid",
+                *FAST]) == 0
+    assert np.isfinite(load_npz(out)["samples"]).all()
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("labels", [["--class_labels", "0", "1"], []], ids=["labelled", "unlabelled"])
+def test_non_finite_guidance_scale_is_refused(pipes, tmp_path, capsys, no_loading, scale, labels):
+    """Refused as not finite, with or without --class_labels (before the 'needs --class_labels' check)."""
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "cond", f"--guidance_scale={scale}", *labels, "--output", out, *FAST]) == 2
+    line = one_error_line(capsys)
+    assert "--guidance_scale must be a finite number" in line, line
+    no_outputs(tmp_path, out)
+
+
+# --- 2. outputs that cannot be written ----------------------------------------------------------------------------
+
+
+def test_output_that_is_a_folder(pipes, tmp_path, capsys, no_loading):
+    out = tmp_path / "x.npz"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 2
+    line = one_error_line(capsys)
+    assert "is a folder" in line and str(out) in line, line
+    assert out.is_dir() and (out / "keep.txt").read_text() == "mine"
+    assert not paths.partial_path(out).exists()
+    # --overwrite does not turn a folder into a file either.
+    assert run(["--model", pipes / "uncond", "--output", out, "--overwrite", *FAST]) == 2
+    assert "is a folder" in one_error_line(capsys)
+    assert out.is_dir() and (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("below", [["x.npz"], ["sub", "deeper", "x.npz"]], ids=["parent", "ancestor"])
+def test_output_under_a_regular_file(pipes, tmp_path, capsys, no_loading, below):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a regular file")
+    out = blocker.joinpath(*below)
+    assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 2
+    line = one_error_line(capsys)
+    assert "--output" in line and "is a file, not a folder" in line, line
+    assert blocker.read_text() == "a regular file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root can write into any folder whatever its mode")
+def test_output_in_an_unwritable_folder(pipes, tmp_path, capsys, no_loading):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        out = locked / "x.npz"
+        assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 2
+        line = one_error_line(capsys)
+        assert "--output" in line and "is not writable" in line, line
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+def test_output_in_an_unwritable_folder_simulated(pipes, tmp_path, capsys, no_loading, monkeypatch):
+    """The same refusal where the tests run as root: `os.access` says the folder is not writable."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(paths.os, "access",
+                        lambda p, mode, *a, **kw: False if Path(p) == locked else real_access(p, mode, *a, **kw))
+    out = locked / "sub" / "x.npz"
+    assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 2
+    line = one_error_line(capsys)
+    assert "--output" in line and f"{locked} is not writable" in line, line
+    assert list(locked.iterdir()) == []
+
+
+# --- 3. the grid PNG next to the output -------------------------------------------------------------------------
+
+
+def test_existing_grid_png_needs_overwrite(pipes, tmp_path, capsys):
+    out, png = tmp_path / "x.npz", tmp_path / "x.png"
+    png.write_bytes(b"an older grid, not to be lost")
+    argv = ["--model", pipes / "uncond", "--output", out, *FAST]
+    assert run(argv) == 2
+    line = one_error_line(capsys)
+    assert str(png) in line and "--overwrite" in line, line
+    assert png.read_bytes() == b"an older grid, not to be lost"
+    assert not out.exists() and not paths.partial_path(out).exists()
+    # Without a grid to write, the PNG is no obstacle (and is left alone).
+    assert run([*argv, "--no_grid"]) == 0
+    assert load_npz(out)["samples"].shape == (2, 4, 8, 8)
+    assert png.read_bytes() == b"an older grid, not to be lost"
+    out.unlink()
+    # With --overwrite the grid is replaced by a real one.
+    assert run([*argv, "--overwrite"]) == 0
+    assert load_npz(out)["samples"].shape == (2, 4, 8, 8)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- 4. the output lock -----------------------------------------------------------------------------------------
+
+
+def lock_of(out: Path) -> Path:
+    return paths.partial_path(out).with_suffix(".lock")
+
+
+def test_live_lock_refuses(pipes, tmp_path, capsys):
+    out = tmp_path / "x.npz"
+    lock = lock_of(out)
+    mine = f"{socket.gethostname()} {os.getpid()}"  # this test process: alive
+    lock.write_text(mine)
+    assert run(["--model", pipes / "uncond", "--output", out, "--no_grid", *FAST]) == 2
+    line = one_error_line(capsys)
+    assert "in use by another sample.py" in line and str(os.getpid()) in line, line
+    assert not out.exists() and not paths.partial_path(out).exists()
+    assert lock.read_text() == mine  # another writer's lock is left alone
+
+
+def test_stale_lock_is_taken_over_and_released(pipes, tmp_path):
+    out = tmp_path / "x.npz"
+    lock = lock_of(out)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    lock.write_text(f"{socket.gethostname()} {proc.pid}")  # a process that has exited
+    assert run(["--model", pipes / "uncond", "--output", out, "--no_grid", *FAST]) == 0
+    assert load_npz(out)["samples"].shape == (2, 4, 8, 8)
+    assert not os.path.lexists(lock)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]  # no lock, partial or temporary left
+
+
+def test_no_lock_remains_after_a_run(pipes, tmp_path):
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 0
+    assert not os.path.lexists(lock_of(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz", "x.png"]
+
+
+# --- 7. the split of samples between processes ---------------------------------------------------------------------
+
+
+def accelerate_split(n: int, rank: int, world: int) -> list[int]:
+    """What accelerate's own `PartialState.split_between_processes` gives process `rank` of `world`."""
+    fake = types.SimpleNamespace(num_processes=world, process_index=rank)
+    with PartialState.split_between_processes(fake, list(range(n))) as mine:
+        return list(mine)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7, 16, 17, 100])
+def test_process_rows_split_as_accelerate(n, world):
+    ranges = [sample_script.process_rows(n, rank, world) for rank in range(world)]
+    assert all(isinstance(r, range) and r.step == 1 for r in ranges)
+    for rank, rows in enumerate(ranges):
+        assert list(rows) == accelerate_split(n, rank, world), (n, world, rank)
+        # accelerate's rule, restated: the first n % world ranks take one more.
+        assert len(rows) == n // world + (rank < n % world), (n, world, rank)
+    # Together they tile 0..n-1 exactly, in order, with no overlap.
+    assert [i for rows in ranges for i in rows] == list(range(n))
+
+
+def test_process_rows_fewer_samples_than_processes():
+    ranges = [sample_script.process_rows(3, rank, 8) for rank in range(8)]
+    assert [list(r) for r in ranges] == [[0], [1], [2], [], [], [], [], []]
+
+
+# --- 8. labels in the .npz --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cycle, n, batch", [([2, 0, 1], 7, 3), ([1], 4, 2), ([0, 2], 5, 64)])
+def test_written_labels_follow_the_cycle(pipes, tmp_path, cycle, n, batch):
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "cond", "--class_labels", *cycle, "--num_samples", n, "--batch_size", batch,
+                "--num_inference_steps", 2, "--no_grid", "--output", out]) == 0
+    got = load_npz(out)
+    np.testing.assert_array_equal(got["labels"], [cycle[i % len(cycle)] for i in range(n)])
+    assert got["labels"].dtype == np.int64 and got["samples"].shape == (n, 4, 8, 8)

@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     pending: list[torch.Tensor] = []  # per-step losses still on the device
     window: list[float] = []  # read back, not yet logged
     nonfinite_in_a_row, t_last, samples_since = 0, time.perf_counter(), 0
+    last_checkpoint: Path | None = None  # the one written at max_steps
     divergence = DivergenceWatch(cfg.lr_warmup_steps)
     accumulation = cfg.gradient_accumulation_steps
     epoch = global_step // steps_per_epoch
@@ -331,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                          "model_config": dict(unet.config), "lr_scheduler": lr_scheduler.state_dict(),
                          "noise_generator": _gather_generator_states(noise_gen)}
                 ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
-                if cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process:
+                if global_step == max_steps:  # uploaded (with --push_checkpoints) after the ranks part, in 11.
+                    last_checkpoint = ckpt
+                elif cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process:
                     push_checkpoint(build_pipeline(unet, ema, noise_scheduler, stats, vae), ckpt, cfg, hub_token)
             if global_step >= max_steps:
                 break
@@ -366,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
                          "the saved pipeline holds rank 0's", checksums)
         final_report(build_pipeline(unet, ema, noise_scheduler, stats, vae), cfg, dataset, run_dir, history,
                      num_classes, plan)
+        if cfg.push_to_hub and cfg.push_checkpoints and last_checkpoint is not None:
+            push_checkpoint(build_pipeline(unet, ema, noise_scheduler, stats, vae), last_checkpoint, cfg, hub_token)
         if cfg.push_to_hub:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
                                        token=hub_token, train_dir=train_dir)

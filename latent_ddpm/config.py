@@ -89,7 +89,7 @@ class TrainConfig:
                                            "large (see default_learning_rate)", alias="--lr")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     # EDM2's value: the second-moment average spans ~1/(1 - beta2) = 100 steps, so a change in the gradients' scale
-    # is followed within a hundred steps, not a thousand. 0.999 gave worse samples on 4 of 4 demo training seeds
+    # is followed within a hundred steps, not a thousand. 0.999 gave worse 20-step samples on 4 of 4 demo seeds
     # (DPM-Solver++ 20 FD 9.4 vs 7.1 on average; docs/benchmarks.md, "Ninth session").
     adam_beta2: float = _f(0.99, "AdamW beta2 (the second-moment average's decay)")
     adam_weight_decay: float = _f(0.01, "AdamW decoupled weight decay")
@@ -112,7 +112,7 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "DataLoader workers when the data is streamed from disk")
     ddp_timeout: int = _f(1800, "seconds a process waits in a collective (e.g. for a rank that died) before "
                                 "failing; torchrun usually stops the survivors sooner. Also bounds the other "
-                                "ranks' wait for the main process's epoch previews (not the final report)")
+                                "ranks' wait for the main process's previews and checkpoint uploads during training")
     # --- Outputs, logging, checkpoints ------------------------------------------------------------
     output_dir: str | None = _f(None, "run folder (default: runs/<data>_ddpm_<C>_<T>_<beta_start>_<beta_end>)")
     overwrite_output_dir: bool = _f(False, "start fresh in an existing run folder (its checkpoints, pipeline and "

@@ -205,7 +205,8 @@ def test_push_to_hub_uploads_final_pipeline_and_checkpoints(data, tmp_path, monk
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
         names = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
-        uploads.append({"repo_id": repo_id, "files": names, "message": kwargs.get("commit_message")})
+        uploads.append({"repo_id": repo_id, "files": names, "message": kwargs.get("commit_message"),
+                        "after_report": (out / "train" / "metrics.json").exists()})
         return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message="",
                                           commit_description="", oid="1", pr_url=None)
 
@@ -219,6 +220,8 @@ def test_push_to_hub_uploads_final_pipeline_and_checkpoints(data, tmp_path, monk
                 "--push_checkpoints"]) == 0
     assert [u["message"] for u in uploads] == ["checkpoint checkpoint-2", "checkpoint checkpoint-4",
                                                "Upload LatentDDPMPipeline"]
+    # The last checkpoint goes up with the final pipeline, after the ranks part (never under --ddp_timeout).
+    assert [u["after_report"] for u in uploads] == [False, True, True]
     final = uploads[-1]["files"]
     assert "README.md" in final and "unet/diffusion_pytorch_model.safetensors" in final
     assert "loss_curve.png" in final or any(f.endswith("loss_curve.png") for f in final)

@@ -367,10 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(checksums)) > 1:
             logger.error("the ranks' weights differ at the end (checksums %s): DDP did not keep them in sync; "
                          "the saved pipeline holds rank 0's", checksums)
-        final_report(build_pipeline(unet, ema, noise_scheduler, stats, vae), cfg, dataset, run_dir, history,
-                     num_classes, plan)
+        pipe = build_pipeline(unet, ema, noise_scheduler, stats, vae)
+        final_report(pipe, cfg, dataset, run_dir, history, num_classes, plan)
         if cfg.push_to_hub and cfg.push_checkpoints and last_checkpoint is not None:
-            push_checkpoint(build_pipeline(unet, ema, noise_scheduler, stats, vae), last_checkpoint, cfg, hub_token)
+            push_checkpoint(pipe, last_checkpoint, cfg, hub_token)
         if cfg.push_to_hub:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
                                        token=hub_token, train_dir=train_dir)

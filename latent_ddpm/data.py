@@ -83,8 +83,9 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
     if dtype is None or dtype.kind != "f":
         raise DataError(f"{where}: latents column '{lat}' must hold floating-point arrays, got {feat}; store "
                         "float32 (C, H, W) arrays")
-    if nulls := ds.data.column("latents").null_count:  # whole missing samples, told apart from NaN values
-        first_null = pc.index(pc.is_null(ds.data.column("latents")), True).as_py()
+    latent_column = ds.data.column("latents")
+    if nulls := latent_column.null_count:  # whole missing samples, told apart from NaN values
+        first_null = pc.index(pc.is_null(latent_column), True).as_py()
         raise DataError(f"{where}: latents column '{lat}' has {nulls} missing samples (null rows, the first at "
                         f"index {first_null}); drop those rows or fill them in")
     try:

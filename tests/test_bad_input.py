@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import snapshot
-from accelerate.state import AcceleratorState, GradientState, PartialState
+from _helpers import reset_accelerate, snapshot
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, convert_original, data, default_scheduler, evaluate
 from latent_ddpm.demo import make_demo_latents
@@ -207,14 +206,12 @@ CASES = [
 
 def call(command: str, argv: list, capfd) -> tuple[int, str]:
     """`python <command> argv` in this process (accelerate's process-wide state reset around it)."""
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state()
+    reset_accelerate()
     try:
         with pytest.raises(SystemExit) as exc:
             run_cli(COMMANDS[command], [str(a) for a in argv])
     finally:
-        for state in (AcceleratorState, GradientState, PartialState):
-            state._reset_state()
+        reset_accelerate()
     return exc.value.code, capfd.readouterr().err
 
 

@@ -9,10 +9,11 @@ import warnings
 
 import pytest
 import torch
+from _helpers import exit_status
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline
 from latent_ddpm.convert_original import infer_original_config, load_original_checkpoint, main, rename_original_key
-from latent_ddpm.errors import UserInputError, run_cli
+from latent_ddpm.errors import UserInputError
 
 # A tiny original config (the original hard-codes GroupNorm(8), 4 heads and a 16-channel last up block)
 # and the matching AdvancedUNet2DModel flags.
@@ -152,10 +153,7 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
 
 
 def _cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        code = run_cli(main, [str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
+    code = exit_status(main, argv)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -122,7 +122,8 @@ class TrainConfig:
     report_to: str = _f("none", "tracker", choices=REPORT_TO)
     save_images_epochs: int = _f(10, "write a preview grid every N epochs (0: only at the end)")
     num_preview_samples: int = _f(16, "samples in preview grids")
-    preview_inference_steps: int = _f(25, "SDE-DPM-Solver++ steps for previews and the final quality figure")
+    preview_inference_steps: int = _f(25, "steps of the preview sampler (sde-dpmsolver++) for previews and the "
+                                          "final quality figures")
     num_eval_samples: int = _f(1024, "samples for the final quality figures (0 disables); as many as each half of "
                                      "the real-vs-real baseline, so both FDs carry a similar small-sample bias")
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimizer steps")

@@ -43,6 +43,8 @@ def test_training_writes_the_run_and_lowers_the_loss(data, tmp_path):
     assert len(losses) == 80 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
     metrics = json.loads((train_dir / "metrics.json").read_text())
     assert "evaluation" in metrics and metrics["skipped_steps"] == 0
+    # the figures name their sampler and step count
+    assert metrics["sampler"] == "sde-dpmsolver++" and metrics["inference_steps"] == 2  # FAST's
     pipe = LatentDDPMPipeline.from_pretrained(out / "pipeline")
     stats = json.loads((train_dir / "latent_stats.json").read_text())
     assert pipe.config.latents_mean == pytest.approx(stats["mean"]) and pipe.config.latents_std == pytest.approx(

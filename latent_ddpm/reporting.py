@@ -25,10 +25,10 @@ from .unet import AdvancedUNet2DModel
 MAX_REFERENCE = 4096
 # Latents decoded per autoencoder call for the image previews: bounds the decoder's memory.
 DECODE_BATCH = 8
-#: Sampler of the previews and the final quality figures: DPM-Solver++'s stochastic (SDE) form. Over five training
-#: seeds of the 2000-step demo model its Frechet distance at 20 steps is 1.33x DDPM-1000's at the median, the
-#: deterministic form's 1.46x (docs/benchmarks.md, "Quality against steps"). `hybrid-dpmsolver++` beats it on the
-#: small preset's seeds but not on the seed preset's (docs/benchmarks.md, "Tenth session"), so it is not the default.
+#: Sampler of the previews and the final quality figures: DPM-Solver++'s stochastic (SDE) form, diffusers' own. At 20
+#: steps its Frechet distance averages 6.76 over six training seeds of the 2000-step demo model against the
+#: deterministic form's 7.08, and 7.03 against 8.78 on the seed preset. `hybrid-dpmsolver++` beats both on the small
+#: preset's seeds but not on the seed preset's, so it is not the default (docs/benchmarks.md, "Tenth session").
 PREVIEW_SAMPLER = "sde-dpmsolver++"
 #: Steps whose losses the divergence check averages (one step's loss varies several-fold with its timesteps).
 SPIKE_WINDOW = 50

@@ -161,7 +161,8 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):  # torch's AdamW would refuse them only once the run folder exists
             need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         need(self.adam_weight_decay >= 0, "adam_weight_decay", f"must be >= 0, got {self.adam_weight_decay}")
-        need(self.adam_epsilon >= 0, "adam_epsilon", f"must be >= 0, got {self.adam_epsilon}")
+        need(self.adam_epsilon > 0, "adam_epsilon", f"must be > 0 (it keeps Adam's step finite where a gradient's "
+                                                    f"second moment is 0), got {self.adam_epsilon}")
         need(self.train_batch_size >= 1, "train_batch_size", f"must be >= 1, got {self.train_batch_size}")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
         need(self.num_epochs is None or self.num_epochs >= 1, "num_epochs", "must be >= 1")

@@ -340,7 +340,7 @@ def check_inputs(args: argparse.Namespace, samples: np.ndarray, labels: np.ndarr
     if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(samples),)):
         raise UserInputError(f"--samples {args.samples}: 'labels' must be {len(samples)} integer class ids (one per "
                              f"sample), got dtype {labels.dtype} and shape {labels.shape}")
-    usable = int(np.isfinite(samples.reshape(len(samples), -1)).all(axis=1).sum())
+    usable = int(np.isfinite(samples).all(axis=(1, 2, 3)).sum())  # 4-D (checked above), also with 0 samples
     if usable <= args.k:
         dropped = f" ({len(samples) - usable} with NaN/Inf left out)" if usable < len(samples) else ""
         raise UserInputError(f"--samples {args.samples}: {usable} usable samples{dropped}; the metrics need more than "

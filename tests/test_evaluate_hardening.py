@@ -166,7 +166,7 @@ def test_evaluate_out_written_and_replaced(ev, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["x.json"]  # no temporary or set-aside file left
 
 
-@pytest.mark.parametrize("usable, nan", [(1, 0), (2, 0), (3, 0), (1, 9)], ids=["1", "2", "3", "1-of-10"])
+@pytest.mark.parametrize("usable, nan", [(0, 0), (1, 0), (2, 0), (3, 0), (1, 9)], ids=["0", "1", "2", "3", "1-of-10"])
 def test_evaluate_too_few_usable_samples(ev, capsys, usable, nan):
     x = _latents(usable + nan, seed=3)
     x[usable:, 0, 0, 0] = np.nan

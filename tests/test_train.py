@@ -183,7 +183,8 @@ def test_skipped_step_leaves_parameters_and_ema_untouched(data, tmp_path, monkey
     (["--adam_beta2", "1.5"], "--adam_beta2: must be in [0, 1), got 1.5"),
     (["--adam_beta1", "-0.1"], "--adam_beta1: must be in [0, 1), got -0.1"),
     (["--adam_weight_decay", "-1"], "--adam_weight_decay: must be >= 0, got -1.0"),
-    (["--adam_epsilon=-1e-8"], "--adam_epsilon: must be >= 0, got -1e-08"),
+    (["--adam_epsilon=-1e-8"], "--adam_epsilon: must be > 0"),
+    (["--adam_epsilon", "0"], "--adam_epsilon: must be > 0"),  # trained to NaN at every step
     (["--train_batch_size", "none"], "invalid int value: 'none'"),
     (["--model_config", '{"norm_num_groups": 0}'], "norm_num_groups must be >= 1"),
 ])

@@ -57,7 +57,14 @@ from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, termin
 from latent_ddpm.errors import UserInputError, first_line, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
-from latent_ddpm.reporting import DivergenceWatch, build_pipeline, final_report, preview_grid, push_checkpoint
+from latent_ddpm.reporting import (
+    DivergenceWatch,
+    build_pipeline,
+    final_report,
+    preview_grid,
+    push_checkpoint,
+    schedule_error,
+)
 
 logger = logging.getLogger("latent_ddpm.train")
 
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                                             cfg.beta_end, cfg.prediction_type)
     if (msg := terminal_signal_warning(noise_scheduler)) and accelerator.is_main_process:
         warnings.warn(msg, stacklevel=1)
+    if msg := schedule_error(noise_scheduler, cfg, channels):  # refused before the run folder, not at the end
+        raise UserInputError(msg)
 
     # 5. Steps and epochs.
     world = accelerator.num_processes

@@ -18,7 +18,7 @@ from diffusers import DDPMScheduler
 from .images import save_image_grid
 from .pipeline import LatentDDPMPipeline
 from .plots import save_latent_grid, save_loss_curve
-from .sampling import make_scheduler, sample_generators
+from .sampling import make_scheduler, sample_generators, scheduler_problem
 from .unet import AdvancedUNet2DModel
 
 # Reference latents for the end-of-run quality figures: a bounded set keeps them a few seconds on CPU.
@@ -94,6 +94,20 @@ def save_decoded_grid(pipe: LatentDDPMPipeline, latents: np.ndarray, path: Path)
         return
     images = [pipe.decode_latents(latents[i:i + DECODE_BATCH]) for i in range(0, len(latents), DECODE_BATCH)]
     save_image_grid(path, np.concatenate(images))
+
+
+def schedule_error(scheduler: DDPMScheduler, cfg, channels: int) -> str | None:
+    """Why the previews' sampler cannot sample the training noise schedule `scheduler` (one line naming the
+    flags), or None. A schedule whose alpha_bar underflows (very many or very large betas) trains, but its noise
+    levels repeat and no sampler can use it."""
+    problem = scheduler_problem(make_scheduler(PREVIEW_SAMPLER, scheduler.config), cfg.preview_inference_steps,
+                                channels)
+    if problem is None:
+        return None
+    return (f"--num_train_timesteps {cfg.num_train_timesteps} --beta_schedule {cfg.beta_schedule} --beta_start "
+            f"{cfg.beta_start} --beta_end {cfg.beta_end}: the previews' {PREVIEW_SAMPLER} cannot sample this noise "
+            f"schedule at --preview_inference_steps {cfg.preview_inference_steps} ({problem}); use fewer or smaller "
+            "betas (the default is 1000 linear steps from 1e-4 to 0.02)")
 
 
 def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int, num_classes: int | None,

@@ -185,6 +185,9 @@ def test_skipped_step_leaves_parameters_and_ema_untouched(data, tmp_path, monkey
     (["--adam_weight_decay", "-1"], "--adam_weight_decay: must be >= 0, got -1.0"),
     (["--adam_epsilon=-1e-8"], "--adam_epsilon: must be > 0"),
     (["--adam_epsilon", "0"], "--adam_epsilon: must be > 0"),  # trained to NaN at every step
+    # alpha_bar underflows: trained, then a traceback in the final report after the old run was replaced
+    (["--num_train_timesteps", "100000"], "cannot sample this noise schedule"),
+    (["--beta_end", "0.99"], "cannot sample this noise schedule"),
     (["--train_batch_size", "none"], "invalid int value: 'none'"),
     (["--model_config", '{"norm_num_groups": 0}'], "norm_num_groups must be >= 1"),
 ])

@@ -53,8 +53,11 @@ def inference_steps_error(scheduler: SchedulerMixin, num_inference_steps: int) -
     levels = probe.timesteps if levels is None else levels[: len(probe.timesteps)]
     if len(torch.unique(levels)) == len(levels):
         return None
+    alphas_cumprod = getattr(probe, "alphas_cumprod", None)
+    hint = ("alpha_bar reaches 0 in float32 (too many or too large betas), so no step count works"
+            if alphas_cumprod is not None and float(alphas_cumprod[-1]) == 0 else "use fewer steps")
     return (f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: its noise levels repeat and a "
-            f"zero step gives NaN; use fewer steps")
+            f"zero step gives NaN; {hint}")
 
 
 def default_inference_steps(scheduler: SchedulerMixin) -> int:

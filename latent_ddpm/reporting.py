@@ -106,8 +106,8 @@ def schedule_error(scheduler: DDPMScheduler, cfg, channels: int) -> str | None:
         return None
     return (f"--num_train_timesteps {cfg.num_train_timesteps} --beta_schedule {cfg.beta_schedule} --beta_start "
             f"{cfg.beta_start} --beta_end {cfg.beta_end}: the previews' {PREVIEW_SAMPLER} cannot sample this noise "
-            f"schedule at --preview_inference_steps {cfg.preview_inference_steps} ({problem}); use fewer or smaller "
-            "betas (the default is 1000 linear steps from 1e-4 to 0.02)")
+            f"schedule at --preview_inference_steps {cfg.preview_inference_steps} ({problem}); the default schedule "
+            "is 1000 linear steps from 1e-4 to 0.02")
 
 
 def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int, num_classes: int | None,

@@ -193,3 +193,14 @@ def test_multistep_solver_refuses_as_many_steps_as_timesteps(name):
     karras = DPMSolverMultistepScheduler.from_config(default_scheduler().config, use_karras_sigmas=True)
     karras.set_timesteps(500)
     assert len(torch.unique(karras.timesteps)) < 500 and inference_steps_error(karras, 500) is None
+
+
+def test_an_underflowing_schedule_is_named_not_the_step_count():
+    """Betas whose alpha_bar reaches 0 in float32 repeat the top noise level at any step count: the error says
+    so, instead of "use fewer steps"."""
+    from latent_ddpm.pipeline import inference_steps_error
+    from latent_ddpm.sampling import make_scheduler
+
+    solver = make_scheduler("sde-dpmsolver++", default_scheduler(beta_end=0.99).config)
+    assert "alpha_bar reaches 0" in inference_steps_error(solver, 2)
+    assert "use fewer steps" not in inference_steps_error(solver, 2)

@@ -13,6 +13,9 @@
 #   seed_b256    --preset seed --learning_rate 2e-3 --train_batch_size 256 --max_train_steps 3000: both
 #   lr1e-3_s42 lr1e-3_s44 lr5e-4_s42 lr5e-4_s44   --max_train_steps 2000 --learning_rate 1e-3/5e-4 --seed 42/44
 #   seed_lr1e-3  --preset seed --max_train_steps 2000 --learning_rate 1e-3
+#   beta95_s42 ... beta95_s49   --max_train_steps 2000 --adam_beta2 0.95 --seed 42..49 (beta99_sN: 0.99, etc.)
+# The jobs take the defaults of the commit they run at (s42 trained with AdamW beta2 0.999 before the ninth
+# session and 0.99 since).
 # JOBS picks which run (default: the first seven); each extra job costs GPU contention for the others.
 # Writes $OUT/results.tar.gz (bench JSON and logs) and $OUT/pipe_<job>.tar (the small pipelines).
 #     OUT=/some/dir bash benchmarks/gpu_sampler_gap.sh
@@ -65,6 +68,8 @@ for name in $JOBS; do
         seed_b256) job seed_b256 --preset seed --learning_rate 2e-3 --train_batch_size 256 \
             --max_train_steps "$(steps 3000)" & ;;
         lr*_s4[0-9]) lr=${name%_s*}; job "$name" --max_train_steps "$(steps 2000)" --learning_rate "${lr#lr}" \
+            --seed "${name##*_s}" & ;;
+        beta*_s4[0-9]) b=${name%_s*}; job "$name" --max_train_steps "$(steps 2000)" --adam_beta2 "0.${b#beta}" \
             --seed "${name##*_s}" & ;;
         seed_lr*) job "$name" --preset seed --max_train_steps "$(steps 2000)" --learning_rate "${name#seed_lr}" & ;;
         *) echo "gpu_sampler_gap: unknown job $name" ;;

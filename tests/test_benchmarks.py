@@ -170,19 +170,22 @@ def test_every_benchmark_refuses_a_bad_flag_in_one_line(name, capsys):
 
 
 def test_gpu_sampler_gap_smoke_trains_benches_and_packs(tmp_path):
-    # The device script's plumbing on a CPU: one 2-step job, 4 samples per sampler, plus an unknown job name.
+    # The device script's plumbing on a CPU: one 2-step job (AdamW beta2 and seed from its name), 4 samples per
+    # sampler, plus an unknown job name.
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "OUT": str(out), "WORK": str(work), "JOBS": "s42 bogus", "STEPS_SCALE": "0.001",
+    env = {**os.environ, "OUT": str(out), "WORK": str(work), "JOBS": "beta95_s43 bogus", "STEPS_SCALE": "0.001",
            "NUM_SAMPLES": "4", "BENCH_BATCH": "4", "DEADLINE_S": "400", "BENCH_RESERVE_S": "300"}
     result = subprocess.run(["bash", "benchmarks/gpu_sampler_gap.sh"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "unknown job bogus" in result.stdout
-    assert "gpu_sampler_gap: train s42: exit 0" in result.stdout
+    assert "gpu_sampler_gap: train beta95_s43: exit 0" in result.stdout
+    config = json.loads((work / "beta95_s43" / "train" / "config.json").read_text())
+    assert (config["adam_beta2"], config["seed"]) == (0.95, 43)
     with tarfile.open(out / "results.tar.gz") as tar:
         names = tar.getnames()
-        bench = json.load(tar.extractfile("bench_s42.json"))
-    assert {"bench_s42.json", "bench_s42.log", "train_s42.log"} <= set(names)
+        bench = json.load(tar.extractfile("bench_beta95_s43.json"))
+    assert {"bench_beta95_s43.json", "bench_beta95_s43.log", "train_beta95_s43.log"} <= set(names)
     assert bench["quality"]["complete"] and "ddpm-1000" in bench["quality"]["samplers"]
-    with tarfile.open(out / "pipe_s42.tar") as tar:
+    with tarfile.open(out / "pipe_beta95_s43.tar") as tar:
         assert "pipeline/model_index.json" in tar.getnames()

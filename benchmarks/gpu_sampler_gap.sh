@@ -14,6 +14,7 @@
 #   lr1e-3_s42 lr1e-3_s44 lr5e-4_s42 lr5e-4_s44   --max_train_steps 2000 --learning_rate 1e-3/5e-4 --seed 42/44
 #   seed_lr1e-3  --preset seed --max_train_steps 2000 --learning_rate 1e-3
 #   beta95_s42 ... beta95_s49   --max_train_steps 2000 --adam_beta2 0.95 --seed 42..49 (beta99_sN: 0.99, etc.)
+#   t4000_s42 ... t8000_s49     --max_train_steps 4000 (8000, ...) --seed 42..49: the training length
 # The jobs take the defaults of the commit they run at (s42 trained with AdamW beta2 0.999 before the ninth
 # session and 0.99 since).
 # JOBS picks which run (default: the first seven); each extra job costs GPU contention for the others.
@@ -71,6 +72,7 @@ for name in $JOBS; do
             --seed "${name##*_s}" & ;;
         beta*_s4[0-9]) b=${name%_s*}; job "$name" --max_train_steps "$(steps 2000)" --adam_beta2 "0.${b#beta}" \
             --seed "${name##*_s}" & ;;
+        t[0-9]*_s4[0-9]) t=${name%_s*}; job "$name" --max_train_steps "$(steps "${t#t}")" --seed "${name##*_s}" & ;;
         seed_lr*) job "$name" --preset seed --max_train_steps "$(steps 2000)" --learning_rate "${name#seed_lr}" & ;;
         *) echo "gpu_sampler_gap: unknown job $name" ;;
     esac

@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(error)
     if cfg.resume_from_checkpoint == "latest" and resume is None:
         logger.info("no complete checkpoint in %s: starting from scratch", train_dir)
+    if cfg.overwrite_output_dir and resume is not None:
+        logger.warning("--overwrite_output_dir ignored: resuming %s keeps the run (drop --resume_from_checkpoint to "
+                       "start over)", resume)
 
     # 7. Model memory format, EMA, optimizer, LR schedule.
     if cfg.gradient_checkpointing:

@@ -32,6 +32,12 @@ MAX_SEED = 2**32 - 1
 #: The longest --ddp_timeout accepted: 30 days is longer than any collective can legitimately wait (and far
 #: inside what Python's timedelta holds).
 MAX_DDP_TIMEOUT_S = 30 * 24 * 3600
+#: Most preview samples: a grid shows at most plots.MAX_CELLS (256; not imported here, to keep matplotlib out of
+#: the config), and every mid-run preview samples them all.
+MAX_PREVIEW_SAMPLES = 256
+#: Most samples for train.py's final quality figures: FID's customary 50k. They are held in memory and sampled
+#: after training, so a mistyped count must fail before the run, not exhaust the memory at its end.
+MAX_EVAL_SAMPLES = 50_000
 #: Peak AdamW learning rate of the default recipe at LR_REFERENCE_WIDTH channels: the small preset's widest layer,
 #: where 1e-3, 2e-3 and 4e-3 trained equally well on the demo latents at batch 32 (docs/benchmarks.md).
 LR_AT_REFERENCE_WIDTH = 2e-3
@@ -171,6 +177,9 @@ class TrainConfig:
         need(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         need(self.snr_gamma is None or self.snr_gamma >= 0, "snr_gamma", "must be >= 0")
         need(self.snr_floor >= 0, "snr_floor", f"must be >= 0, got {self.snr_floor}")
+        need(not self.snr_gamma or self.snr_floor <= self.snr_gamma, "snr_floor",
+             f"must be <= --snr_gamma ({self.snr_gamma}), the weight's cap (above it every timestep gets the same "
+             f"weight), got {self.snr_floor}")
         need(0 <= self.cond_drop_prob < 1, "cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
         need(0 < self.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         need(self.ema_power > 0, "ema_power", "must be > 0")
@@ -180,12 +189,14 @@ class TrainConfig:
              "checkpoints_total_limit", "must be >= 1")
         need(self.logging_steps >= 1, "logging_steps", "must be >= 1")
         need(self.save_images_epochs >= 0, "save_images_epochs", "must be >= 0")
-        need(self.num_preview_samples >= 1, "num_preview_samples", "must be >= 1")
+        need(1 <= self.num_preview_samples <= MAX_PREVIEW_SAMPLES, "num_preview_samples",
+             f"must be in 1..{MAX_PREVIEW_SAMPLES} (the cells of a preview grid), got {self.num_preview_samples}")
         need(1 <= self.preview_inference_steps <= self.num_train_timesteps, "preview_inference_steps",
              f"must be in 1..{self.num_train_timesteps} (--num_train_timesteps), got {self.preview_inference_steps}")
-        need(self.num_eval_samples == 0 or self.num_eval_samples > K_NEIGHBOURS, "num_eval_samples",
-             f"must be 0 (no quality figures) or more than {K_NEIGHBOURS} (the k-NN radii of precision/recall), "
-             f"got {self.num_eval_samples}")
+        need(self.num_eval_samples == 0 or K_NEIGHBOURS < self.num_eval_samples <= MAX_EVAL_SAMPLES,
+             "num_eval_samples", f"must be 0 (no quality figures) or {K_NEIGHBOURS + 1}..{MAX_EVAL_SAMPLES} (precision/"
+             f"recall's k-NN radii need more than {K_NEIGHBOURS}; for more, evaluate sample.py's output with python -m "
+             f"latent_ddpm.evaluate), got {self.num_eval_samples}")
         need(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
         need(self.dataloader_num_workers >= 0, "dataloader_num_workers", "must be >= 0")
         need(1 <= self.ddp_timeout <= MAX_DDP_TIMEOUT_S, "ddp_timeout",

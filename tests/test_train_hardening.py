@@ -229,7 +229,8 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, monkeypatc
 
 # 6: flags checked before anything is written.
 
-@pytest.mark.parametrize("case", ["timesteps", "eval", "seed", "ddp_timeout", "output_dir", "train_data"])
+@pytest.mark.parametrize("case", ["timesteps", "eval", "eval_max", "preview_max", "snr_floor", "seed", "ddp_timeout",
+                                  "output_dir", "train_data"])
 def test_bad_flags_exit_2_with_one_line_before_writing(train, data, tmp_path, case):
     work = tmp_path / "work"
     work.mkdir()
@@ -237,6 +238,10 @@ def test_bad_flags_exit_2_with_one_line_before_writing(train, data, tmp_path, ca
     flag, extra = {
         "timesteps": ("--preview_inference_steps", ["--num_train_timesteps", "20", "--preview_inference_steps", "25"]),
         "eval": ("--num_eval_samples", ["--num_eval_samples", "3"]),
+        # Sampled after training, in memory: 1e8 ran the whole training, then exhausted the memory.
+        "eval_max": ("--num_eval_samples", ["--num_eval_samples", "100000000"]),
+        "preview_max": ("--num_preview_samples", ["--num_preview_samples", "257"]),
+        "snr_floor": ("--snr_floor", ["--snr_gamma", "5", "--snr_floor", "5.5"]),  # above the cap: no floor left
         "seed": ("--seed", ["--seed", "4294967296"]),
         "ddp_timeout": ("--ddp_timeout", ["--ddp_timeout", "100000000000000000"]),
         "output_dir": ("--output_dir", ["--resume_from_checkpoint", "latest"]),
@@ -252,10 +257,11 @@ def test_bad_flags_exit_2_with_one_line_before_writing(train, data, tmp_path, ca
     assert list(work.iterdir()) == []  # nothing written
 
 
-@pytest.mark.parametrize("n", ["0", "4"])
-def test_num_eval_samples_0_and_4_are_accepted(train, data, tmp_path, n):
-    result = ok(train("--latent", data, *FAST, "--num_eval_samples", n, "--dry_run", "--output_dir",
-                      tmp_path / "run"))
+@pytest.mark.parametrize("flags", [["--num_eval_samples", "0"], ["--num_eval_samples", "4"],
+                                   ["--num_eval_samples", "50000", "--num_preview_samples", "256"],
+                                   ["--snr_gamma", "5", "--snr_floor", "5"], ["--snr_gamma", "0", "--snr_floor", "9"]])
+def test_bounds_are_inclusive(train, data, tmp_path, flags):
+    result = ok(train("--latent", data, *FAST, *flags, "--dry_run", "--output_dir", tmp_path / "run"))
     assert "dry run, nothing written" in result.out and not (tmp_path / "run").exists()
 
 

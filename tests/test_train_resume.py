@@ -197,6 +197,23 @@ def test_train_refuses_to_resume_with_another_snr_floor(data, tmp_path, capfd):
     assert run([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]) == 0  # unchanged: resumes
 
 
+def test_resume_with_overwrite_resumes_and_says_the_overwrite_is_ignored(data, tmp_path, capfd):
+    # Both flags: resuming keeps the run (nothing is deleted), and the ignored flag is named, not dropped silently.
+    out = tmp_path / "run"
+    args = ["--latent", str(data), "--checkpointing_steps", "2", "--output_dir", str(out), *FAST]
+    assert run([*args, "--max_train_steps", "2"]) == 0
+    first = load_file(out / "train" / "checkpoint-2" / "model.safetensors")
+    capfd.readouterr()
+    assert run([*args, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--overwrite_output_dir"]) == 0
+    log = capfd.readouterr().out  # train.py logs to stdout
+    assert sorted(p.name for p in (out / "train").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    kept = load_file(out / "train" / "checkpoint-2" / "model.safetensors")
+    assert all(torch.equal(kept[k], first[k]) for k in first)
+    assert json.loads((out / "train" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+    assert any("--overwrite_output_dir ignored: resuming" in line and "checkpoint-2" in line
+               for line in log.splitlines()), log[-2000:]
+
+
 def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(data, tmp_path):
     # A run with checkpoints 2, 4, 6 resumed from checkpoint-2: 4 and 6 belong to the abandoned timeline. They
     # are kept under train/abandoned/, and `latest` afterwards means the new timeline's checkpoints.

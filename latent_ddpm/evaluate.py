@@ -300,9 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("k", "max_reference", "max_pr_samples", "num_projections"):
         if getattr(args, flag) < 1:
             raise UserInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("max_reference", "max_pr_samples"):  # each k-NN radius needs k other points
+        if getattr(args, flag) <= args.k:
+            raise UserInputError(f"--{flag} must be more than --k ({args.k}), got {getattr(args, flag)}")
+    if not args.no_baseline and args.max_reference // 2 <= args.k:
+        raise UserInputError(f"--max_reference {args.max_reference}: the real-vs-real baseline needs two halves of "
+                             f"more than --k {args.k}; pass at least {2 * args.k + 2}, or --no_baseline")
     if args.out is not None:
+        if Path(args.out).is_dir():  # before the inputs' check: a folder holding them is not "the input"
+            raise UserInputError(f"--out {args.out}: name a .json file to write")
         check_replaceable(args.out, "--out", (args.samples, args.reference))
-        if Path(args.out).suffix != ".json" or Path(args.out).is_dir():
+        if Path(args.out).suffix != ".json":
             raise UserInputError(f"--out {args.out}: name a .json file to write")
         if problem := unwritable_folder(Path(args.out).parent):
             raise UserInputError(f"--out {args.out}: {problem}; choose another --out")

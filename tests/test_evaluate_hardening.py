@@ -134,17 +134,27 @@ def test_evaluate_out_is_the_samples_file(ev, capsys):
     assert samples.read_bytes() == before
 
 
-@pytest.mark.parametrize("where", ["folder.json", "folder", "metrics.txt", "metrics"])
+@pytest.mark.parametrize("where", ["folder.json", "folder", "metrics.txt", "metrics", "."])
 def test_evaluate_out_not_a_json_file(ev, capsys, where):
-    out = ev.dir / where
+    out = ev.dir / where  # ".": the folder holding the samples, which it would not replace
     if where.startswith("folder"):
         out.mkdir()
     assert run_evaluate(ev.argv(ev.dir / "good.npz", "--out", out)) == 2
     line = one_error_line(capsys)
-    assert "--out" in line and ".json" in line, line
-    assert out.is_dir() == where.startswith("folder")
-    if out.is_dir():
+    assert "--out" in line and ".json" in line and "replace" not in line, line
+    assert out.is_dir() == (where.startswith("folder") or where == ".")
+    if where.startswith("folder"):
         assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, named", [(["--max_pr_samples", "3"], "--max_pr_samples"),
+                                          (["--max_reference", "3", "--no_baseline"], "--max_reference"),
+                                          (["--max_reference", "7"], "--max_reference 7")])
+def test_evaluate_subsample_sizes_the_k_nn_radii_cannot_use(ev, capsys, flags, named):
+    # Named as the flag, not as a failure inside the metrics or as too small a --reference file.
+    assert run_evaluate(ev.argv(ev.dir / "good.npz", *flags)) == 2
+    line = one_error_line(capsys)
+    assert named in line and "--k" in line, line
 
 
 def test_evaluate_out_under_a_file(ev, capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -217,16 +218,28 @@ def main(argv: list[str] | None = None) -> int:
         mine = process_rows(args.num_samples, state.process_index, state.num_processes)
         start_time = time.perf_counter()
         bar = tqdm(total=args.num_samples, desc="sampling", unit="sample", disable=not state.is_main_process)
-        for start in range(0, len(mine), args.batch_size):
-            idx = mine[start:start + args.batch_size]
-            out = pipe(batch_size=len(idx), num_inference_steps=steps,
-                       generator=sample_generators(args.seed, idx), class_labels=labels_for(idx, cycle),
-                       guidance_scale=args.guidance_scale, eta=args.eta,
-                       output_type="np_image" if args.decode else "np")
+        start, batch = 0, args.batch_size
+        while start < len(mine):
+            idx = mine[start:start + batch]
+            try:
+                out = pipe(batch_size=len(idx), num_inference_steps=steps,
+                           generator=sample_generators(args.seed, idx), class_labels=labels_for(idx, cycle),
+                           guidance_scale=args.guidance_scale, eta=args.eta,
+                           output_type="np_image" if args.decode else "np")
+            except torch.cuda.OutOfMemoryError:  # retry smaller: sample i depends on (seed, i), not on the batch
+                if len(idx) == 1:
+                    raise UserInputError("out of accelerator memory at one sample per batch; sample with "
+                                         "--mixed_precision bf16 or on a larger device") from None
+                batch = len(idx) // 2
+                torch.cuda.empty_cache()
+                tqdm.write(f"out of accelerator memory at {len(idx)} samples per batch: going on at {batch} "
+                           f"(pass --batch_size {batch} to start there)", file=sys.stderr)
+                continue
             writer.write(idx[0], out.latents)
             for i, image in zip(idx, out.images if args.decode else (), strict=False):
                 Image.fromarray(to_uint8(image)).save(images_dir / f"{i:06d}.png")
             bar.update(min(len(idx) * state.num_processes, bar.total - bar.n))  # others run in step
+            start += len(idx)
         bar.close()
         state.wait_for_everyone()
 

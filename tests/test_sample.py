@@ -90,6 +90,42 @@ def test_batch_size_invariance(models, tmp_path):
     assert np.abs(load_npz(tmp_path / "s4.npz")["samples"] - b5["samples"]).max() > 0.1
 
 
+def test_out_of_memory_halves_the_batch_and_gives_the_same_samples(models, tmp_path, monkeypatch, capsys):
+    # A device that fits 3 samples per batch: --batch_size 8 over 7 samples runs 7 -> 3, 3, 1, the batches of
+    # --batch_size 3, so the file is bit-identical to that run's.
+    common = ["--model", models / "cond" / "pipeline", "--num_samples", 7, "--class_labels", "all", "--seed", 5,
+              *FAST]
+    assert run([*common, "--batch_size", 3, "--output", tmp_path / "b3.npz"]) == 0
+    real_call, sizes = LatentDDPMPipeline.__call__, []
+
+    def fits_three(self, batch_size=1, **kwargs):
+        sizes.append(batch_size)
+        if batch_size > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_call(self, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(LatentDDPMPipeline, "__call__", fits_three)
+    capsys.readouterr()
+    assert run([*common, "--batch_size", 8, "--output", tmp_path / "b8.npz"]) == 0
+    assert sizes == [7, 3, 3, 1]
+    assert "out of accelerator memory at 7 samples per batch: going on at 3" in capsys.readouterr().err
+    a, b = load_npz(tmp_path / "b3.npz"), load_npz(tmp_path / "b8.npz")
+    np.testing.assert_array_equal(a["samples"], b["samples"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def test_out_of_memory_at_one_sample_is_one_line_and_writes_nothing(models, tmp_path, monkeypatch, capsys):
+    def never_fits(self, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(LatentDDPMPipeline, "__call__", never_fits)
+    out = tmp_path / "x.npz"
+    assert run(["--model", models / "runs" / RUN / "pipeline", "--num_samples", 4, "--output", out, *FAST]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "out of accelerator memory at one sample per batch" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_per_sample_noise_does_not_depend_on_batch():
     alone = [torch.randn(3, generator=g) for g in sample_generators(7, [4, 2])]
     batch = [torch.randn(3, generator=g) for g in sample_generators(7, range(6))]

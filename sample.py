@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if (error := broadcast_object_list([error])[0]) is not None:
         lock.release()
         raise UserInputError(error)
-    writer = NpyRowWriter(partial, shape)
+    writer, written = NpyRowWriter(partial, shape), False
     try:
         mine = process_rows(args.num_samples, state.process_index, state.num_processes)
         start_time = time.perf_counter()
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             if cycle is not None:
                 arrays["labels"] = np.asarray(cycle, dtype=np.int64)[np.arange(args.num_samples) % len(cycle)]
             write_npz(output, arrays)
+            written = True
             elapsed = time.perf_counter() - start_time
             if not args.no_grid:
                 preview = np.load(partial, mmap_mode="r", allow_pickle=False)[:GRID_SAMPLES]
@@ -262,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                     save_image_grid(output.with_name(f"{output.stem}_images.png"), np.stack(shown))
             print(f"wrote {args.num_samples} samples {shape[1:]} to {output} "
                   f"({args.num_samples / elapsed:.2f} samples/s over {state.num_processes} process(es))")
+    except OSError as err:  # a full disk: the partial file goes (below); a finished .npz was written atomically
+        done = "; the samples file itself is complete" if written else ""
+        raise UserInputError(f"--output {output}: cannot write {err.filename or 'the samples'} "
+                             f"({err.strerror or err}){done}; free space or choose another --output") from None
     finally:
         if state.is_main_process:
             partial.unlink(missing_ok=True)

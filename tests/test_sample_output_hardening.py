@@ -226,3 +226,44 @@ def test_written_labels_follow_the_cycle(pipes, tmp_path, cycle, n, batch):
     got = load_npz(out)
     np.testing.assert_array_equal(got["labels"], [cycle[i % len(cycle)] for i in range(n)])
     assert got["labels"].dtype == np.int64 and got["samples"].shape == (n, 4, 8, 8)
+
+
+# --- A full disk while sampling: one line, the partial file and the lock gone, an older output kept -------------
+
+
+def error_line(capsys) -> str:
+    """The one `error:` line on stderr (the progress bar shares stderr once sampling has begun)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device", "/simulated/file")
+
+
+@pytest.mark.parametrize("where", ["rows", "npz"])
+def test_a_full_disk_is_one_line_and_keeps_the_old_output(pipes, tmp_path, capsys, monkeypatch, where):
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "uncond", "--output", out, "--no_grid", *FAST]) == 0
+    before = out.read_bytes()
+    if where == "rows":
+        monkeypatch.setattr(sample_script.NpyRowWriter, "write", _disk_full)
+    else:
+        monkeypatch.setattr(sample_script, "write_npz", _disk_full)
+    capsys.readouterr()
+    assert run(["--model", pipes / "uncond", "--seed", 9, "--output", out, "--no_grid",
+                "--overwrite", *FAST]) == 2
+    line = error_line(capsys)
+    assert f"--output {out}: cannot write /simulated/file (No space left on device)" in line, line
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]  # no partial file, no lock
+
+
+def test_a_full_disk_at_the_grid_says_the_samples_are_written(pipes, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample_script, "save_latent_grid", _disk_full)
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 2
+    line = error_line(capsys)
+    assert "cannot write /simulated/file (No space left on device); the samples file itself is complete" in line, line
+    assert load_npz(out)["samples"].shape[0] == 2

@@ -139,11 +139,26 @@ def preview_grid(pipe: LatentDDPMPipeline, cfg, path: Path, num_classes: int | N
     save_decoded_grid(pipe, latents, path.with_name(f"{path.stem}_images.png"))
 
 
+#: What to do after the final report could not be written: the checkpoint of the last step is complete.
+RECOVER_HINT = ("free disk space, then write it from the last checkpoint: the same command with "
+                "--resume_from_checkpoint latest")
+
+
 def save_pipeline_atomically(pipe: LatentDDPMPipeline, out: Path) -> None:
-    """save_pretrained into a temporary folder, then swap it in: a crash never leaves half a pipeline."""
+    """save_pretrained into a temporary folder, then swap it in: a crash never leaves half a pipeline. A write
+    that fails (a full disk) removes the temporary folder and raises `UserInputError` naming `out`."""
+    from safetensors import SafetensorError
+
+    from .errors import UserInputError, first_line
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    except (OSError, RuntimeError, SafetensorError) as err:  # safetensors reports a full disk as its own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserInputError(f"cannot write the pipeline {out} ({type(err).__name__}: {first_line(err)[:160]}); "
+                             f"{RECOVER_HINT}") from None
     old = out.with_name(out.name + ".old")
     shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
     if out.exists():
@@ -169,7 +184,19 @@ def push_checkpoint(pipe: LatentDDPMPipeline, ckpt: Path, cfg, token: str | None
 def final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history: dict, num_classes: int | None,
                  plan: str) -> dict:
     """Save `pipe` (from `build_pipeline`) as `run_dir/pipeline`, and under `run_dir/train`: loss_curve.png,
-    samples.png (and decoded samples_images.png when it has a vae), metrics.json."""
+    samples.png (and decoded samples_images.png when it has a vae), metrics.json. A write that fails (a full
+    disk) raises `UserInputError` saying how to write them from the last checkpoint."""
+    from .errors import UserInputError
+
+    try:
+        return _write_final_report(pipe, cfg, dataset, run_dir, history, num_classes, plan)
+    except OSError as err:
+        raise UserInputError(f"cannot write the final report in {run_dir} ({err.strerror or err}"
+                             f"{': ' + str(err.filename) if err.filename else ''}); {RECOVER_HINT}") from None
+
+
+def _write_final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history: dict,
+                        num_classes: int | None, plan: str) -> dict:
     train_dir = run_dir / "train"
     save_pipeline_atomically(pipe, run_dir / "pipeline")
     if history["steps"]:

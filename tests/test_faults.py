@@ -276,6 +276,24 @@ def test_disk_full_during_a_checkpoint(fork, data, reference, tmp_path):
     assert_same_final_weights(reference, out)
 
 
+def test_disk_full_at_the_final_pipeline(fork, data, reference, tmp_path):
+    """The last checkpoint is written, the pipeline is not (a resume at the last step writes only the report):
+    one line saying how to write it, no half pipeline; the same command with space again writes it."""
+    out = tmp_path / "run"
+    _copy_checkpoints(reference, out)
+    log = tmp_path / "full.txt"
+    status = fork.run(args(data, out, "--resume_from_checkpoint", "latest"), log, fsize=16 * 1024)
+    err = log.with_suffix(".err").read_text()
+    assert status == 2 and "Traceback" not in err, err[-3000:]
+    errors = [ln for ln in re.split(r"[\r\n]", err) if "error" in ln.lower()]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"error: cannot write the pipeline {out / 'pipeline'} ("), errors[0]
+    assert "--resume_from_checkpoint latest" in errors[0], errors[0]
+    assert not (out / "pipeline").exists() and not (out / "pipeline.tmp").exists()
+    assert fork.run(args(data, out, "--resume_from_checkpoint", "latest"), tmp_path / "again.txt") == 0
+    assert_same_final_weights(reference, out)
+
+
 def test_unwritable_output_folder_is_one_line(fork, data, tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the run folder's parent should be")

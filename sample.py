@@ -52,6 +52,7 @@ from latent_ddpm.sampling import (
     sample_generators,
     saved_scheduler,
     scheduler_problem,
+    steps_taken,
 )
 
 # Most samples shown in the PNG preview grid.
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "choose another --scheduler")
         raise UserInputError(f"--model {model}: {type(pipe.scheduler).__name__}, built from its saved scheduler "
                              f"config, cannot sample {steps} steps ({failure}); fix scheduler/scheduler_config.json")
+    if (taken := steps_taken(pipe.scheduler, steps)) < steps and state.is_main_process:
+        print(f"note: {type(pipe.scheduler).__name__} takes {taken} of the {steps} steps with these settings",
+              file=sys.stderr)
     if args.decode:
         attach_vae(pipe, args, model, state.device)
     unet = pipe.unet.config

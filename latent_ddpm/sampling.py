@@ -229,6 +229,8 @@ def scheduler_problem(scheduler: SchedulerMixin, num_inference_steps: int, chann
     try:
         probe = type(scheduler).from_config(config)
         probe.set_timesteps(num_inference_steps)
+        if len(probe.timesteps) == 0:  # e.g. DPM-Solver's lambda_min_clipped above every noise level
+            return "these settings leave no denoising step: the samples would be the starting noise"
         with torch.random.fork_rng(devices=[]):  # stochastic steps draw from the global generator: keep it
             torch.manual_seed(0)
             x = torch.randn(1, channels, 2, 2) * probe.init_noise_sigma
@@ -240,6 +242,14 @@ def scheduler_problem(scheduler: SchedulerMixin, num_inference_steps: int, chann
                 None if torch.isfinite(x).all() else "non-finite samples")
     except Exception as err:  # noqa: BLE001 - any failure of these settings is bad input, said in one line
         return f"{type(err).__name__}: {first_line(err)}"
+
+
+def steps_taken(scheduler: SchedulerMixin, num_inference_steps: int) -> int:
+    """How many timesteps `scheduler` (a copy of it) steps through when asked for `num_inference_steps`: fewer
+    when a setting such as DPM-Solver's `lambda_min_clipped` cuts the trajectory and equal steps merge."""
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(num_inference_steps)
+    return len(probe.timesteps)
 
 
 def sample_seed(seed: int, index: int) -> int:

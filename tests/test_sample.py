@@ -217,6 +217,14 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     (["--scheduler", "dpmsolver++", "--scheduler_config", '{"solver_order": 1000000}'],
      "solver_order must be one of (1, 2, 3)"),
     (["--scheduler", "ddim", "--scheduler_config", '{"steps_offset": -1}'], "steps_offset must be >= 0"),
+    # A wrong-typed setting that fails inside set_timesteps (was an AttributeError / TypeError traceback).
+    (["--scheduler", "unipc", "--scheduler_config", '{"solver_p": "x"}'],
+     "UniPCMultistepScheduler cannot take 50 steps: AttributeError"),
+    (["--scheduler", "unipc", "--scheduler_config", '{"use_karras_sigmas": true, "sigma_min": "abc"}'],
+     "cannot take 50 steps: TypeError"),
+    # Clipped above every noise level: no step at all (the starting noise was written, exit 0).
+    (["--scheduler", "dpmsolver++", "--scheduler_config", '{"lambda_min_clipped": 1e9}'],
+     "leave no denoising step"),
     (["--scheduler", "dpmsolver++", "--scheduler_config", '{"thresholding": true, "sample_max_value": 0}'],
      "(non-finite samples)"),
     (["--scheduler", "dpmsolver++", "--num_inference_steps", "1000", "--scheduler_config",
@@ -227,6 +235,17 @@ def test_bad_flags_one_line(models, tmp_path, capsys, extra, message):
     assert run(["--model", models / "runs" / RUN / "pipeline", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_a_trajectory_cut_short_is_noted(models, tmp_path, capsys):
+    # lambda_min_clipped 0 leaves DPM-Solver a few of the steps asked for: sampled, and said.
+    out = tmp_path / "x.npz"
+    assert run(["--model", models / "runs" / RUN / "pipeline", "--scheduler", "dpmsolver++", "--scheduler_config",
+                '{"lambda_min_clipped": 0.0}', "--num_inference_steps", 10, "--num_samples", 2, "--no_grid",
+                "--output", out]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "DPMSolverMultistepScheduler takes" in notes[0] and "of the 10 steps" in notes[0]
+    assert np.isfinite(load_npz(out)["samples"]).all()
 
 
 def test_scheduler_config(models, tmp_path):

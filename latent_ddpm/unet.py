@@ -243,7 +243,7 @@ class AdvancedUNet2DModel(ModelMixin, ConfigMixin):
         down_channels, mid_channels, down_sample = list(down_channels), list(mid_channels), list(down_sample)
         _validate(in_channels, down_channels, mid_channels, time_emb_dim, down_sample, num_heads,
                   norm_num_groups, attention_levels, num_class_embeds, dropout, head_channels,
-                  (num_down_layers, num_mid_layers, num_up_layers))
+                  (num_down_layers, num_mid_layers, num_up_layers), sample_size)
         n_levels = len(down_channels) - 1
         attn = set(range(n_levels + 1) if attention_levels is None else attention_levels)
         kw = dict(temb_dim=time_emb_dim, heads=num_heads, groups=norm_num_groups, dropout=dropout)
@@ -338,7 +338,7 @@ class AdvancedUNet2DModel(ModelMixin, ConfigMixin):
 
 
 def _validate(in_channels, down, mid, temb, down_sample, heads, groups, attention_levels, num_classes,
-              dropout, head_channels, layers) -> None:
+              dropout, head_channels, layers, sample_size=64) -> None:
     """Raise a ValueError naming the first constraint the configuration breaks."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -372,3 +372,8 @@ def _validate(in_channels, down, mid, temb, down_sample, heads, groups, attentio
     need(num_classes is None or num_classes >= 1, f"num_class_embeds must be >= 1 or None, got {num_classes}")
     need(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
     need(math.isfinite(dropout), "dropout must be finite")
+    sizes = [sample_size] * 2 if isinstance(sample_size, int) else list(sample_size)
+    factor = 2 ** sum(bool(d) for d in down_sample)
+    need(len(sizes) == 2 and all(isinstance(n, int) and n >= 1 and n % factor == 0 for n in sizes),
+         f"sample_size must be H or (H, W), positive and divisible by {factor} (2 per down_sample step), "
+         f"got {sample_size}")

@@ -201,6 +201,8 @@ def test_cli_refuses_a_non_empty_output_dir(original_unet, tmp_path, capsys):
     (["--num_mid_layers", "2"], "missing key(s)"),
     (["--pipeline", "--lbeta", "0.1", "--ubeta", "0.01"], "--lbeta < --ubeta"),
     (["--sample_size", "8", "8", "8"], "--sample_size takes"),
+    (["--sample_size", "7"], "divisible by 2"),
+    (["--sample_size", "0"], "sample_size must be"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(original_unet, tmp_path, capsys, extra, expected):
     ckpt = _save(_original(original_unet), tmp_path / "model.pth")

@@ -259,9 +259,10 @@ def load_samples(path: str | Path, key: str = "samples",
     if not path.is_file():
         raise UserInputError(f"{path}: no such file; pass the .npz written by sample.py")
     try:
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False), None
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)  # .npy or .npz by the file's content, whatever its name
+        if isinstance(loaded, np.ndarray):
+            return loaded, None
+        with loaded as f:
             if key not in f.files:
                 raise UserInputError(f"{path}: no array '{key}' (it has {', '.join(f.files)}); pass --samples_key")
             return f[key], (f[label_key] if label_key in f.files else None)

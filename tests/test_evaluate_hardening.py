@@ -50,6 +50,19 @@ def test_evaluate_good_file_works(ev, capsys):
     assert np.isfinite(json.loads(capsys.readouterr().out)["fd"])
 
 
+@pytest.mark.parametrize("kind, name", [("npy", "samples.bin"), ("npz", "samples.npy"), ("npy", "samples.npz")])
+def test_evaluate_reads_a_misnamed_file_by_its_content(ev, capsys, kind, name):
+    # np.load decides .npy or .npz by the file's content; so does evaluate (a misnamed file was a traceback).
+    path, samples = ev.dir / name, _latents(20, seed=3)
+    with open(path, "wb") as f:  # a file object: numpy adds no suffix
+        if kind == "npy":
+            np.save(f, samples)
+        else:
+            np.savez(f, samples=samples)
+    assert run_evaluate(ev.argv(path)) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["fd"])
+
+
 def test_evaluate_truncated_samples(ev, capsys):
     path = ev.dir / "cut.npz"
     shutil.copy(ev.dir / "good.npz", path)

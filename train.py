@@ -15,7 +15,7 @@ import math
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,6 +65,7 @@ from latent_ddpm.reporting import (
     push_checkpoint,
     schedule_error,
 )
+from latent_ddpm.unet import PRESETS, downsample_factor
 
 logger = logging.getLogger("latent_ddpm.train")
 
@@ -110,15 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = int(pc.max(dataset.data.column("labels")).as_py()) + 1 if cfg.class_conditional else None
 
     # 3. Model: preset + overrides, sized to the data; then the statistics (one streaming float64 pass).
-    overrides = {**cfg.model_overrides(), "in_channels": channels, "sample_size": [height, width]}
-    if num_classes:
-        overrides["num_class_embeds"] = num_classes
+    model_args = {**PRESETS[cfg.preset], **cfg.model_overrides()}
+    with suppress(TypeError):  # first the data's size (a malformed down_sample: the model names it)
+        check_compatible(dataset, downsample_factor=downsample_factor(model_args.get("down_sample", ())),
+                         source=cfg.train_data or "demo")
     try:
-        unet = AdvancedUNet2DModel.from_preset(cfg.preset, **overrides)
+        unet = AdvancedUNet2DModel(**model_args, in_channels=channels, sample_size=[height, width],
+                                   num_class_embeds=num_classes)
     except (TypeError, ValueError) as err:
         raise UserInputError(f"--preset/--model_config: {err}") from None
-    check_compatible(dataset, in_channels=channels, downsample_factor=unet.downsample_factor,
-                     source=cfg.train_data or "demo")
     stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor)
     # Latents made by `python -m latent_ddpm.encode` name their autoencoder: previews and the pipeline decode.
     encoding = read_encoding_info(cfg.train_data)
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             if save_now:
                 state = {"global_step": global_step, "epoch": epoch, "history": history, "run_settings": run_settings,
                          "model_config": dict(unet.config), "lr_scheduler": lr_scheduler.state_dict(),
-                         "noise_generator": _gather_generator_states(noise_gen)}
+                         "noise_generator": gather_object([generator_state(noise_gen)])}  # every rank's, in order
                 ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
                 if global_step == max_steps:  # uploaded (with --push_checkpoints) after the ranks part, in 11.
                     last_checkpoint = ckpt
@@ -389,11 +390,6 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("pushed the pipeline to %s", url)
     lock.release()
     return 0
-
-
-def _gather_generator_states(gen: torch.Generator) -> list[list[int]]:
-    """Every rank's noise-generator state (rank order), so each rank resumes its own noise stream."""
-    return gather_object([generator_state(gen)])
 
 
 if __name__ == "__main__":

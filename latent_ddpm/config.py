@@ -32,6 +32,9 @@ MAX_SEED = 2**32 - 1
 #: The longest --ddp_timeout accepted: 30 days is longer than any collective can legitimately wait (and far
 #: inside what Python's timedelta holds).
 MAX_DDP_TIMEOUT_S = 30 * 24 * 3600
+#: The most diffusion steps accepted: 100x DDPM's 1000 (the schedule's tables are allocated before any check
+#: of the schedule can run; 1e10 steps asked for 40 GB).
+MAX_TRAIN_TIMESTEPS = 100_000
 #: Most preview samples: a grid shows at most plots.MAX_CELLS (256; not imported here, to keep matplotlib out of
 #: the config), and every mid-run preview samples them all.
 MAX_PREVIEW_SAMPLES = 256
@@ -157,7 +160,8 @@ class TrainConfig:
             if isinstance(value, float):
                 need(math.isfinite(value), f.name, f"must be a finite number, got {value}")
         need(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED} (2**32 - 1), got {self.seed}")
-        need(self.num_train_timesteps >= 2, "num_train_timesteps", f"must be >= 2, got {self.num_train_timesteps}")
+        need(2 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS, "num_train_timesteps",
+             f"must be in 2..{MAX_TRAIN_TIMESTEPS}, got {self.num_train_timesteps}")
         need(0 < self.beta_start < 1, "beta_start", f"must be in (0, 1), got {self.beta_start}")
         need(0 < self.beta_end < 1, "beta_end", f"must be in (0, 1), got {self.beta_end}")
         need(self.beta_start < self.beta_end, "beta_end",
@@ -206,6 +210,9 @@ class TrainConfig:
             need(not _name_too_long(getattr(self, flag)), flag, "the path (or one of its names) is too long for "
                  "the file system; use a shorter one")
         overrides = self.model_overrides()  # parses --model_config
+        from_data = sorted({"in_channels", "sample_size", "num_class_embeds"} & overrides.keys())
+        need(not from_data, "model_config", f"{', '.join(from_data)} come from the data (its channels and size; its "
+             "labels' classes with --class_conditional); drop them")
         if self.learning_rate is None:  # resolved here, so that the saved config holds the rate used
             self.learning_rate = default_learning_rate(self.preset, overrides)
         return self

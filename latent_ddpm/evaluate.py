@@ -38,6 +38,8 @@ from .paths import check_replaceable, replace_with, unwritable_folder
 
 # Width of the random projection of the flattened standardised latent.
 NUM_PROJECTIONS = 256
+#: The widest projection accepted: its (D, width) matrix and the width^2 covariances stay in memory.
+MAX_PROJECTIONS = 4096
 # Seed of the projection matrix: part of the feature space's definition, never change it.
 PROJECTION_SEED = 0
 # Side of the coarse average-pooling grid per channel.
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("k", "max_reference", "max_pr_samples", "num_projections"):
         if getattr(args, flag) < 1:
             raise UserInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.num_projections > MAX_PROJECTIONS:
+        raise UserInputError(f"--num_projections must be at most {MAX_PROJECTIONS}, got {args.num_projections}")
     for flag in ("max_reference", "max_pr_samples"):  # each k-NN radius needs k other points
         if getattr(args, flag) <= args.k:
             raise UserInputError(f"--{flag} must be more than --k ({args.k}), got {getattr(args, flag)}")

@@ -38,6 +38,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def downsample_factor(down_sample) -> int:
+    """2 to the number of down-sampling steps: a model with these `down_sample` flags takes H and W divisible
+    by it."""
+    return 2 ** sum(bool(d) for d in down_sample)
+
+
 @dataclass
 class AdvancedUNet2DOutput(BaseOutput):
     """Output of `AdvancedUNet2DModel.forward`: the prediction, shaped like the input sample."""
@@ -275,7 +281,7 @@ class AdvancedUNet2DModel(ModelMixin, ConfigMixin):
     @property
     def downsample_factor(self) -> int:
         """H and W of the input must be divisible by this."""
-        return 2 ** sum(bool(d) for d in self.config.down_sample)
+        return downsample_factor(self.config.down_sample)
 
     @property
     def null_class_label(self) -> int | None:
@@ -373,7 +379,7 @@ def _validate(in_channels, down, mid, temb, down_sample, heads, groups, attentio
     need(0.0 <= dropout < 1.0, f"dropout must be in [0, 1), got {dropout}")
     need(math.isfinite(dropout), "dropout must be finite")
     sizes = [sample_size] * 2 if isinstance(sample_size, int) else list(sample_size)
-    factor = 2 ** sum(bool(d) for d in down_sample)
+    factor = downsample_factor(down_sample)
     need(len(sizes) == 2 and all(isinstance(n, int) and n >= 1 and n % factor == 0 for n in sizes),
          f"sample_size must be H or (H, W), positive and divisible by {factor} (2 per down_sample step), "
          f"got {sample_size}")

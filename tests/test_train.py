@@ -172,7 +172,7 @@ def test_skipped_step_leaves_parameters_and_ema_untouched(data, tmp_path, monkey
 @pytest.mark.parametrize("args, message", [
     (["--learning_rate", "-1"], "--learning_rate: must be > 0"),
     (["--beta_start", "0.02", "--beta_end", "0.01"], "--beta_end: must be larger than --beta_start"),
-    (["--num_train_timesteps", "0"], "--num_train_timesteps: must be >= 2"),
+    (["--num_train_timesteps", "0"], "--num_train_timesteps: must be in 2..100000"),
     (["--prediction_type", "noise"], "--prediction_type: 'noise' is not one of"),
     (["--bogus_flag"], "unrecognized arguments: --bogus_flag"),
     (["--n_dim", "3"], "--n_dim 3 does not match the data"),

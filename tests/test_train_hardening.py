@@ -229,15 +229,19 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, monkeypatc
 
 # 6: flags checked before anything is written.
 
-@pytest.mark.parametrize("case", ["timesteps", "eval", "eval_max", "preview_max", "snr_floor", "seed", "ddp_timeout",
-                                  "output_dir", "train_data"])
+@pytest.mark.parametrize("case", ["timesteps", "timesteps_max", "eval", "eval_max", "preview_max", "snr_floor", "seed",
+                                  "ddp_timeout", "output_dir", "train_data", "classes", "channels"])
 def test_bad_flags_exit_2_with_one_line_before_writing(train, data, tmp_path, case):
     work = tmp_path / "work"
     work.mkdir()
     out = work / "run"
     flag, extra = {
         "timesteps": ("--preview_inference_steps", ["--num_train_timesteps", "20", "--preview_inference_steps", "25"]),
+        "timesteps_max": ("--num_train_timesteps", ["--num_train_timesteps", "10000000000"]),  # was a 40 GB alloc
         "eval": ("--num_eval_samples", ["--num_eval_samples", "3"]),
+        # Set by the data: trained unconditional, saved with 10 classes; or silently replaced.
+        "classes": ("--model_config", ["--model_config", '{"num_class_embeds": 10}']),
+        "channels": ("--model_config", ["--model_config", '{"in_channels": 3, "sample_size": 8}']),
         # Sampled after training, in memory: 1e8 ran the whole training, then exhausted the memory.
         "eval_max": ("--num_eval_samples", ["--num_eval_samples", "100000000"]),
         "preview_max": ("--num_preview_samples", ["--num_preview_samples", "257"]),

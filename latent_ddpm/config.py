@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import types
@@ -206,6 +207,11 @@ class TrainConfig:
         need(1 <= self.ddp_timeout <= MAX_DDP_TIMEOUT_S, "ddp_timeout",
              f"must be 1..{MAX_DDP_TIMEOUT_S} seconds (30 days), got {self.ddp_timeout}")
         need(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "is required with --push_to_hub")
+        if self.report_to in ("wandb", "tensorboard"):  # accelerate would only warn, and the run track nothing
+            from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+            need(bool((is_wandb_available if self.report_to == "wandb" else is_tensorboard_available)()), "report_to",
+                 f"{self.report_to} is not installed; pip install {self.report_to}, or pass --report_to none")
         for flag in ("train_data", "output_dir", "resume_from_checkpoint"):  # before any file-system call trips
             need(not _name_too_long(getattr(self, flag)), flag, "the path (or one of its names) is too long for "
                  "the file system; use a shorter one")
@@ -339,6 +345,10 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     for name, value in list(values.items()):  # config files give YAML types; check them like flags
         tp = _base_type(hints[name])
+        if name == "model_config" and isinstance(value, dict):  # a nested mapping in the file: the same JSON
+            values[name] = value = json.dumps(value)
+        if isinstance(value, str) and value.lower() in ("none", "null") and _is_optional(hints[name]):
+            values[name] = value = None  # as on the command line
         if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
                 values[name] = value = float(value)
@@ -347,7 +357,8 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         if value is None and not _is_optional(hints[name]):
             raise UserInputError(f"--{name}: needs a value, got none")
         if isinstance(value, bool) and tp is not bool:
-            raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}")
+            quote = " (YAML reads an unquoted no/yes/on/off as a boolean: quote it)" if tp is str else ""
+            raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}{quote}")
         if value is None or isinstance(value, tp) or (tp is float and isinstance(value, int)):
             continue
         raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}")

@@ -348,3 +348,43 @@ def test_fp16_on_cpu_warns_that_it_trains_in_float32(train, data, tmp_path):
 def test_help_lists_the_no_switches(train):
     result = ok(train("--help"))
     assert "--no_use_ema" in result.out and "--no_allow_tf32" in result.out
+
+
+@pytest.mark.parametrize("tracker, check", [("wandb", "is_wandb_available"),
+                                            ("tensorboard", "is_tensorboard_available")])
+def test_report_to_an_uninstalled_tracker_is_refused(monkeypatch, tracker, check):
+    # accelerate only warns and the run tracks nothing, while its config.json says it did.
+    import accelerate.utils
+
+    from latent_ddpm.config import parse_train_args
+    from latent_ddpm.errors import UserInputError
+
+    monkeypatch.setattr(accelerate.utils, check, lambda: False)
+    with pytest.raises(UserInputError, match=f"--report_to: {tracker} is not installed; pip install {tracker}"):
+        parse_train_args(["--report_to", tracker])
+    monkeypatch.setattr(accelerate.utils, check, lambda: True)
+    assert parse_train_args(["--report_to", tracker]).report_to == tracker
+
+
+def test_config_file_values_read_as_on_the_command_line(tmp_path):
+    # "none" clears an optional setting as `--snr_gamma none` does; a nested model_config is the same JSON.
+    from latent_ddpm.config import parse_train_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("snr_gamma: none\nmax_grad_norm: None\ncheckpoints_total_limit: null\n"
+                      "model_config: {dropout: 0.1}\n")
+    cfg = parse_train_args(["--config", str(config)])
+    assert (cfg.snr_gamma, cfg.max_grad_norm, cfg.checkpoints_total_limit) == (None, None, None)
+    assert cfg.model_overrides() == {"dropout": 0.1}
+
+
+def test_config_file_unquoted_no_says_to_quote_it(tmp_path):
+    from latent_ddpm.config import parse_train_args
+    from latent_ddpm.errors import UserInputError
+
+    config = tmp_path / "c.yaml"
+    config.write_text("mixed_precision: no\n")  # YAML 1.1: the boolean False
+    with pytest.raises(UserInputError, match=r"--mixed_precision: expected str, got False \(YAML reads an unquoted"):
+        parse_train_args(["--config", str(config)])
+    config.write_text("mixed_precision: 'no'\n")
+    assert parse_train_args(["--config", str(config)]).mixed_precision == "no"

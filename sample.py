@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = process_rows(args.num_samples, state.process_index, state.num_processes)
         start_time = time.perf_counter()
         bar = tqdm(total=args.num_samples, desc="sampling", unit="sample", disable=not state.is_main_process)
-        start, batch = 0, args.batch_size
+        start, batch, nonfinite = 0, args.batch_size, 0
         while start < len(mine):
             idx = mine[start:start + batch]
             try:
@@ -240,11 +240,15 @@ def main(argv: list[str] | None = None) -> int:
                            f"(pass --batch_size {batch} to start there)", file=sys.stderr)
                 continue
             writer.write(idx[0], out.latents)
+            nonfinite += int((~np.isfinite(out.latents).reshape(len(idx), -1).all(axis=1)).sum())
             for i, image in zip(idx, out.images if args.decode else (), strict=False):
                 Image.fromarray(to_uint8(image)).save(images_dir / f"{i:06d}.png")
             bar.update(min(len(idx) * state.num_processes, bar.total - bar.n))  # others run in step
             start += len(idx)
         bar.close()
+        if nonfinite:  # written as they are, but never silently
+            print(f"warning: {nonfinite} of this process's {len(mine)} samples hold NaN/Inf values (too large a "
+                  "--guidance_scale, or a diverged model)", file=sys.stderr)
         state.wait_for_everyone()
 
         # 4. One normal .npz, written by streaming (memory stays bounded), atomically; then the preview.

@@ -267,3 +267,16 @@ def test_a_full_disk_at_the_grid_says_the_samples_are_written(pipes, tmp_path, c
     line = error_line(capsys)
     assert "cannot write /simulated/file (No space left on device); the samples file itself is complete" in line, line
     assert load_npz(out)["samples"].shape[0] == 2
+
+
+def test_non_finite_samples_are_written_but_said(pipes, tmp_path, capsys):
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "cond", "--class_labels", "1", "--guidance_scale", "1e308", "--output", out,
+                "--no_grid", *FAST]) == 0
+    warnings_ = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings_ == ["warning: 2 of this process's 2 samples hold NaN/Inf values (too large a --guidance_scale, "
+                         "or a diverged model)"], warnings_
+    assert not np.isfinite(load_npz(out)["samples"]).all()
+    assert run(["--model", pipes / "cond", "--class_labels", "1", "--output", tmp_path / "y.npz", "--no_grid",
+                *FAST]) == 0
+    assert "warning: " not in capsys.readouterr().err

@@ -105,6 +105,25 @@ def test_hub_id_goes_to_load_dataset(monkeypatch, xy):
     assert calls == [("someone/latents", "train")]
 
 
+def test_an_unreachable_hub_id_is_one_error_without_retry_lines(monkeypatch):
+    # Offline, huggingface_hub logged a warning per retry (11 lines over 28 s) before the one error line.
+    import logging
+
+    http_log = logging.getLogger("huggingface_hub.utils._http")
+
+    retry_lines_shown = []
+
+    def offline(repo, split, **kw):
+        retry_lines_shown.append(http_log.isEnabledFor(logging.WARNING))
+        raise ConnectionError("Couldn't reach 'someone/latents' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(data.DataError, match="someone/latents: not a local file and cannot be loaded from the hub"):
+        load_latents("someone/latents")
+    assert retry_lines_shown == [False]
+    assert http_log.isEnabledFor(logging.WARNING)  # restored
+
+
 # ----------------------------------------------------------------------------- conversion
 
 def test_convert_round_trip(tmp_path, xy, monkeypatch):

@@ -323,9 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     reference, ref_labels = load_reference(args.reference, args.latent_key, args.label_key, args.max_reference)
     check_inputs(args, samples, labels, reference)
     try:
-        report = evaluate(samples, reference, labels, ref_labels, baseline=not args.no_baseline, k=args.k,
-                          max_reference=args.max_reference, max_pr_samples=args.max_pr_samples,
-                          num_projections=args.num_projections)
+        with np.errstate(all="ignore"):  # values that overflow the features: the one error line below says it
+            report = evaluate(samples, reference, labels, ref_labels, baseline=not args.no_baseline, k=args.k,
+                              max_reference=args.max_reference, max_pr_samples=args.max_pr_samples,
+                              num_projections=args.num_projections)
     except np.linalg.LinAlgError as err:  # finite values so large that the features overflow
         raise UserInputError(f"--samples {args.samples}: the metrics cannot be computed ({err}); the samples are "
                              f"far outside the reference's range (largest |value| {np.nanmax(np.abs(samples)):.3g})"

@@ -54,9 +54,10 @@ from latent_ddpm.config import TrainConfig, parse_train_args
 from latent_ddpm.data import check_compatible, load_latents
 from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
-from latent_ddpm.errors import UserInputError, first_line, run_cli
+from latent_ddpm.errors import UserInputError, configure_logging, first_line, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
+from latent_ddpm.paths import unwritable_folder
 from latent_ddpm.reporting import (
     DivergenceWatch,
     build_pipeline,
@@ -80,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, project_config=ProjectConfiguration(logging_dir="."),
                               log_with=None if cfg.report_to == "none" else cfg.report_to,
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))])
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO,
-                        stream=sys.stdout, force=True)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.ERROR)
+    configure_logging(accelerator.is_main_process)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("--mixed_precision fp16 has no autocast on CPU: this run trains in float32 (bf16 works)")
     if cfg.allow_tf32 and torch.cuda.is_available():
@@ -161,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.dry_run:
         if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir):
             raise UserInputError(conflict)
+        if problem := unwritable_folder(run_dir):  # what step 6 would refuse
+            raise UserInputError(f"--output_dir {run_dir}: {problem}; choose another --output_dir")
         if accelerator.is_main_process:
             print(f"dry run, nothing written: {plan}")
         return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,16 @@ def json_object(text: str, flag: str, what: str) -> dict:
     if not isinstance(value, dict):
         raise UserInputError(f"{source}: must be a JSON object of {what}")
     return value
+
+
+def configure_logging(main_process: bool) -> None:
+    """A command's log: timestamped INFO lines on stdout from the main process (the others: errors only);
+    accelerate's own chatter from warnings up. Errors for the user stay the one stderr line of `run_cli`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO, stream=sys.stdout,
+                        force=True)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if not main_process:
+        logging.getLogger().setLevel(logging.ERROR)
 
 
 def fail(message: str) -> NoReturn:

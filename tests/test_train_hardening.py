@@ -326,6 +326,17 @@ def test_dry_run_refuses_a_folder_that_holds_a_run(train, data, finished, tmp_pa
         assert _tree(folder) == before  # a dry run writes (and deletes) nothing
 
 
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_dry_run_refuses_an_output_dir_the_run_would_refuse(train, data, tmp_path, where):
+    (tmp_path / "a_file").write_text("mine")
+    out = tmp_path / "a_file" if where == "file" else tmp_path / "a_file" / "run"
+    refused = train("--latent", data, *FAST, "--dry_run", "--output_dir", out)
+    lines = refused.err.strip().splitlines()
+    assert refused.code == 2 and len(lines) == 1, refused.err[-2000:]
+    assert f"--output_dir {out}: {tmp_path / 'a_file'} is a file, not a folder" in lines[0], lines
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 # 10 and 11: the logged learning rate; fp16 on CPU.
 
 def test_logged_lr_is_the_rate_the_step_used(train, data, tmp_path):

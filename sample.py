@@ -101,6 +101,14 @@ def parse_args(argv: list[str] | None = None):
         raise UserInputError(f"--seed must be >= 0, got {args.seed}")
     if args.model is None and args.latent is None:
         raise UserInputError("pass --model DIR_OR_HUB_ID (a saved pipeline) or the original's --latent FILE")
+    located_by = [f"--{f}" for f in ("latent", "n_dim", "lbeta", "ubeta") if getattr(args, f) is not None]
+    if args.model is not None and located_by:  # they would be ignored
+        raise UserInputError(f"{' '.join(located_by)}: only used to find a run folder, which --model already names; "
+                             "drop them or --model")
+    if args.vae_subfolder is not None and args.vae is None:
+        raise UserInputError("--vae_subfolder needs --vae (the autoencoder it is a subfolder of)")
+    if args.output is not None and Path(args.output).name.lower() in ("", ".npz"):  # "" is the folder "."
+        raise UserInputError(f"--output {args.output!r}: name the .npz file to write, e.g. samples.npz")
     if not 0.0 <= args.eta <= 1.0:  # also refuses nan; beyond 1 DDIM's noise exceeds the step's variance
         raise UserInputError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {args.eta}")
     if not math.isfinite(args.guidance_scale):

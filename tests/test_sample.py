@@ -191,6 +191,11 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     (["--scheduler", "unipc", "--num_inference_steps", "1000", "--scheduler_config",
       '{"timestep_spacing": "linspace"}'], "use fewer steps"),
     (["--seed", "-3"], "--seed must be >= 0"),
+    # Flags that would be ignored: the original's run-locating flags beside --model, a subfolder without --vae.
+    (["--n_dim", "4", "--lbeta", "0.0001"], "--n_dim --lbeta: only used to find a run folder"),
+    (["--vae_subfolder", "vae"], "--vae_subfolder needs --vae"),
+    (["--output", ".npz"], "name the .npz file to write"),
+    (["--output", ""], "name the .npz file to write"),  # was the default output path, silently
     (["--mixed_precision", "fp8"], "invalid choice"),
     (["--output", "x.txt"], "must end in .npz"),
     (["--class_labels", "1"], "unconditional"),

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -219,6 +220,12 @@ def scheduler_problem(scheduler: SchedulerMixin, num_inference_steps: int, chann
     UNet predicts none), a negative steps_offset, a step count it refuses, or, tried on a copy with random
     (1, `channels`, 2, 2) inputs, a step outside the training timesteps, an error or non-finite values (a bad
     prediction_type, betas beyond 1, ...). Used for `--scheduler_config` and for a pipeline's saved config."""
+    with warnings.catch_warnings():  # numpy/torch warnings of the probe on bad settings: the verdict says it all
+        warnings.simplefilter("ignore")
+        return _scheduler_problem(scheduler, num_inference_steps, channels)
+
+
+def _scheduler_problem(scheduler: SchedulerMixin, num_inference_steps: int, channels: int) -> str | None:
     config = scheduler.config
     if str(getattr(config, "variance_type", None) or "").startswith("learned"):
         return "a learned variance_type needs a UNet that predicts the variance; this one does not"

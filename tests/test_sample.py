@@ -242,6 +242,16 @@ def test_bad_flags_one_line(models, tmp_path, capsys, extra, message):
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
 
 
+def test_a_refused_setting_prints_only_its_error_line(models, capsys, recwarn):
+    # The probe's own numpy/torch warnings (a negative sigma_min: complex casts, invalid powers) used to print
+    # before the error line.
+    assert run(["--model", models / "runs" / RUN / "pipeline", "--scheduler", "unipc", "--scheduler_config",
+                '{"use_karras_sigmas": true, "sigma_min": -5}', "--num_inference_steps", 4]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(non-finite samples)" in err[0], err
+    assert [str(w.message) for w in recwarn] == []
+
+
 def test_a_trajectory_cut_short_is_noted(models, tmp_path, capsys):
     # lambda_min_clipped 0 leaves DPM-Solver a few of the steps asked for: sampled, and said.
     out = tmp_path / "x.npz"

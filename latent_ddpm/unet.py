@@ -350,6 +350,8 @@ def _validate(in_channels, down, mid, temb, down_sample, heads, groups, attentio
         if not ok:
             raise ValueError(f"invalid AdvancedUNet2DModel config: {msg}")
 
+    need(all(isinstance(w, int) and not isinstance(w, bool) for w in [*down, *mid]),
+         f"down_channels and mid_channels must be lists of integers, got {down} and {mid}")
     need(in_channels >= 1, f"in_channels must be >= 1, got {in_channels}")
     need(len(down) >= 2, f"down_channels needs at least 2 entries, got {down}")
     need(len(mid) >= 2, f"mid_channels needs at least 2 entries, got {mid}")

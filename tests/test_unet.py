@@ -106,6 +106,7 @@ def test_presets_build():
 
 INVALID = [
     (dict(in_channels=0), "in_channels"),
+    (dict(down_channels="abc"), "must be lists of integers"),  # a string was read char by char
     (dict(down_channels=(8,), mid_channels=(8, 8), down_sample=()), "down_channels needs at least 2"),
     (dict(mid_channels=(16,)), "mid_channels needs at least 2"),
     (dict(mid_channels=(8, 16)), r"mid_channels\[0\]"),

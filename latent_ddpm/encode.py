@@ -29,7 +29,7 @@ from .autoencoder import ENCODING_FILE, load_vae, vae_id, vae_info
 from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
 from .images import prepare_image, to_model_range
-from .paths import check_replaceable, replace_with
+from .paths import check_replaceable, replace_with, unwritable_folder
 from .sampling import DTYPES, ArgParser, distributed_state, sample_seed
 from .sources import is_hub_id
 
@@ -189,9 +189,11 @@ def encode_images(args) -> dict:
     state = distributed_state()
     inputs = [args.data, *glob.glob(args.data), args.vae, args.cache_dir]  # --data may be a glob of parquet files
     output = check_replaceable(args.output, "--output", inputs)
-    partial = output.with_name(output.name + ".partial")
+    partial = check_replaceable(output.with_name(output.name + ".partial"), "--output's work folder", inputs)
     if os.path.lexists(output) and not args.overwrite:
         raise UserInputError(f"--output {output} exists; pass --overwrite to replace it, or choose another folder")
+    if problem := unwritable_folder(output.parent):
+        raise UserInputError(f"--output {output}: {problem}; choose another --output")
     settings = {k: getattr(args, k) for k in RESUME_KEYS}
     settings["vae"] = vae_id(args.vae)
 
@@ -211,16 +213,19 @@ def encode_images(args) -> dict:
     # 2. The work folder: a resumed run must use the same settings.
     num_shards = -(-len(ds) // args.shard_size)
     if state.is_main_process:
-        saved = partial / "settings.json"
-        if partial.exists() and (args.overwrite or not saved.is_file()):
+        old = _interrupted_settings(partial, args.overwrite)
+        if old is None and partial.is_dir() and not partial.is_symlink():  # --overwrite
             shutil.rmtree(partial)
-        if saved.is_file() and json.loads(saved.read_text()) != settings:
-            old = json.loads(saved.read_text())
+        elif old is None and os.path.lexists(partial):
+            partial.unlink()
+        elif old is not None and old != settings:
             diff = ", ".join(f"--{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
             raise UserInputError(f"{partial} holds an interrupted encode with other settings ({diff}); rerun with "
                                  "the same flags to resume, or pass --overwrite to start again")
         partial.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(settings, indent=2))
+        tmp = partial / "settings.json.tmp"  # atomic: a kill here must not leave settings a rerun cannot read
+        tmp.write_text(json.dumps(settings, indent=2))
+        os.replace(tmp, partial / "settings.json")
     state.wait_for_everyone()
 
     # 3. This process's shards (shard k goes to process k % num_processes); complete ones are skipped.
@@ -249,6 +254,7 @@ def encode_images(args) -> dict:
         part = datasets.Dataset.from_file(str(path))
         parts.append(part) if len(part) else None
     if not parts:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing in it worth resuming
         raise DataError(f"--data {args.data}: none of the {len(ds)} images could be encoded (see the warnings)")
     final = partial / "dataset"
     shutil.rmtree(final, ignore_errors=True)
@@ -272,6 +278,21 @@ def encode_images(args) -> dict:
     replace_with(final, output)
     shutil.rmtree(partial, ignore_errors=True)
     return info
+
+
+def _interrupted_settings(partial: Path, overwrite: bool) -> dict | None:
+    """The settings of the interrupted encode in `partial`, or None when there is none (or --overwrite drops it).
+    Anything else there, not written by an encode, is refused rather than deleted."""
+    if not os.path.lexists(partial) or overwrite:
+        return None
+    try:
+        settings = json.loads((partial / "settings.json").read_text())
+    except (OSError, ValueError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise UserInputError(f"{partial} exists but holds no interrupted encode (no readable settings.json); move "
+                             "it away, or pass --overwrite to replace it")
+    return settings
 
 
 def parse_args(argv: list[str] | None = None):

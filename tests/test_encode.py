@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,33 @@ def test_one_line_errors(vae_dir, images, tmp_path, capsys):
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last and "Traceback" not in err, err
+
+
+def test_a_work_folder_that_is_not_an_encodes_is_refused_not_deleted(vae_dir, images, tmp_path, capsys):
+    # <output>.partial without settings.json was deleted without --overwrite, even when it was the --data folder.
+    out = tmp_path / "lat"
+    (tmp_path / "lat.partial").mkdir()
+    (tmp_path / "lat.partial" / "notes.txt").write_text("important")
+    assert run(encode.main, encode_args(images, vae_dir, out, tmp_path)) == 2
+    assert "holds no interrupted encode" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (tmp_path / "lat.partial" / "notes.txt").read_text() == "important"
+    photos = tmp_path / "photos.partial"  # the input itself has the work folder's name
+    shutil.copytree(images, photos)
+    before = sorted(p.relative_to(photos) for p in photos.rglob("*"))
+    assert run(encode.main, encode_args(photos, vae_dir, tmp_path / "photos", tmp_path)) == 2
+    assert "would replace the input" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(p.relative_to(photos) for p in photos.rglob("*")) == before
+    (tmp_path / "garbled.partial").mkdir()  # a settings.json a kill left half-written
+    (tmp_path / "garbled.partial" / "settings.json").write_text("{not json")
+    assert run(encode.main, encode_args(images, vae_dir, tmp_path / "garbled", tmp_path)) == 2
+    assert run(encode.main, encode_args(images, vae_dir, tmp_path / "garbled", tmp_path, "--overwrite")) == 0
+
+
+def test_an_output_that_cannot_be_created_is_one_line(vae_dir, images, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    assert run(encode.main, encode_args(images, vae_dir, tmp_path / "a_file" / "lat", tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "a_file is a file, not a folder" in err.strip().splitlines()[-1], err
 
 
 def test_load_vae_by_class_name_and_pipeline_subfolder(vae_dir, tmp_path):

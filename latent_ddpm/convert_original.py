@@ -18,8 +18,10 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import ArgumentParser, UserInputError, first_line, run_cli
+from .paths import unwritable_folder
 from .unet import PRESETS, AdvancedUNet2DModel
 
 # (pattern, replacement) applied in order with re.sub to every original key (after removing a
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserInputError(f"output directory {out} is not empty; pick a new one or pass --overwrite")
+    if problem := unwritable_folder(out):
+        raise UserInputError(f"output {out}: {problem}; pick another output directory")
     if args.pipeline:
         if args.n_steps < 1:
             raise UserInputError(f"--n_steps must be >= 1, got {args.n_steps}")
@@ -279,14 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         config["sample_size"] = size[0] if len(size) == 1 else tuple(size)
     model = load_original_checkpoint(args.checkpoint, AdvancedUNet2DModel, **config)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if args.pipeline:
-        from .pipeline import LatentDDPMPipeline, default_scheduler
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.pipeline:
+            from .pipeline import LatentDDPMPipeline, default_scheduler
 
-        scheduler = default_scheduler(num_train_timesteps=args.n_steps, beta_start=args.lbeta, beta_end=args.ubeta)
-        LatentDDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
-    else:
-        model.save_pretrained(out, safe_serialization=True)
+            scheduler = default_scheduler(num_train_timesteps=args.n_steps, beta_start=args.lbeta,
+                                          beta_end=args.ubeta)
+            LatentDDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+        else:
+            model.save_pretrained(out, safe_serialization=True)
+    except (OSError, SafetensorError) as err:  # a full disk, a read-only mount
+        raise UserInputError(f"cannot write {out} ({first_line(err)}); free space or pick another output "
+                             "directory") from None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"converted {args.checkpoint} ({n_params:,} parameters) -> {out}{' (pipeline)' if args.pipeline else ''}")
     return 0

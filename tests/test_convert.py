@@ -212,6 +212,14 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(original_unet, tmp_path, c
     assert "Traceback" not in err and not out.exists()
 
 
+def test_cli_output_under_a_file_is_one_line(original_unet, tmp_path, capsys):
+    ckpt = _save(_original(original_unet), tmp_path / "model.pth")
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = _cli([ckpt, tmp_path / "a_file" / "sub", *TINY_ARGV], capsys)
+    assert code == 2 and err.count("\n") == 1 and "a_file is a file, not a folder" in err, err
+    assert (tmp_path / "a_file").read_text() == "x"
+
+
 def test_cli_module_entry_point_on_a_bad_file(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "model.pth"
     bad.write_bytes(b"\x00\x01garbage")

@@ -27,6 +27,7 @@ from .validation import (
     NaNCounter,
     check_float32_range,
     check_labels,
+    check_labels_meta,
     check_latent_meta,
     chunk_rows,
     latent_features,
@@ -114,7 +115,11 @@ def _numpy_chunks(path: Path, member: str | None, where: str) -> tuple[tuple[int
     return shape, chunks()
 
 
-def _read_labels(where: str, read, n: int) -> np.ndarray:
+def _read_labels(where: str, read, n: int, header) -> np.ndarray:
+    """Labels through `read()`, once `header()` (their .npy header) shows (n,) numbers: a damaged or crafted
+    header must not make np.load allocate what it claims."""
+    shape, _, dtype = header()
+    check_labels_meta(where, shape, dtype, n)
     try:
         labels = read()
     except READ_ERRORS as err:  # object arrays raise here (never unpickled), and so do damaged members
@@ -141,11 +146,13 @@ def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file:
         shape, chunks = _numpy_chunks(path, latent_key + ".npy", f"{path}[{latent_key}]")
         if label_key is not None and label_key in keys:
             read = lambda: np.load(path, allow_pickle=False)[label_key]
-            labels = _read_labels(f"{path}[{label_key}]", read, shape[0])
+            where = f"{path}[{label_key}]"
+            labels = _read_labels(where, read, shape[0], lambda: _header(path, label_key + ".npy", where))
     if labels_file is not None:
         if not Path(labels_file).is_file():
             raise DataError(f"{labels_file}: no such labels file; check the path")
-        labels = _read_labels(str(labels_file), lambda: np.load(labels_file, allow_pickle=False), shape[0])
+        labels = _read_labels(str(labels_file), lambda: np.load(labels_file, allow_pickle=False), shape[0],
+                              lambda: _header(Path(labels_file), None, f"--labels_file {labels_file}"))
     return shape, chunks, labels
 
 

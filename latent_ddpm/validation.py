@@ -17,6 +17,9 @@ CHUNK_BYTES = 32 * 2**20
 #: ids far beyond any real class count (hashes, timestamps, uint64 values that do not fit int64) would ask for
 #: an absurd table; 2**20 - 1 (about a million classes) leaves every real labelling room.
 MAX_CLASS_ID = 2**20 - 1
+#: The largest single latent accepted (C x H x W x itemsize): far above any autoencoder's latent, far below what
+#: a crafted .npy header can claim (one read of it would overflow).
+MAX_SAMPLE_BYTES = 2**30
 
 
 class DataError(UserInputError):
@@ -51,15 +54,23 @@ def check_latent_meta(where: str, shape: tuple[int, ...], dtype: np.dtype) -> No
     if min(shape) < 1:
         raise DataError(f"{where}: every dimension of (N, C, H, W) must be at least 1, got shape {tuple(shape)}; "
                         "check that the right array was saved")
+    if math.prod(shape[1:]) * dtype.itemsize > MAX_SAMPLE_BYTES:  # a crafted header: no latent is this large
+        raise DataError(f"{where}: one sample of shape {tuple(shape[1:])} would take more than "
+                        f"{MAX_SAMPLE_BYTES // 2**30} GiB; the header is damaged or the wrong array was saved")
+
+
+def check_labels_meta(where: str, shape: tuple[int, ...], dtype: np.dtype, n: int) -> None:
+    """The checks of `check_labels` that need only the shape and dtype (a .npy header): run before reading."""
+    if dtype.hasobject or dtype.kind not in "iu":
+        raise DataError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {dtype}; "
+                        "map class names to ids, e.g. np.unique(y, return_inverse=True)[1]")
+    if tuple(shape) != (n,):
+        raise DataError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(shape)}")
 
 
 def check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:
     """Labels must be a 1-D non-negative integer array of length n; returns them as int64."""
-    if y.dtype.hasobject or y.dtype.kind not in "iu":
-        raise DataError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {y.dtype}; "
-                        "map class names to ids, e.g. np.unique(y, return_inverse=True)[1]")
-    if y.ndim != 1 or len(y) != n:
-        raise DataError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(y.shape)}")
+    check_labels_meta(where, y.shape, y.dtype, n)
     if n and y.min() < 0:
         raise DataError(f"{where}: labels must be >= 0, found {int(y.min())} at index {int(np.argmin(y))}; "
                         "use class ids 0..K-1")

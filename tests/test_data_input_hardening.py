@@ -248,3 +248,49 @@ def test_in_memory_datasets_are_named_by_their_file_not_hashed(tmp_path):
     os.utime(tmp_path / "x.npy", ns=(1, 1))
     assert load_latents(tmp_path / "x.npy")._fingerprint != first._fingerprint
     assert dataset_from_arrays(x)._fingerprint != dataset_from_arrays(x)._fingerprint  # arrays: random names
+
+
+# --- Crafted .npy headers: refused from the header, before numpy allocates what they claim ----------------------
+
+
+def _header_only(shape, descr="<i8") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def test_labels_with_a_huge_header_are_refused_before_reading(tmp_path):
+    x = latents()
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "lab.npy").write_bytes(_header_only((10**12,)))  # 7 TiB claimed (was a MemoryError)
+    with pytest.raises(DataError, match=rf"labels must have shape \({N},\) to match {N} latents, got \(10+,\)"):
+        load_latents(tmp_path / "x.npy", labels_file=tmp_path / "lab.npy")
+    with zipfile.ZipFile(tmp_path / "xy.npz", "w") as zf:
+        zf.writestr("X.npy", _npy_bytes(x))
+        zf.writestr("y.npy", _header_only((10**12,)))
+    with pytest.raises(DataError, match=r"xy.npz\[y\]: labels must have shape"):
+        load_latents(tmp_path / "xy.npz")
+
+
+def test_an_npz_given_as_labels_file_is_refused(tmp_path):
+    np.save(tmp_path / "x.npy", latents())
+    np.savez(tmp_path / "lab.npz", y=np.zeros(N, dtype=np.int64))  # was an AttributeError traceback
+    with pytest.raises(DataError, match="lab.npz: not a readable .npy array"):
+        load_latents(tmp_path / "x.npy", labels_file=tmp_path / "lab.npz")
+
+
+def test_latents_whose_header_claims_a_giant_sample_are_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "giant.npz", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("X.npy", _header_only((2**62, 2**62, 4, 4), "<f4"))  # was an OverflowError in the reader
+    with pytest.raises(DataError, match=r"one sample of shape \(4611686018427387904, 4, 4\) would take more than"):
+        load_latents(tmp_path / "giant.npz")
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()

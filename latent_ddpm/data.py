@@ -274,6 +274,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, latent_key: str =
         ds.save_to_disk(str(tmp / "dataset"))
         del ds
         replace_with(tmp / "dataset", out)
+    except OSError as err:  # a full disk (the old output, if any, is still in place)
+        raise DataError(f"{out}: cannot write it ({err.strerror or first_line(err)}); free space or choose another "
+                        "output path") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(out))

@@ -126,6 +126,22 @@ def test_an_unreachable_hub_id_is_one_error_without_retry_lines(monkeypatch):
 
 # ----------------------------------------------------------------------------- conversion
 
+def test_convert_on_a_full_disk_is_one_error_and_keeps_the_old_output(tmp_path, xy, monkeypatch):
+    np.savez(tmp_path / "a.npz", X=xy[0], y=xy[1])
+    out = tmp_path / "out"
+    convert(tmp_path / "a.npz", out)
+    before = sorted(p.name for p in out.iterdir())
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", disk_full)
+    with pytest.raises(DataError, match="out: cannot write it \\(No space left on device\\); free space"):
+        convert(tmp_path / "a.npz", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "out"]  # no temporary folder left
+
+
 def test_convert_round_trip(tmp_path, xy, monkeypatch):
     np.savez_compressed(tmp_path / "a.npz", X=xy[0], y=xy[1])
     monkeypatch.setattr(validation, "CHUNK_BYTES", 4 * C * H * W * 4)

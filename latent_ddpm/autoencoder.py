@@ -13,6 +13,7 @@ import diffusers
 import torch
 
 from .errors import UserInputError, first_line
+from .sources import quiet_hub_retries
 from .validation import DataError
 
 #: The file beside the latent dataset that describes the encoding (read by sampling and training).
@@ -86,7 +87,8 @@ def load_vae(id_or_path: str | os.PathLike, subfolder: str | None = None, torch_
     config, last = None, None
     for sub in [subfolder] if subfolder is not None else [None, "vae"]:
         try:
-            config = diffusers.AutoencoderKL.load_config(source, subfolder=sub)
+            with quiet_hub_retries():
+                config = diffusers.AutoencoderKL.load_config(source, subfolder=sub)
             subfolder = sub
             break
         except (OSError, ValueError) as err:
@@ -94,12 +96,15 @@ def load_vae(id_or_path: str | os.PathLike, subfolder: str | None = None, torch_
     if config is None:
         raise VaeLoadError(source, f"no autoencoder config found ({first_line(last)})", "pass a diffusers "
                            "autoencoder folder or hub id (with --vae_subfolder for a pipeline)")
+    if not isinstance(config, dict):
+        raise VaeLoadError(source, "its config.json is not a JSON object of autoencoder settings")
     name = config.get("_class_name")
     cls = getattr(diffusers, str(name), None)
     if not (isinstance(cls, type) and hasattr(cls, "encode") and hasattr(cls, "decode")):
         raise VaeLoadError(source, f"config class {name!r} is not a diffusers autoencoder")
     try:
-        vae = cls.from_pretrained(source, subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
+        with quiet_hub_retries():
+            vae = cls.from_pretrained(source, subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise VaeLoadError(source, f"cannot load the {name} weights (safetensors only; {first_line(err)})") from err
     vae.eval().requires_grad_(False)

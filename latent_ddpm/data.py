@@ -34,7 +34,7 @@ from .npyio import (
     write_numpy,
 )
 from .paths import check_replaceable, replace_with
-from .sources import is_hub_id
+from .sources import is_hub_id, quiet_hub_retries
 from .validation import (
     CHUNK_BYTES,
     DataError,
@@ -216,18 +216,12 @@ def _read_arrow(path: Path) -> datasets.Dataset:
 def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify: bool, kwargs: dict
               ) -> datasets.Dataset:
     """A hub dataset via `datasets.load_dataset` (network; not exercised by the tests)."""
-    quiet = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
-    levels = [log.level for log in quiet]
-    try:  # offline, each retry logged a line before our one: the error says it all
-        for log in quiet:
-            log.setLevel(logging.ERROR)
-        ds = datasets.load_dataset(repo_id, split=split, **kwargs)
+    try:
+        with quiet_hub_retries():
+            ds = datasets.load_dataset(repo_id, split=split, **kwargs)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
         raise DataError(f"{repo_id}: not a local file and cannot be loaded from the hub ({err}); "
                         "check the path or the dataset id") from err
-    finally:
-        for log, level in zip(quiet, levels, strict=True):
-            log.setLevel(level)
     return _standardize(ds, f"hub:{repo_id}", latent_key, label_key, verify)
 
 

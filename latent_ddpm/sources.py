@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -20,3 +23,18 @@ def is_hub_id(text: object) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+@contextmanager
+def quiet_hub_retries() -> Iterator[None]:
+    """Hide the warnings huggingface_hub and the HF libraries log for each retry of a hub request (offline, 10-25
+    lines over up to a minute): a failure is reported once, in the caller's own error line."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "diffusers")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)

@@ -236,6 +236,31 @@ def test_an_output_that_cannot_be_created_is_one_line(vae_dir, images, tmp_path,
     assert "Traceback" not in err and "a_file is a file, not a folder" in err.strip().splitlines()[-1], err
 
 
+def test_load_vae_refuses_a_config_that_is_not_an_object(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("[1, 2]")  # was an AttributeError traceback
+    with pytest.raises(autoencoder.VaeLoadError, match="config.json is not a JSON object"):
+        autoencoder.load_vae(tmp_path / "vae")
+
+
+def test_load_vae_hides_the_hubs_retry_warnings(monkeypatch):
+    # Offline, `--vae someone/vae` printed 25 "Retrying in Ns" lines over 51 s before its one error line.
+    import logging
+
+    import diffusers
+
+    shown = []
+
+    def offline(*args, **kwargs):
+        shown.append(logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING))
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "load_config", offline)
+    with pytest.raises(autoencoder.VaeLoadError, match="someone/vae"):
+        autoencoder.load_vae("someone/vae")
+    assert shown == [False, False]  # the folder itself, then its vae/ subfolder
+
+
 def test_load_vae_by_class_name_and_pipeline_subfolder(vae_dir, tmp_path):
     torch.manual_seed(0)
     tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),

@@ -24,6 +24,9 @@ from .errors import ArgumentParser, UserInputError, first_line, run_cli
 from .paths import unwritable_folder
 from .unet import PRESETS, AdvancedUNet2DModel
 
+#: The original project's noise schedule defaults (its --n_steps, --lbeta, --ubeta), for --pipeline.
+ORIGINAL_SCHEDULE = {"n_steps": 50, "lbeta": 1e-4, "ubeta": 0.02}
+
 # (pattern, replacement) applied in order with re.sub to every original key (after removing a
 # `model.` prefix). Keys no rule touches (conv_in, norm_out, conv_out) keep their names.
 ORIGINAL_TO_DIFFUSERS: list[tuple[str, str]] = [
@@ -248,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head_channels", type=int, help="width of the last up block (the original's 16)")
     p.add_argument("--sample_size", type=int, nargs="+", metavar="H [W]", help="latent size (default 64)")
     p.add_argument("--pipeline", action="store_true", help="save a full LatentDDPMPipeline (unet + scheduler)")
-    p.add_argument("--n_steps", type=int, default=50, help="training timesteps of the original run (default 50)")
-    p.add_argument("--lbeta", type=float, default=1e-4, help="first beta of the original run (default 1e-4)")
-    p.add_argument("--ubeta", type=float, default=0.02, help="last beta of the original run (default 0.02)")
+    p.add_argument("--n_steps", type=int, help="with --pipeline: training timesteps of the original run (default 50)")
+    p.add_argument("--lbeta", type=float, help="with --pipeline: first beta of the original run (default 1e-4)")
+    p.add_argument("--ubeta", type=float, help="with --pipeline: last beta of the original run (default 0.02)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUTPUT_DIR")
     return p
 
@@ -269,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"output directory {out} is not empty; pick a new one or pass --overwrite")
     if problem := unwritable_folder(out):
         raise UserInputError(f"output {out}: {problem}; pick another output directory")
+    schedule = [f"--{k}" for k in ("n_steps", "lbeta", "ubeta") if getattr(args, k) is not None]
+    if schedule and not args.pipeline:  # they would be ignored
+        raise UserInputError(f"{' '.join(schedule)} describe the noise schedule of a --pipeline; add --pipeline or "
+                             "drop them")
+    for flag, default in ORIGINAL_SCHEDULE.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     if args.pipeline:
         if args.n_steps < 1:
             raise UserInputError(f"--n_steps must be >= 1, got {args.n_steps}")

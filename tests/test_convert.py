@@ -202,6 +202,7 @@ def test_cli_refuses_a_non_empty_output_dir(original_unet, tmp_path, capsys):
     (["--pipeline", "--lbeta", "0.1", "--ubeta", "0.01"], "--lbeta < --ubeta"),
     (["--sample_size", "8", "8", "8"], "--sample_size takes"),
     (["--sample_size", "7"], "divisible by 2"),
+    (["--n_steps", "1000", "--lbeta", "0.5"], "--n_steps --lbeta describe the noise schedule of a --pipeline"),
     (["--sample_size", "0"], "sample_size must be"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(original_unet, tmp_path, capsys, extra, expected):

@@ -14,7 +14,6 @@ import logging
 import math
 import sys
 import time
-import warnings
 from contextlib import nullcontext, suppress
 from datetime import timedelta
 from pathlib import Path
@@ -126,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     # 4. Noise schedule (diffusers DDPMScheduler), warning on a schedule that ends far from noise.
     noise_scheduler = build_noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start,
                                             cfg.beta_end, cfg.prediction_type)
-    if (msg := terminal_signal_warning(noise_scheduler)) and accelerator.is_main_process:
-        warnings.warn(msg, stacklevel=1)
+    if msg := terminal_signal_warning(noise_scheduler):  # logged (stdout): stderr keeps only an error's one line
+        logger.warning(msg)
     if msg := schedule_error(noise_scheduler, cfg, channels):  # refused before the run folder, not at the end
         raise UserInputError(msg)
 

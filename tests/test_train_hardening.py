@@ -337,6 +337,17 @@ def test_dry_run_refuses_an_output_dir_the_run_would_refuse(train, data, tmp_pat
     assert (tmp_path / "a_file").read_text() == "mine"
 
 
+def test_a_short_schedules_warning_is_logged_and_a_refusal_is_still_one_line(train, data, tmp_path):
+    # The original's --n_steps 50 ends far from noise: said in the log; rerun into that run folder, the refusal
+    # was preceded on stderr by the two lines of a UserWarning.
+    args = ["--latent", data, *FAST, "--n_steps", "50", "--max_train_steps", "2", "--output_dir", tmp_path / "run"]
+    first = ok(train(*args))
+    assert "the noise schedule ends with alpha_bar_T" in first.out
+    refused = train(*args)
+    lines = refused.err.strip().splitlines()
+    assert refused.code == 2 and len(lines) == 1 and "already holds a run" in lines[0], refused.err[-2000:]
+
+
 # 10 and 11: the logged learning rate; fp16 on CPU.
 
 def test_logged_lr_is_the_rate_the_step_used(train, data, tmp_path):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from . import faults
 from .errors import UserInputError, first_line
-from .paths import OutputLock
+from .paths import OutputLock, remove_path
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
@@ -80,7 +80,7 @@ def clear_run(run_dir: Path) -> None:
     shutil.rmtree(train_dir / ABANDONED_DIR, ignore_errors=True)
     for pattern in RUN_OUTPUTS:
         for path in run_dir.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            remove_path(path)
 
 
 def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:

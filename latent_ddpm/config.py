@@ -281,9 +281,13 @@ def _base_type(tp) -> type:
     return tp
 
 
+#: Words that mean "no value" for an optional setting, on the command line and in config files alike.
+NONE_WORDS = ("none", "null")
+
+
 def _none_or(conv):
     def parse(text: str):
-        return None if text.lower() in ("none", "null") else conv(text)
+        return None if text.lower() in NONE_WORDS else conv(text)
     parse.__name__ = conv.__name__
     return parse
 
@@ -347,7 +351,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         tp = _base_type(hints[name])
         if name == "model_config" and isinstance(value, dict):  # a nested mapping in the file: the same JSON
             values[name] = value = json.dumps(value)
-        if isinstance(value, str) and value.lower() in ("none", "null") and _is_optional(hints[name]):
+        if isinstance(value, str) and value.lower() in NONE_WORDS and _is_optional(hints[name]):
             values[name] = value = None  # as on the command line
         if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:

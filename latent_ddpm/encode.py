@@ -29,7 +29,7 @@ from .autoencoder import ENCODING_FILE, load_vae, vae_id, vae_info
 from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
 from .images import prepare_image, to_model_range
-from .paths import check_replaceable, replace_with, unwritable_folder
+from .paths import check_replaceable, remove_path, replace_with, unwritable_folder
 from .sampling import DTYPES, ArgParser, distributed_state, sample_seed
 from .sources import is_hub_id
 
@@ -214,10 +214,8 @@ def encode_images(args) -> dict:
     num_shards = -(-len(ds) // args.shard_size)
     if state.is_main_process:
         old = _interrupted_settings(partial, args.overwrite)
-        if old is None and partial.is_dir() and not partial.is_symlink():  # --overwrite
-            shutil.rmtree(partial)
-        elif old is None and os.path.lexists(partial):
-            partial.unlink()
+        if old is None and os.path.lexists(partial):  # --overwrite
+            remove_path(partial)
         elif old is not None and old != settings:
             diff = ", ".join(f"--{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
             raise UserInputError(f"{partial} holds an interrupted encode with other settings ({diff}); rerun with "

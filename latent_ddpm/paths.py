@@ -54,6 +54,15 @@ def unwritable_folder(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def remove_path(path: str | os.PathLike) -> None:
+    """Delete `path`: a folder with its contents, or a file or link (a link to a folder: the link only)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def replace_with(new: str | os.PathLike, out: str | os.PathLike) -> None:
     """Move the finished `new` (file or folder) to `out`. An existing `out` is first renamed aside in the same
     folder and deleted only after the move, so an interruption leaves the old or the new one, never neither."""
@@ -68,10 +77,7 @@ def replace_with(new: str | os.PathLike, out: str | os.PathLike) -> None:
     except BaseException:
         os.replace(aside, out)  # the old one back: never neither
         raise
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside)
-    else:
-        aside.unlink()
+    remove_path(aside)
 
 
 class OutputLock:

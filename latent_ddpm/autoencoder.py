@@ -84,6 +84,12 @@ def load_vae(id_or_path: str | os.PathLike, subfolder: str | None = None, torch_
     Raises `VaeLoadError` (a one-line `UserInputError`) when it cannot be loaded.
     """
     source = os.fspath(id_or_path)
+    if subfolder is not None and os.path.isdir(source) and not os.path.isdir(os.path.join(source, subfolder)):
+        # diffusers falls back to the folder itself when a local subfolder is missing: a typo would load (and
+        # record) another model than the one asked for
+        found = sorted(p.name for p in Path(source).iterdir() if p.is_dir() and not p.name.startswith("."))
+        hint = (f"its folders are {found}; fix" if found else "fix") + " --vae_subfolder or leave it out"
+        raise VaeLoadError(source, f"it has no subfolder '{subfolder}'", hint + " (the folder itself, else vae/)")
     config, last = None, None
     for sub in [subfolder] if subfolder is not None else [None, "vae"]:
         try:

@@ -201,14 +201,7 @@ def encode_images(args) -> dict:
     ds = open_image_dataset(args.data, args.split, args.cache_dir)
     ds, image_column, labels, label_names = pick_columns(ds, args.image_column, args.label_column, args.data)
     vae = load_vae(args.vae, args.vae_subfolder, DTYPES[args.mixed_precision]).to(state.device)
-    try:
-        with torch.no_grad():
-            probe = vae.encode(torch.zeros(1, 3, args.resolution, args.resolution, device=vae.device,
-                                           dtype=vae.dtype), return_dict=False)[0]
-    except (RuntimeError, ValueError) as err:
-        raise UserInputError(f"--resolution {args.resolution}: the autoencoder cannot encode that size "
-                             f"({first_line(err)}); use a multiple of its downsampling factor") from err
-    shape = tuple((probe.mean if hasattr(probe, "mean") else probe).shape[1:])
+    shape = latent_shape(vae, args.resolution)
 
     # 2. The work folder: a resumed run must use the same settings.
     num_shards = -(-len(ds) // args.shard_size)
@@ -291,6 +284,30 @@ def _interrupted_settings(partial: Path, overwrite: bool) -> dict | None:
         raise UserInputError(f"{partial} exists but holds no interrupted encode (no readable settings.json); move "
                              "it away, or pass --overwrite to replace it")
     return settings
+
+
+def latent_shape(vae, resolution: int) -> tuple[int, ...]:
+    """The (C, h, w) latent of one `resolution` square image, from a dummy encode; a size the autoencoder
+    cannot take whole (it would silently drop the last rows and columns) or cannot hold in memory is refused."""
+    try:
+        with torch.no_grad():
+            probe = vae.encode(torch.zeros(1, 3, resolution, resolution, device=vae.device, dtype=vae.dtype),
+                               return_dict=False)[0]
+    except (RuntimeError, ValueError) as err:
+        if isinstance(err, torch.OutOfMemoryError) or "memory" in str(err).lower():
+            raise UserInputError(f"--resolution {resolution}: encoding one image of that size runs out of memory; "
+                                 "use a smaller --resolution") from None
+        raise UserInputError(f"--resolution {resolution}: the autoencoder cannot encode that size "
+                             f"({first_line(err)}); use a multiple of its downsampling factor") from err
+    shape = tuple((probe.mean if hasattr(probe, "mean") else probe).shape[1:])
+    blocks = vae.config.get("block_out_channels")  # diffusers pipelines' vae_scale_factor; else measured
+    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, (list, tuple)) else max(1, round(resolution / shape[-1]))
+    if shape[-1] * factor != resolution:
+        lower, upper = shape[-1] * factor, (shape[-1] + 1) * factor
+        raise UserInputError(f"--resolution {resolution}: the autoencoder downsamples by {factor}, so the last "
+                             f"{resolution - lower} pixel rows and columns would be dropped ({shape[-1]}x{shape[-1]} "
+                             f"latents); use a multiple of {factor}, such as {lower} or {upper}")
+    return shape
 
 
 def parse_args(argv: list[str] | None = None):

@@ -201,12 +201,26 @@ def test_one_line_errors(vae_dir, images, tmp_path, capsys):
         (encode_args(tmp_path / "missing", vae_dir, tmp_path / "o", tmp_path), "not an image folder"),
         (encode_args(images, vae_dir, tmp_path / "o", tmp_path, "--label_column", "nope"), "no label column"),
         (encode_args(images, vae_dir, tmp_path / "o", tmp_path, "--batch_size", 0), "--batch_size must be"),
+        # diffusers loads the folder itself when a local subfolder is missing: the typo was recorded as used
+        (encode_args(images, vae_dir, tmp_path / "o", tmp_path, "--vae_subfolder", "nope"), "no subfolder 'nope'"),
+        # 15 px through a factor-2 autoencoder silently gave 7x7 latents, the last pixel row and column dropped
+        ([*encode_args(images, vae_dir, tmp_path / "o", tmp_path), "--resolution", 15], "such as 14 or 16"),
     ]
     for argv, message in cases:
         assert run(encode.main, argv) == 2, message
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last and "Traceback" not in err, err
+
+
+def test_a_resolution_too_large_for_memory_says_so(vae_dir, images, tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):  # what the probe encode raised for --resolution 100000 (120 GB)
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 120000000000 bytes")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", out_of_memory)
+    assert run(encode.main, encode_args(images, vae_dir, tmp_path / "o", tmp_path)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "runs out of memory; use a smaller --resolution" in last and "multiple" not in last, last
 
 
 def test_a_work_folder_that_is_not_an_encodes_is_refused_not_deleted(vae_dir, images, tmp_path, capsys):

@@ -30,6 +30,7 @@ from .npyio import (
     dataset_from_arrays,
     in_memory,
     latent_nbytes,
+    npz_keys,
     source_key,
     write_numpy,
 )
@@ -284,12 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("input", help="a .npz (arrays X, y) or .npy (N, C, H, W) file")
     conv.add_argument("output", help="folder to create (load it with load_latents or datasets.load_from_disk)")
     conv.add_argument("--latent_key", default="X", help="array name of the latents in a .npz (default X)")
-    conv.add_argument("--label_key", default="y", help="array name of the labels in a .npz (default y)")
+    conv.add_argument("--label_key", default=None, help="array name of the labels in a .npz (default: y, when "
+                      "the file has it)")
     conv.add_argument("--labels_file", default=None, help="a .npy of int labels for a .npy input")
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
+    src = Path(args.input)
+    if args.label_key is not None and src.suffix.lower() == ".npy":
+        raise DataError(f"--label_key {args.label_key}: it names an array in a .npz input; for a .npy, give the "
+                        "labels with --labels_file")
+    if args.label_key is not None and src.is_file():  # a typo had converted without labels, with exit status 0
+        if args.label_key not in (keys := npz_keys(src)):
+            raise DataError(f"--label_key {args.label_key}: {src} has no such array (it has {keys}); name one of "
+                            "those, or leave --label_key out")
     datasets.disable_progress_bars()
-    ds = convert(args.input, args.output, latent_key=args.latent_key, label_key=args.label_key,
+    ds = convert(args.input, args.output, latent_key=args.latent_key, label_key=args.label_key or "y",
                  labels_file=args.labels_file, overwrite=args.overwrite)
     print(f"wrote {args.output}: {len(ds)} samples of shape {tuple(ds.features['latents'].shape)}"
           + (", with labels" if "labels" in ds.column_names else ", no labels"))

@@ -128,18 +128,22 @@ def _read_labels(where: str, read, n: int, header) -> np.ndarray:
     return check_labels(where, labels, n)
 
 
+def npz_keys(path: str | Path) -> list[str]:
+    """The array names in a `.npz` archive, read from its directory (no array is loaded)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+    except READ_ERRORS as err:
+        raise DataError(f"{path}: not a readable .npz archive ({first_line(err)}); re-save it with np.savez") from err
+
+
 def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file: str | Path | None):
     """(shape, chunk iterator, labels or None) for a `.npy`/`.npz` file; `label_key` None reads no labels."""
     labels = None
     if path.suffix.lower() == ".npy":
         shape, chunks = _numpy_chunks(path, None, str(path))
     else:
-        try:
-            with zipfile.ZipFile(path) as zf:
-                keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-        except READ_ERRORS as err:
-            raise DataError(f"{path}: not a readable .npz archive ({first_line(err)}); re-save it with np.savez"
-                            ) from err
+        keys = npz_keys(path)
         if latent_key not in keys:
             raise DataError(f"{path}: no array named '{latent_key}'; the file has {keys}; "
                             "pass the right one with --latent_key / latent_key=")
@@ -149,6 +153,10 @@ def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file:
             where = f"{path}[{label_key}]"
             labels = _read_labels(where, read, shape[0], lambda: _header(path, label_key + ".npy", where))
     if labels_file is not None:
+        if labels is not None:  # silently preferring either would train on labels the user did not mean
+            raise DataError(f"{path}: it holds its own labels '{label_key}' and a labels file "
+                            f"{labels_file} was given too; use one: drop the labels file, or re-save the .npz without "
+                            f"'{label_key}'")
         if not Path(labels_file).is_file():
             raise DataError(f"{labels_file}: no such labels file; check the path")
         labels = _read_labels(str(labels_file), lambda: np.load(labels_file, allow_pickle=False), shape[0],

@@ -1,7 +1,7 @@
 """Hardening of the outputs of `python -m latent_ddpm.data convert` and `python -m latent_ddpm.encode`: an output
 that would destroy an input or the working folder is refused, one under a regular file is named, --overwrite
-replaces a previous output whole; and latent_ddpm.paths, which checks and replaces them. Everything is tiny; the
-commands run in this process."""
+replaces a previous output whole, a label source convert would not use is refused; and latent_ddpm.paths, which
+checks and replaces them. Everything is tiny; the commands run in this process."""
 
 from __future__ import annotations
 
@@ -210,3 +210,30 @@ def test_encode_refuses_outputs_that_would_destroy_inputs(image_dir, tmp_path, m
     code, _, err = cli(encode.main, argv, capfd)
     one_line_error(code, err, "--output", message)
     assert snapshot(tmp_path) == before
+
+
+# ============================================================================ 3. convert: which labels
+
+
+def test_convert_refuses_a_label_key_the_input_lacks(npz_dir, tmp_path, monkeypatch, capfd):
+    # A misspelt --label_key converted without labels and exited 0.
+    monkeypatch.chdir(tmp_path)
+    one_line_error(*cli(data.main, ["convert", str(npz_dir / "in.npz"), "out", "--label_key", "labels"], capfd)[::2],
+                   "has no such array (it has ['X', 'y'])")
+    np.save("x.npy", latents())
+    one_line_error(*cli(data.main, ["convert", "x.npy", "out", "--label_key", "y"], capfd)[::2],
+                   "for a .npy, give the labels with --labels_file")
+    assert not Path("out").exists()
+    code, _, _ = cli(data.main, ["convert", str(npz_dir / "in.npz"), "out", "--label_key", "y"], capfd)
+    assert code == 0 and datasets.load_from_disk("out")["labels"] == list(np.arange(N) % 3)
+
+
+def test_a_labels_file_beside_npz_labels_is_refused(npz_dir, tmp_path, monkeypatch, capfd):
+    # The labels file silently replaced the .npz's own y.
+    monkeypatch.chdir(tmp_path)
+    np.save("other.npy", np.zeros(N, dtype=np.int64))
+    one_line_error(*cli(data.main, ["convert", str(npz_dir / "in.npz"), "out", "--labels_file", "other.npy"],
+                        capfd)[::2], "holds its own labels 'y'")
+    assert not Path("out").exists()
+    np.savez("unlabelled.npz", X=latents())  # an .npz without labels may take them from a file
+    assert cli(data.main, ["convert", "unlabelled.npz", "out", "--labels_file", "other.npy"], capfd)[0] == 0

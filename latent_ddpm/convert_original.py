@@ -95,11 +95,13 @@ def read_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
             f"{path} is not a model state dict (got {type(obj).__name__}{' (empty)' if obj == {} else ''}); "
             "expected the original's torch.save(model.state_dict()) file"
         )
-    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
-    if bad:
-        raise UserInputError(
-            f"{path} is not a model state dict: entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}, not a tensor"
-        )
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise UserInputError(f"{path} is not a model state dict: it has the key {key!r} ("
+                                 f"{type(key).__name__}) where parameter names are strings")
+        if not isinstance(value, torch.Tensor):
+            raise UserInputError(f"{path} is not a model state dict: entry {key!r} holds "
+                                 f"{type(value).__name__}, not a tensor")
     for key, tensor in obj.items():
         if tensor.layout != torch.strided or tensor.is_meta or tensor.is_complex():
             raise UserInputError(f"{path}: entry {key!r} is not a plain real tensor ({tensor.layout}, {tensor.dtype}"

@@ -141,8 +141,10 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     torch.save({"conv_in.weight": torch.zeros(1), "epoch": 3}, tmp_path / "mixed.pth")
     torch.save({}, tmp_path / "empty.pth")
-    cases = {"evil.pth": "refused to load", "code.pth": "mkdir", "garbage.pth": "not a torch.save file",
-             "tensor.pth": "got Tensor", "mixed.pth": "'epoch' is a int", "empty.pth": "(empty)",
+    torch.save({"conv_in.weight": torch.zeros(1), 1: torch.zeros(1)}, tmp_path / "int_key.pth")
+    cases = {"int_key.pth": "it has the key 1 (int) where parameter names are strings",
+             "evil.pth": "refused to load", "code.pth": "mkdir", "garbage.pth": "not a torch.save file",
+             "tensor.pth": "got Tensor", "mixed.pth": "'epoch' holds int, not a tensor", "empty.pth": "(empty)",
              "absent.pth": "does not exist"}
     for name, expected in cases.items():
         assert expected in _error(tmp_path / name), name

@@ -154,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             f"(batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {world} processes), "
             f"peak learning rate {cfg.learning_rate:g}; run folder {run_dir}")
     hub_token = check_hub_access(cfg.hub_model_id, cfg.hub_token) if cfg.push_to_hub else None  # fail fast
+    resume = resolve_resume(train_dir, cfg.resume_from_checkpoint)
     if cfg.dry_run:
-        if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir):
+        if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, resume):
             raise UserInputError(conflict)
         if problem := unwritable_folder(run_dir):  # what step 6 would refuse
             raise UserInputError(f"--output_dir {run_dir}: {problem}; choose another --output_dir")
@@ -165,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Run folder: never overwrite a previous run silently; lock it against a second run. The main process
     #    decides and every process gets its verdict, so no rank is left waiting on another's error.
-    resume = resolve_resume(train_dir, cfg.resume_from_checkpoint)
     run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps, **objective_settings(cfg)}
     if resume is not None:
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     lock, error = RunLock(run_dir), None
     if accelerator.is_main_process:
         try:
-            if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir):
+            if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
+                                               resume):
                 raise UserInputError(conflict)
             lock.acquire()
             if cfg.overwrite_output_dir and resume is None:

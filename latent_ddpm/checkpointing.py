@@ -83,11 +83,18 @@ def clear_run(run_dir: Path) -> None:
             remove_path(path)
 
 
-def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
+def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resumed: Path | None = None
+                        ) -> str | None:
     """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
     `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may. Resuming
-    is always allowed: a run of ours beside the original's files was started with `overwrite`."""
+    (`resumed`, the checkpoint `resume` resolved to) is always allowed: a run of ours beside the original's
+    files was started with `overwrite`. `resume` that finds no checkpoint starts from scratch, which an empty
+    or crashed folder allows but a finished run's (its pipeline/ would be replaced) does not."""
     train_dir = run_dir / "train"
+    if resume is not None and resumed is None and not overwrite and (run_dir / "pipeline").exists():
+        return (f"{run_dir} holds a finished run (pipeline/) and no complete checkpoint to resume, so training "
+                "would start from scratch and replace it; start fresh with --overwrite_output_dir, or choose "
+                "another --output_dir")
     if (list_checkpoints(train_dir) or (run_dir / "pipeline").exists()) and resume is None and not overwrite:
         return (f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, start fresh with "
                 "--overwrite_output_dir, or choose another --output_dir")

@@ -203,3 +203,28 @@ def test_upload_folder_leaves_a_malformed_metrics_json_out_of_the_card(tmp_path)
     (tmp_path / "train" / "metrics.json").write_text(json.dumps({"final_loss": 0.5}))  # a good one is shown
     out = prepare_upload_folder(tmp_path / "pipeline", tmp_path / "upload2", repo_id="me/model")
     assert "| final_loss | 0.5 |" in (out / "README.md").read_text()
+
+
+# ============================================================================ 10. resuming a finished run
+
+
+@pytest.mark.parametrize("damage", ["deleted", "damaged"])
+def test_resume_without_a_usable_checkpoint_keeps_a_finished_run(demo_x, tmp_path, capfd, damage):
+    # --resume_from_checkpoint latest with every checkpoint deleted (or damaged) trained from scratch and replaced
+    # the finished run's pipeline, metrics and figures, with only an INFO line.
+    np.savez(tmp_path / "d.npz", X=demo_x)
+    run = tmp_path / "run"
+    base = ["--train_data", tmp_path / "d.npz", "--output_dir", run, *FAST, "--max_train_steps", "2",
+            "--checkpointing_steps", "2"]
+    assert cli(train.main, base, capfd)[0] == 0
+    for ckpt in (run / "train").glob("checkpoint-*"):
+        if damage == "deleted":
+            shutil.rmtree(ckpt)
+        else:
+            (ckpt / "COMPLETE").unlink()
+    before = snapshot(run)
+    one_line_error(*cli(train.main, [*base, "--resume_from_checkpoint", "latest"], capfd)[::2],
+                   "holds a finished run (pipeline/) and no complete checkpoint to resume", "--overwrite_output_dir")
+    assert snapshot(run) == before
+    shutil.rmtree(run / "pipeline")  # a crashed run's folder: nothing finished to lose, so it starts from scratch
+    assert cli(train.main, [*base, "--resume_from_checkpoint", "latest"], capfd)[0] == 0

@@ -188,7 +188,9 @@ def push_pipeline_to_hub(
             if status in (401, 403):
                 raise UserInputError(f"the hub refused the upload to {repo_id} (HTTP {status}): check that the "
                                      "token is valid and has write access to that namespace") from None
-            raise
+            raise UserInputError(f"the hub answered the upload to {repo_id} with HTTP {status or '?'} "
+                                 f"({first_line(err)[:200]}); check HF_ENDPOINT, or try again later with "
+                                 "latent_ddpm.hub.push_pipeline_to_hub") from None
     url = getattr(commit, "commit_url", None) or str(commit)
     logger.info(f"uploaded {pipeline_dir} to {url}")
     return url

@@ -229,6 +229,11 @@ def test_offline_and_missing_token_are_one_line_errors(run, monkeypatch, capsys)
     (ConnectionError("no route"), "the hub is unreachable"),
     (HfHubHTTPError("401", response=httpx.Response(401, request=httpx.Request("POST", "https://hf.co"))),
      "refused the upload"),
+    # any other status was re-raised: a traceback, and with --push_checkpoints training died mid-run
+    (HfHubHTTPError("500", response=httpx.Response(500, request=httpx.Request("POST", "https://hf.co"))),
+     "answered the upload to user/repo with HTTP 500"),
+    (HfHubHTTPError("404", response=httpx.Response(404, request=httpx.Request("POST", "https://hf.co"))),
+     "with HTTP 404 .*check HF_ENDPOINT"),
 ])
 def test_network_and_auth_failures(run, fake_hub, monkeypatch, error, message):
     def create_repo(self, repo_id, **kwargs):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -67,8 +68,23 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_format_warning_default = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings as one `warning: ...` line (Python's format adds the file, line and source code line,
+    which say nothing to a command's user); everyone else's keep Python's format."""
+    where = Path(filename).resolve()
+    if where.is_relative_to(_PACKAGE_DIR) or where == Path(sys.argv[0]).resolve():
+        return f"warning: {message}\n"
+    return _format_warning_default(message, category, filename, lineno, line)
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a command's `main`, turning `UserInputError` into one line on stderr and exit status 2."""
+    """Run a command's `main`, turning `UserInputError` into one line on stderr and exit status 2; the
+    package's warnings print as one `warning: ...` line each."""
+    warnings.formatwarning = _format_warning
     try:
         return main(argv) or 0
     except UserInputError as err:

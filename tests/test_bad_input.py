@@ -255,3 +255,17 @@ def test_first_line_of_an_error_message():
 
     assert first_line(ValueError("\n  first  \nsecond")) == "first"
     assert first_line(ValueError("")) == "no details"  # the inline splitlines()[0] copies raised IndexError here
+
+
+def test_the_package_warnings_print_as_one_line(monkeypatch):
+    # "skipping damaged checkpoint" and "could not push" printed a second stderr line: train.py's source line.
+    import warnings
+
+    from latent_ddpm import checkpointing, errors
+
+    monkeypatch.setattr(warnings, "formatwarning", errors._format_warning_default)
+    assert run_cli(lambda argv: 0) == 0 and warnings.formatwarning is errors._format_warning
+    ours = warnings.formatwarning("skipping damaged checkpoint", UserWarning, checkpointing.__file__, 7, "code")
+    theirs = warnings.formatwarning("deprecated", FutureWarning, torch.__file__, 7, "code")
+    assert ours == "warning: skipping damaged checkpoint\n"
+    assert theirs.startswith(torch.__file__) and "FutureWarning: deprecated" in theirs

@@ -77,12 +77,14 @@ def files(folder: Path) -> set[str]:
 
 def test_remote_code_is_generated_from_the_package_source():
     code = remote_code_files("0.0.test")
-    unet_src = (PACKAGE_DIR / "unet.py").read_text()
+    unet_src = (PACKAGE_DIR / "unet.py").read_text() + (PACKAGE_DIR / "unet_config.py").read_text()
     hub_unet = code["unet/advanced_unet.py"]
     assert "class AdvancedUNet2DModel(ModelMixin, ConfigMixin):" in hub_unet
+    assert "def validate_config(" in hub_unet and "PRESETS: dict" in hub_unet  # unet_config.py, pasted in
     assert "from_original_checkpoint" not in hub_unet  # imports the package's converter
-    # Everything else is verbatim: each line of the hub copy (past the header) is a line of unet.py.
-    assert set(hub_unet.splitlines()[2:]) <= set(unet_src.splitlines())
+    # Everything else is verbatim: each line of the hub copy (past the header) is a line of unet.py or of the
+    # module it pastes in.
+    assert set(hub_unet.splitlines()[2:]) - {"# Inlined from latent_ddpm/unet_config.py."} <= set(unet_src.splitlines())
     hub_pipe = code["pipeline.py"]
     assert "def __call__" in hub_pipe and "def from_pretrained" not in hub_pipe and "def push_to_hub" not in hub_pipe
     for text in code.values():

@@ -100,13 +100,27 @@ def test_presets_build():
         AdvancedUNet2DModel.from_preset(name, in_channels=3)
     with pytest.raises(ValueError, match="unknown preset"):
         AdvancedUNet2DModel.from_preset("nope")
+    with pytest.raises(ValueError, match="unknown preset"):  # TypeError: unhashable type: 'list'
+        AdvancedUNet2DModel.from_preset(["tiny"])
 
 
 # ---------------------------------------------------------------- invalid configs
 
 INVALID = [
     (dict(in_channels=0), "in_channels"),
-    (dict(down_channels="abc"), "must be lists of integers"),  # a string was read char by char
+    (dict(down_channels="abc"), "down_channels must be a list of integers"),  # a string was read char by char
+    # Wrong types from a JSON --model_config: num_heads 2.0 built and failed only at the first forward (after
+    # --overwrite_output_dir had cleared the old run); "false" flags were true; others gave torch's own errors.
+    (dict(num_heads=2.0), "num_heads must be an integer, got 2.0"),
+    (dict(norm_num_groups=8.0), "norm_num_groups must be an integer"),
+    (dict(in_channels="4"), "in_channels must be an integer"),
+    (dict(down_channels=16), "down_channels must be a list of integers"),
+    (dict(down_sample=("false", "false", "false")), "down_sample must be a list of true/false flags"),
+    (dict(attention_levels=1), "attention_levels must be a list of integers or null"),
+    (dict(attention_levels=(True,)), "attention_levels must be a list of integers or null"),
+    (dict(num_class_embeds=True), "num_class_embeds must be an integer or null"),
+    (dict(dropout="0.1"), "dropout must be a number"),
+    (dict(sample_size=8.0), "sample_size must be an integer or a list of two"),
     (dict(down_channels=(8,), mid_channels=(8, 8), down_sample=()), "down_channels needs at least 2"),
     (dict(mid_channels=(16,)), "mid_channels needs at least 2"),
     (dict(mid_channels=(8, 16)), r"mid_channels\[0\]"),

@@ -38,6 +38,8 @@ REWRITES = {
         "# Hub copy: diffusers loads the UNet class from unet/advanced_unet.py; annotate with its base class.\n"
         "from diffusers.models.modeling_utils import ModelMixin as AdvancedUNet2DModel"
     ),
+    # The UNet's presets and config checks: a module of plain Python, pasted in whole.
+    "from .unet_config import PRESETS, check_types, downsample_factor, validate_config": "INLINE unet_config.py",
 }
 
 # diffusers' own test for relative imports (dynamic_modules_utils.get_relative_imports).
@@ -59,7 +61,10 @@ def hub_source(filename: str, version: str) -> str:
             statement = "".join(lines[node.lineno - 1: node.end_lineno]).strip()
             if statement not in REWRITES:
                 raise RuntimeError(f"latent_ddpm/{filename}: no hub rewrite for {statement!r} (see REWRITES)")
-            replace[node.lineno - 1] = (node.end_lineno, REWRITES[statement] + "\n")
+            rewrite = REWRITES[statement]
+            if rewrite.startswith("INLINE "):
+                rewrite = _module_body(rewrite.removeprefix("INLINE "))
+            replace[node.lineno - 1] = (node.end_lineno, rewrite + "\n")
         for item in node.body if isinstance(node, ast.ClassDef) else [node]:
             if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _imports_package(item):
                 start, end = _with_comments_above(lines, item), item.end_lineno
@@ -79,6 +84,17 @@ def hub_source(filename: str, version: str) -> str:
     result = header + "".join(out)
     _check(result, filename)
     return result
+
+
+def _module_body(filename: str) -> str:
+    """`latent_ddpm/<filename>` without its docstring and `from __future__` import (they must open a file),
+    to paste into a hub copy in place of the import of it."""
+    text = (PACKAGE_DIR / filename).read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    body = ast.parse(text).body
+    keep = [n for n in body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+            and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    return f"# Inlined from latent_ddpm/{filename}.\n" + "".join(lines[keep[0].lineno - 1:]).rstrip()
 
 
 def _imports_package(node: ast.AST) -> bool:

@@ -40,6 +40,7 @@ from latent_ddpm.sampling import (
     PIPELINE_SUBDIR,
     SCHEDULERS,
     ArgParser,
+    checkpoint_of,
     configure_scheduler,
     default_output,
     distributed_state,
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         model = str(locate_run(args.latent, args.runs_dir, args.n_dim, args.num_inference_steps, args.lbeta,
                                args.ubeta) / PIPELINE_SUBDIR)
-    output = Path(args.output) if args.output else default_output(run_dir_of(model), args.seed, args.num_samples)
+    output = Path(args.output) if args.output else default_output(run_dir_of(model), args.seed, args.num_samples,
+                                                                   checkpoint_of(model))
     if output.suffix != ".npz":
         raise UserInputError(f"--output {output} must end in .npz")
     if output.is_dir():

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -335,14 +336,27 @@ def locate_run(latent: str | os.PathLike, runs_dir: str | os.PathLike = "runs", 
     return found[0][1]
 
 
-def run_dir_of(model: str) -> Path:
-    """The run folder that owns a pipeline: `<run>/pipeline` -> `<run>`; a hub id -> `runs/<owner>--<name>`."""
+def checkpoint_of(model: str) -> str | None:
+    """`checkpoint-N` when `model` is a training checkpoint's pipeline (`<run>/train/checkpoint-N/pipeline`,
+    written by --push_checkpoints), else None."""
     path = Path(model)
+    is_checkpoint = re.fullmatch(r"checkpoint-\d+", path.parent.name) and path.parent.parent.name == "train"
+    return path.parent.name if path.name == PIPELINE_SUBDIR and is_checkpoint and path.is_dir() else None
+
+
+def run_dir_of(model: str) -> Path:
+    """The run folder that owns a pipeline: `<run>/pipeline` and `<run>/train/checkpoint-N/pipeline` ->
+    `<run>`; a hub id -> `runs/<owner>--<name>`."""
+    path = Path(model)
+    if checkpoint_of(model):
+        return path.parents[2]
     if path.is_dir():
         return path.parent if path.name == PIPELINE_SUBDIR else path
     return Path("runs") / model.replace("/", "--")
 
 
-def default_output(run_dir: Path, seed: int, num_samples: int) -> Path:
-    """The original's output path: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz`."""
-    return run_dir / GENERATED_SUBDIR / f"seed_{seed}" / f"samples_{seed}_{num_samples}.npz"
+def default_output(run_dir: Path, seed: int, num_samples: int, checkpoint: str | None = None) -> Path:
+    """The original's output path: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz`; a checkpoint's samples
+    go to `<run>/generated/checkpoint-N/seed_<seed>/...`, outside the checkpoint, which rotation deletes."""
+    folder = run_dir / GENERATED_SUBDIR / (checkpoint or "")
+    return folder / f"seed_{seed}" / f"samples_{seed}_{num_samples}.npz"

@@ -20,7 +20,7 @@ from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, convert_origina
 from latent_ddpm.demo import make_demo_latents
 from latent_ddpm.errors import UserInputError, run_cli
 from latent_ddpm.hub import prepare_upload_folder
-from latent_ddpm.sampling import locate_run
+from latent_ddpm.sampling import checkpoint_of, default_output, locate_run, run_dir_of
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -228,3 +228,18 @@ def test_resume_without_a_usable_checkpoint_keeps_a_finished_run(demo_x, tmp_pat
     assert snapshot(run) == before
     shutil.rmtree(run / "pipeline")  # a crashed run's folder: nothing finished to lose, so it starts from scratch
     assert cli(train.main, [*base, "--resume_from_checkpoint", "latest"], capfd)[0] == 0
+
+
+def test_samples_of_a_checkpoints_pipeline_go_outside_the_checkpoint(tmp_path):
+    # sample.py wrote them into <run>/train/checkpoint-N/generated/, which checkpoint rotation (or
+    # --overwrite_output_dir) deleted with the checkpoint.
+    ckpt_pipe = tmp_path / "run" / "train" / "checkpoint-2" / "pipeline"
+    ckpt_pipe.mkdir(parents=True)
+    (tmp_path / "run" / "pipeline").mkdir()
+    model = str(ckpt_pipe)
+    assert run_dir_of(model) == tmp_path / "run" and checkpoint_of(model) == "checkpoint-2"
+    assert default_output(run_dir_of(model), 7, 4, checkpoint_of(model)) == (
+        tmp_path / "run" / "generated" / "checkpoint-2" / "seed_7" / "samples_7_4.npz")
+    final = str(tmp_path / "run" / "pipeline")  # the final pipeline keeps the original's layout
+    assert checkpoint_of(final) is None
+    assert default_output(run_dir_of(final), 7, 4) == tmp_path / "run" / "generated" / "seed_7" / "samples_7_4.npz"

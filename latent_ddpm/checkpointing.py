@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+#: What a resume reads from STATE_FILE, and its JSON type.
+STATE_KEYS = {"global_step": int, "history": dict, "lr_scheduler": dict, "noise_generator": list}
 EMA_FILE = "ema.safetensors"
 LOCK_FILE = ".lock"
 #: Where checkpoints of an abandoned timeline go when an older checkpoint is resumed (under the train folder).
@@ -124,10 +126,16 @@ def checkpoint_problem(path: Path) -> str | None:
                 return f"{name} is missing"
             if (path / name).stat().st_size != size:
                 return f"{name} is {(path / name).stat().st_size} bytes, the marker says {size} (truncated?)"
-        json.loads((path / STATE_FILE).read_text())
+        state = json.loads((path / STATE_FILE).read_text())
+        if missing := [name for name in _required_files(state) if not (path / name).is_file()]:
+            return f"{missing[0]} is missing"
+        if bad := [key for key, kind in STATE_KEYS.items() if not isinstance(state.get(key), kind)
+                   or isinstance(state.get(key), bool)]:
+            return f"{STATE_FILE} has no valid '{bad[0]}' (not a checkpoint this package wrote?)"
         for file in sorted(path.iterdir()):
-            if file.suffix == ".safetensors":
-                load_file(file)
+            if file.suffix == ".safetensors":  # training stops before weights turn NaN/Inf: such weights are damage
+                if bad := next((k for k, t in load_file(file).items() if not torch.isfinite(t).all()), None):
+                    return f"{file.name} holds non-finite values ({bad})"
             elif file.suffix in (".bin", ".pkl", ".pt"):
                 from accelerate.utils import load as safe_torch_load  # weights_only=True + numpy RNG types
 
@@ -135,6 +143,12 @@ def checkpoint_problem(path: Path) -> str | None:
     except Exception as err:  # noqa: BLE001 - any damage means "not usable"
         return f"{type(err).__name__}: {first_line(err)[:200]}"
     return None
+
+
+def _required_files(state) -> list[str]:
+    """What every checkpoint holds, whatever its marker lists (an older marker, "ok", lists nothing)."""
+    ema = isinstance(state, dict) and "ema" in state
+    return ["model.safetensors", "optimizer.bin", "random_states_0.pkl", *([EMA_FILE] if ema else [])]
 
 
 def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
@@ -223,6 +237,18 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
     seed) and the objective (`OBJECTIVE_SETTINGS`). A setting the checkpoint does not record (an older one)
     is not compared."""
     state = json.loads((path / STATE_FILE).read_text())
+    saved = state.get("model_config")
+    if saved is not None:  # first: a model change (e.g. --class_conditional) also changes run settings it implies
+        current = json.loads(json.dumps(model_config))  # tuples -> lists, as saved
+        if (saved.get("num_class_embeds") is None) != (current.get("num_class_embeds") is None):
+            was = "without" if saved.get("num_class_embeds") is None else "with"
+            raise UserInputError(f"--class_conditional: {path} was trained {was} class conditioning; resume with the "
+                                 "same --class_conditional setting, or start a new --output_dir")
+        diff = sorted(k for k in set(saved) | set(current) if not k.startswith("_") and saved.get(k) != current.get(k))
+        if diff:
+            details = ", ".join(f"{k}={saved.get(k)} there vs {current.get(k)} now" for k in diff[:3])
+            raise UserInputError(f"--resume_from_checkpoint: {path} was trained with another model ({details}); "
+                                 f"use the same data, --preset and --model_config, or another --output_dir")
     settings = state.get("run_settings") or {}
     current = json.loads(json.dumps(run_settings or {}))  # as it would be saved
     changed = [k for k in current if k in settings and settings[k] != current[k]]
@@ -231,15 +257,6 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
         raise UserInputError(f"--resume_from_checkpoint: {path} was made with other settings ({details}); resume "
                              f"with the same ones (a resumed run continues the same data order, noise and "
                              f"objective), or start a new --output_dir")
-    saved = state.get("model_config")
-    if saved is None:
-        return
-    current = json.loads(json.dumps(model_config))  # tuples -> lists, as saved
-    diff = sorted(k for k in set(saved) | set(current) if not k.startswith("_") and saved.get(k) != current.get(k))
-    if diff:
-        details = ", ".join(f"{k}={saved.get(k)} there vs {current.get(k)} now" for k in diff[:3])
-        raise UserInputError(f"--resume_from_checkpoint: {path} was trained with another model ({details}); "
-                             f"use the same data, --preset and --model_config, or another --output_dir")
 
 
 def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=None, limit: int | None = None) -> Path:

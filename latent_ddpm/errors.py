@@ -76,7 +76,8 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     """Our own warnings as one `warning: ...` line (Python's format adds the file, line and source code line,
     which say nothing to a command's user); everyone else's keep Python's format."""
     where = Path(filename).resolve()
-    if where.is_relative_to(_PACKAGE_DIR) or where == Path(sys.argv[0]).resolve():
+    top_floor = where.name in ("train.py", "sample.py") and (where.parent / "latent_ddpm").is_dir()
+    if where.is_relative_to(_PACKAGE_DIR) or top_floor or where == Path(sys.argv[0]).resolve():
         return f"warning: {message}\n"
     return _format_warning_default(message, category, filename, lineno, line)
 

@@ -243,3 +243,36 @@ def test_samples_of_a_checkpoints_pipeline_go_outside_the_checkpoint(tmp_path):
     final = str(tmp_path / "run" / "pipeline")  # the final pipeline keeps the original's layout
     assert checkpoint_of(final) is None
     assert default_output(run_dir_of(final), 7, 4) == tmp_path / "run" / "generated" / "seed_7" / "samples_7_4.npz"
+
+
+@pytest.mark.parametrize("damage", ["old_marker_missing_optimizer", "old_marker_missing_ema", "state_without_step",
+                                    "nan_weights"])
+def test_damage_the_marker_does_not_list_is_skipped(demo_x, tmp_path, capfd, damage):
+    # An older marker ("ok") lists no files, so a missing optimizer.bin or ema.safetensors passed the check and
+    # accelerate's load_state / load_file raised a traceback; so did a trainer_state.json without global_step.
+    from latent_ddpm.checkpointing import checkpoint_problem
+
+    np.savez(tmp_path / "d.npz", X=demo_x)
+    run = tmp_path / "run"
+    base = ["--train_data", tmp_path / "d.npz", "--output_dir", run, *FAST, "--checkpointing_steps", "1"]
+    assert cli(train.main, [*base, "--max_train_steps", "2"], capfd)[0] == 0
+    ckpt = run / "train" / "checkpoint-2"
+    if damage == "nan_weights":  # same size, so the marker's sizes match; resumed, the run blamed the learning rate
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(ckpt / "model.safetensors")
+        save_file({k: torch.full_like(t, float("nan")) for k, t in weights.items()}, ckpt / "model.safetensors")
+    elif damage == "state_without_step":
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "global_step": "2"}))
+        (ckpt / "COMPLETE").write_text("ok")
+    else:
+        (ckpt / "COMPLETE").write_text("ok")
+        (ckpt / ("optimizer.bin" if damage == "old_marker_missing_optimizer" else "ema.safetensors")).unlink()
+    assert checkpoint_problem(ckpt) is not None
+    assert checkpoint_problem(run / "train" / "checkpoint-1") is None
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*checkpoint-2"):
+        code, out, err = cli(train.main, [*base, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"],
+                             capfd)
+    assert code == 0, err[-3000:]
+    assert "checkpoint-1 at step 1" in out, out[-3000:]

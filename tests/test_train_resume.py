@@ -177,6 +177,21 @@ def test_resume_with_the_same_objective_is_allowed(tmp_path):
                                        "beta_schedule", "beta_start", "beta_end"}
 
 
+def test_resume_with_class_conditioning_toggled_names_it(tmp_path):
+    # It was reported as "cond_drop_prob=None there vs 0.1 now", a setting the user had not touched.
+    from latent_ddpm.checkpointing import check_resume_compatible, objective_settings
+    from latent_ddpm.config import TrainConfig
+
+    folder = tmp_path / "checkpoint-2"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps({
+        "global_step": 2, "run_settings": objective_settings(TrainConfig()),
+        "model_config": {"in_channels": 4, "num_class_embeds": None}}))
+    with pytest.raises(UserInputError, match="^--class_conditional: .* was trained without class conditioning"):
+        check_resume_compatible(folder, {"in_channels": 4, "num_class_embeds": 3},
+                                objective_settings(TrainConfig(class_conditional=True)))
+
+
 def test_train_refuses_to_resume_with_another_snr_floor(data, tmp_path, capfd):
     from latent_ddpm.errors import run_cli
 

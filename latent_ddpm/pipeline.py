@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -73,6 +74,43 @@ def default_inference_steps(scheduler: SchedulerMixin) -> int:
 def default_scheduler(**overrides) -> DDPMScheduler:
     """A `DDPMScheduler` with the project's defaults (see `DEFAULT_SCHEDULER_CONFIG`)."""
     return DDPMScheduler(**{**DEFAULT_SCHEDULER_CONFIG, **overrides})
+
+
+def _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents,
+                channels: int) -> None:
+    """`LatentDDPMPipeline.__call__`'s arguments, checked up front: a ValueError/TypeError naming the argument
+    (left to torch and diffusers, -1 steps returned the starting noise undenoised, float labels were
+    truncated, and the rest failed deep inside with messages that do not name the argument)."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if latents is None and not (is_int(batch_size) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if num_inference_steps is not None and not (is_int(num_inference_steps) and num_inference_steps >= 1):
+        raise ValueError(f"num_inference_steps must be an int >= 1 (or None for the default), got "
+                         f"{num_inference_steps!r}")
+    gens = generator if isinstance(generator, list) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    if class_labels is not None:
+        try:
+            labels = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"class_labels must be integer class ids, got {class_labels!r} ({err})") from None
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"class_labels must be integer class ids, got {labels.dtype} values")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
+            guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if guidance_scale != 1.0 and class_labels is None:
+        raise ValueError("guidance_scale needs class_labels (guidance steers each sample towards its class); "
+                         "leave it at 1.0 for unconditional sampling")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
+    if latents is not None and not (isinstance(latents, torch.Tensor) and latents.ndim == 4
+                                    and latents.shape[1] == channels and latents.shape[0] >= 1):
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), got {shape}")
 
 
 class LatentDDPMPipeline(DiffusionPipeline):
@@ -171,6 +209,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
         unet, device = self.unet, self._execution_device
         c, size = unet.config.in_channels, unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
+        _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents, c)
         if latents is not None:
             batch_size = latents.shape[0]
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -183,7 +222,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
         # 1. Class labels; with guidance the batch is [conditional, unconditional].
         labels = None
         if unet.config.num_class_embeds is not None and class_labels is not None:
-            labels = torch.as_tensor(class_labels, device=device, dtype=torch.long).reshape(-1)
+            labels = torch.as_tensor(class_labels, device=device).reshape(-1).long()  # integers (_check_call)
             if labels.shape[0] != batch_size:
                 raise ValueError(f"got {labels.shape[0]} class_labels for a batch of {batch_size}")
             bad = (labels < 0) | (labels >= unet.config.num_class_embeds)

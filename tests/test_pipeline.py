@@ -108,6 +108,33 @@ SCHEDULERS = [(DDIMScheduler, {}), (DPMSolverMultistepScheduler, {}), (EulerDisc
               (DDPMScheduler, {})]
 
 
+BAD_CALLS = [  # each failed inside torch/diffusers with a message not naming the argument, or silently
+    (dict(batch_size=-1), ValueError, "batch_size must be an int >= 1"),
+    (dict(batch_size=2.0), ValueError, "batch_size must be an int >= 1"),
+    (dict(batch_size=0), ValueError, "batch_size must be an int >= 1"),  # an empty array
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps must be an int >= 1"),  # ZeroDivisionError
+    (dict(num_inference_steps=-1), ValueError, "num_inference_steps must be"),  # the noise, undenoised
+    (dict(num_inference_steps=2.5), ValueError, "num_inference_steps must be"),  # 3 steps
+    (dict(generator=0), TypeError, "generator must be a torch.Generator"),
+    (dict(class_labels=[0.7, 1.9]), ValueError, "class_labels must be integer class ids"),  # truncated to 0, 1
+    (dict(class_labels=[True, False]), ValueError, "class_labels must be integer class ids"),
+    (dict(class_labels=["a", "b"]), ValueError, "class_labels must be integer class ids"),
+    (dict(class_labels=[0, 1], guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
+    (dict(class_labels=[0, 1], guidance_scale="3"), ValueError, "guidance_scale must be a finite"),
+    (dict(guidance_scale=3.0), ValueError, "guidance_scale needs class_labels"),  # silently ignored
+    (dict(eta=-1.0), ValueError, "eta must be a number in"),
+    (dict(latents=np.zeros((2, 2, 8, 8), np.float32)), ValueError, "latents must be a torch.Tensor"),
+    (dict(latents=torch.zeros(2, 3, 8, 8)), ValueError, r"latents must be a torch.Tensor of shape \(B, 2, H, W\)"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_CALLS, ids=[m + str(k) for k, _, m in BAD_CALLS])
+def test_bad_call_arguments_are_named(make_pipe, kwargs, error, message):
+    pipe = make_pipe(num_class_embeds=3)
+    with pytest.raises(error, match=message):
+        pipe(**{"batch_size": 2, "num_inference_steps": 2, **kwargs})
+
+
 @pytest.mark.parametrize("cls, kw", SCHEDULERS, ids=[c.__name__ + "".join(f"-{v}" for v in k.values())
                                                      for c, k in SCHEDULERS])
 def test_scheduler_swap_via_from_config(make_pipe, cls, kw):

@@ -207,6 +207,8 @@ class TrainConfig:
         need(1 <= self.ddp_timeout <= MAX_DDP_TIMEOUT_S, "ddp_timeout",
              f"must be 1..{MAX_DDP_TIMEOUT_S} seconds (30 days), got {self.ddp_timeout}")
         need(not self.push_to_hub or bool(self.hub_model_id), "hub_model_id", "is required with --push_to_hub")
+        for flag in ("hub_model_id", "hub_private_repo", "hub_token", "push_checkpoints"):  # else silently unused
+            need(self.push_to_hub or not getattr(self, flag), flag, "only applies with --push_to_hub; add it to upload")
         if self.report_to in ("wandb", "tensorboard"):  # accelerate would only warn, and the run track nothing
             from accelerate.utils import is_tensorboard_available, is_wandb_available
 

@@ -300,3 +300,12 @@ def test_train_py_names_a_divergence_in_the_log(data, tmp_path, capsys, monkeypa
         assert run(["--latent", str(data), "--max_train_steps", "60", "--output_dir", str(tmp_path / str(factor)),
                     "--lr_warmup_steps", "5", *FAST]) == 0
         assert capsys.readouterr().out.count("training has likely diverged") == expected  # train.py logs to stdout
+
+
+@pytest.mark.parametrize("flags", [["--push_checkpoints"], ["--hub_model_id", "me/x"], ["--hub_private_repo"],
+                                   ["--hub_token", "hf_x"]])
+def test_hub_flags_without_push_to_hub_are_refused(data, flags):
+    # They were silently ignored: the run trained and uploaded nothing.
+    with pytest.raises(UserInputError, match=f"{flags[0]}: only applies with --push_to_hub"):
+        parse_train_args(["--latent", str(data), *flags])
+    assert parse_train_args(["--latent", str(data), *flags, "--push_to_hub", "--hub_model_id", "me/x"]).push_to_hub

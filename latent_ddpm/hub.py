@@ -262,8 +262,11 @@ def _download(repo_id: str, kwargs: dict[str, Any]) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=DOWNLOAD_PATTERNS, **hub_kwargs)
     except (LocalEntryNotFoundError, *_NETWORK_ERRORS) as err:
-        raise UserInputError(f"{repo_id} is not in the local Hugging Face cache and the hub is unreachable "
-                             f"({type(err).__name__}); connect, or unset HF_HUB_OFFLINE") from None
+        offline = "unset HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0") else (
+            "connect to the network")
+        raise UserInputError(f"{repo_id}: no such folder, and as a hub id it is not in the local Hugging Face cache "
+                             f"and the hub is unreachable ({type(err).__name__}); check the path, or {offline}"
+                             ) from None
 
 
 def _read_model_index(folder: Path) -> dict[str, Any]:

@@ -96,6 +96,8 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
     try:
         with _diffusers_logs_on_success():
             pipe = LatentDDPMPipeline.from_pretrained(model, use_safetensors=True)  # never pickled .bin weights
+    except UserInputError as err:  # already one line (the hub, a malformed model_index.json)
+        raise UserInputError(f"--model {err}" if str(err).startswith(model) else f"--model {model}: {err}") from None
     except Exception as err:  # noqa: BLE001 - hub, file and config errors all mean "cannot load this"
         raise UserInputError(f"--model {model}: cannot load the pipeline ({type(err).__name__}: "
                              f"{first_line(err)})") from err

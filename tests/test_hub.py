@@ -146,12 +146,24 @@ def hub_cache(run, tmp_path, monkeypatch) -> Path:
     return tmp_path / "hf"
 
 
-def test_load_repo_id_offline_with_the_package(run, hub_cache):
+def test_load_repo_id_offline_with_the_package(run, hub_cache, monkeypatch):
     pipe = LatentDDPMPipeline.from_pretrained(REPO)
     assert type(pipe.unet) is AdvancedUNet2DModel and pipe.name_or_path == REPO
     np.testing.assert_allclose(sample(pipe), run["expected"], rtol=1e-5, atol=1e-5)
     with pytest.raises(UserInputError, match="not in the local Hugging Face cache"):
         LatentDDPMPipeline.from_pretrained("user/missing")
+    # A mistyped local folder shaped like owner/name: sample.py wrapped the hub's error in its own ("cannot load
+    # the pipeline (UserInputError: ...") and blamed HF_HUB_OFFLINE whether or not it was set.
+    from latent_ddpm.sampling import load_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserInputError) as info:
+        load_pipeline("runs/typo")
+    assert str(info.value).startswith("--model runs/typo: no such folder") and "UserInputError" not in str(info.value)
+    assert str(info.value).endswith("check the path, or unset HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(UserInputError, match="check the path, or connect to the network$"):
+        load_pipeline("runs/typo")
 
 
 def test_load_repo_id_offline_with_diffusers_only(run, hub_cache, tmp_path):

@@ -82,8 +82,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--output", help="output .npz (default: <run>/generated/seed_<seed>/samples_<seed>_<n>.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no_grid", action="store_true", help="do not write the PNG preview grid")
-    p.add_argument("--decode", action="store_true", help="also decode to PNG images with the pipeline's vae, "
-                   "else --vae, else the autoencoder named in the training data's encoding.json")
+    p.add_argument("--decode", action="store_true", help="also decode to PNG images with --vae, else the "
+                   "pipeline's vae, else the autoencoder named in the training data's encoding.json")
     p.add_argument("--vae", default=None, help="autoencoder folder or hub id for --decode (implies --decode)")
     p.add_argument("--vae_subfolder", default=None, help="subfolder of --vae holding the autoencoder")
     original = p.add_argument_group("the original project's flags (to locate runs/<stem>_ddpm_<n_dim>_<n_steps>_"
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None = None):
     original.add_argument("--n_dim", type=int, help="latent channels in the run folder name")
     original.add_argument("--lbeta", type=float, help="first beta in the run folder name")
     original.add_argument("--ubeta", type=float, help="last beta in the run folder name")
-    original.add_argument("--runs_dir", default="runs", help="where run folders live (default runs)")
+    original.add_argument("--runs_dir", default=None, help="where run folders live (default runs)")
     original.add_argument("--mode", choices=("sample",), help="accepted for compatibility (train with train.py)")
     args = p.parse_args(argv)
     for flag in ("num_samples", "batch_size", "num_inference_steps"):
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None):
         raise UserInputError(f"--seed must be >= 0, got {args.seed}")
     if args.model is None and args.latent is None:
         raise UserInputError("pass --model DIR_OR_HUB_ID (a saved pipeline) or the original's --latent FILE")
-    located_by = [f"--{f}" for f in ("latent", "n_dim", "lbeta", "ubeta") if getattr(args, f) is not None]
+    located_by = [f"--{f}" for f in ("latent", "n_dim", "lbeta", "ubeta", "runs_dir") if getattr(args, f) is not None]
     if args.model is not None and located_by:  # they would be ignored
         raise UserInputError(f"{' '.join(located_by)}: only used to find a run folder, which --model already names; "
                              "drop them or --model")
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Where the model is and where the samples go; refuse to overwrite before any work.
     model = args.model
     if model is None:
-        model = str(locate_run(args.latent, args.runs_dir, args.n_dim, args.num_inference_steps, args.lbeta,
+        model = str(locate_run(args.latent, args.runs_dir or "runs", args.n_dim, args.num_inference_steps, args.lbeta,
                                args.ubeta) / PIPELINE_SUBDIR)
     output = Path(args.output) if args.output else default_output(run_dir_of(model), args.seed, args.num_samples,
                                                                    checkpoint_of(model))

@@ -193,6 +193,7 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     (["--seed", "-3"], "--seed must be >= 0"),
     # Flags that would be ignored: the original's run-locating flags beside --model, a subfolder without --vae.
     (["--n_dim", "4", "--lbeta", "0.0001"], "--n_dim --lbeta: only used to find a run folder"),
+    (["--runs_dir", "elsewhere"], "--runs_dir: only used to find a run folder"),  # was silently ignored
     (["--vae_subfolder", "vae"], "--vae_subfolder needs --vae"),
     (["--output", ".npz"], "name the .npz file to write"),
     (["--output", ""], "name the .npz file to write"),  # was the default output path, silently

@@ -221,8 +221,7 @@ def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: 
     kwargs.pop("trust_remote_code", None)  # the package's code is used; nothing remote runs
     kwargs.pop("custom_pipeline", None)
     folder = path if os.path.isdir(path) else _download(path, kwargs)
-    index = json.loads((Path(folder) / "model_index.json").read_text()) if os.path.isfile(
-        os.path.join(folder, "model_index.json")) else {}
+    index = _read_model_index(Path(folder)) if os.path.isfile(os.path.join(folder, "model_index.json")) else {}
     if index.get("unet") != UNET_ENTRY:  # save_pretrained's layout: diffusers loads it as usual
         pipe = DiffusionPipeline.from_pretrained.__func__(cls, folder, **kwargs)
         pipe.register_to_config(_name_or_path=path)
@@ -233,7 +232,11 @@ def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: 
     unet = kwargs.pop("unet", None) or AdvancedUNet2DModel.from_pretrained(folder, subfolder="unet", **model_kwargs)
     scheduler = kwargs.pop("scheduler", None)
     if scheduler is None:
-        library, name = index["scheduler"]
+        entry = index.get("scheduler")
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            raise UserInputError(f"{path}: model_index.json's scheduler entry must be [library, class name], got "
+                                 f"{entry!r}; save the pipeline again")
+        library, name = entry
         scheduler_cls = getattr(diffusers, name, None) if library == "diffusers" else None
         if scheduler_cls is None:
             raise UserInputError(f"{path}: model_index.json names an unknown scheduler {library}.{name}")

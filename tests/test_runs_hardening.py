@@ -189,6 +189,21 @@ def test_upload_folder_malformed_model_index(tmp_path, text):
     assert not (tmp_path / "upload").exists()
 
 
+@pytest.mark.parametrize("mutate", [lambda i: {k: v for k, v in i.items() if k != "scheduler"},
+                                    lambda i: {**i, "scheduler": "DDPMScheduler"}, lambda i: [1, 2]],
+                         ids=["no-scheduler", "scheduler-a-string", "a-list"])
+def test_loading_an_upload_folder_with_a_malformed_model_index(tmp_path, mutate):
+    # KeyError: 'scheduler', "too many values to unpack" and "'list' object has no attribute 'get'" before.
+    torch.manual_seed(0)
+    pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel(**TINY_PIPE_UNET), scheduler=default_scheduler())
+    pipe.save_pretrained(tmp_path / "pipeline", safe_serialization=True)
+    upload = prepare_upload_folder(tmp_path / "pipeline", tmp_path / "upload", repo_id="me/model")
+    index = json.loads((upload / "model_index.json").read_text())
+    (upload / "model_index.json").write_text(json.dumps(mutate(index)))
+    with pytest.raises(UserInputError, match=r"model_index\.json"):
+        LatentDDPMPipeline.from_pretrained(upload)
+
+
 def test_upload_folder_leaves_a_malformed_metrics_json_out_of_the_card(tmp_path):
     torch.manual_seed(0)
     pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel(**TINY_PIPE_UNET), scheduler=default_scheduler())

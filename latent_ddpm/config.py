@@ -215,6 +215,7 @@ class TrainConfig:
             need(bool((is_wandb_available if self.report_to == "wandb" else is_tensorboard_available)()), "report_to",
                  f"{self.report_to} is not installed; pip install {self.report_to}, or pass --report_to none")
         for flag in ("train_data", "output_dir", "resume_from_checkpoint"):  # before any file-system call trips
+            need(getattr(self, flag) != "", flag, "is empty; name a path (an empty one means the current folder)")
             need(not _name_too_long(getattr(self, flag)), flag, "the path (or one of its names) is too long for "
                  "the file system; use a shorter one")
         overrides = self.model_overrides()  # parses --model_config

@@ -89,7 +89,16 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
     path = Path(model)
     if path.exists():
         if not (path / "model_index.json").is_file():
-            hint = f"; did you mean {path / PIPELINE_SUBDIR}?" if (path / PIPELINE_SUBDIR).is_dir() else ""
+            if path.is_file():
+                hint = f"; pass the folder that holds it, {path.parent}" if path.name == "model_index.json" else (
+                    "; pass a pipeline folder (it holds model_index.json), not a file")
+            elif (path / PIPELINE_SUBDIR).is_dir():
+                hint = f"; did you mean {path / PIPELINE_SUBDIR}?"
+            elif (path / "trainer_state.json").is_file():
+                hint = (f"; it is a training checkpoint (resume it with train.py), the run's pipeline is "
+                        f"{path.parent.parent / PIPELINE_SUBDIR}")
+            else:
+                hint = ""
             raise UserInputError(f"--model {model}: not a saved pipeline (no model_index.json){hint}")
     elif not is_hub_id(model):
         raise UserInputError(f"--model {model}: no such folder (and not a hub id of the form owner/name)")

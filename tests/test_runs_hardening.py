@@ -291,3 +291,19 @@ def test_damage_the_marker_does_not_list_is_skipped(demo_x, tmp_path, capfd, dam
                              capfd)
     assert code == 0, err[-3000:]
     assert "checkpoint-1 at step 1" in out, out[-3000:]
+
+
+def test_a_model_that_is_a_checkpoint_or_a_file_gets_a_hint(tmp_path):
+    from latent_ddpm.sampling import load_pipeline
+
+    ckpt = tmp_path / "run" / "train" / "checkpoint-6"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (tmp_path / "model_index.json").write_text("{}")
+    cases = {ckpt: f"a training checkpoint (resume it with train.py), the run's pipeline is {tmp_path / 'run'}",
+             tmp_path / "model_index.json": f"pass the folder that holds it, {tmp_path}",
+             ckpt / "trainer_state.json": "pass a pipeline folder (it holds model_index.json), not a file"}
+    for model, hint in cases.items():
+        with pytest.raises(UserInputError, match="not a saved pipeline") as info:
+            load_pipeline(str(model))
+        assert hint in str(info.value), info.value

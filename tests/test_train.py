@@ -302,6 +302,14 @@ def test_train_py_names_a_divergence_in_the_log(data, tmp_path, capsys, monkeypa
         assert capsys.readouterr().out.count("training has likely diverged") == expected  # train.py logs to stdout
 
 
+@pytest.mark.parametrize("flag", ["--train_data", "--output_dir", "--resume_from_checkpoint"])
+def test_empty_paths_are_refused(data, flag):
+    # --resume_from_checkpoint "" said ":  is not a complete checkpoint folder", having checked the current folder.
+    argv = ["--latent", str(data), flag, ""] if flag != "--train_data" else [flag, ""]
+    with pytest.raises(UserInputError, match=f"^{flag}: is empty"):
+        parse_train_args(argv)
+
+
 @pytest.mark.parametrize("flags", [["--push_checkpoints"], ["--hub_model_id", "me/x"], ["--hub_private_repo"],
                                    ["--hub_token", "hf_x"]])
 def test_hub_flags_without_push_to_hub_are_refused(data, flags):

@@ -293,6 +293,11 @@ class AdvancedUNet2DModel(ModelMixin, ConfigMixin):
         if self.class_embedding is not None:
             if class_labels is None:
                 class_labels = torch.full((b,), self.null_class_label, device=sample.device, dtype=torch.long)
+            class_labels = torch.as_tensor(class_labels, device=sample.device)
+            if class_labels.shape != (b,) or class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+                # shape and dtype only: a range check would synchronise with the device at every step
+                raise ValueError(f"class_labels must be ({b},) integer ids in 0..{self.null_class_label} (the last "
+                                 f"is 'no class'), got {class_labels.dtype} of shape {tuple(class_labels.shape)}")
             emb = emb + self.class_embedding(class_labels.to(sample.device).long()).to(emb.dtype)
         elif class_labels is not None:
             raise ValueError("class_labels given, but the model is unconditional (num_class_embeds=None)")

@@ -101,6 +101,13 @@ def test_latents_mean_std_denormalisation(make_pipe, mean, std):
 def test_latents_stats_of_the_wrong_length_are_refused(make_pipe):
     with pytest.raises(ValueError, match="latents_mean has 3 values"):
         make_pipe(latents_mean=[0.0, 1.0, 2.0])(num_inference_steps=1)
+    # "could not convert string to float: 'abc'", naming neither; a zero or NaN std silently broke the output
+    with pytest.raises(ValueError, match="latents_std must be a number or a list of numbers"):
+        make_pipe(latents_std="abc")
+    with pytest.raises(ValueError, match=r"latents_std must be finite and > 0, got \[1.0, 0.0\]"):
+        make_pipe(latents_std=[1.0, 0.0])
+    with pytest.raises(ValueError, match="latents_mean must be finite"):
+        make_pipe(latents_mean=[float("nan"), 0.0])
 
 
 SCHEDULERS = [(DDIMScheduler, {}), (DPMSolverMultistepScheduler, {}), (EulerDiscreteScheduler, {}),

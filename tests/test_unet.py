@@ -189,6 +189,11 @@ def test_class_labels_condition_the_output(make_unet):
     assert model.null_class_label == 3
     with pytest.raises(ValueError, match="unconditional"):
         make_unet()(x, t, class_labels=torch.tensor([0, 0]))
+    # A wrong length broadcast or failed in an add, floats were truncated, a list had no .to()
+    for bad in (torch.tensor([0, 1, 2]), torch.tensor([0.7, 1.2]), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match=r"class_labels must be \(2,\) integer ids in 0..3"):
+            model(x, t, class_labels=bad)
+    assert torch.equal(model(x, t, class_labels=[0, 0]).sample, a)
 
 
 # ---------------------------------------------------------------- precision, memory format, checkpointing
@@ -299,3 +304,14 @@ def test_attention_head_padding_is_exact(monkeypatch):
             monkeypatch.setattr(unet_module, "_head_padding",
                                 lambda d, _t, dt, kind=device_type, as_dtype=dtype: real(d, kind, as_dtype or dt))
             torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_forward_is_one_graph_without_breaks():
+    # README: "compile-friendly (one graph, no breaks)"; argument checks must stay static (shape/dtype only).
+    import torch._dynamo as dynamo
+
+    model = AdvancedUNet2DModel.from_preset("tiny", in_channels=4, sample_size=8, num_class_embeds=3)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 5])
+    for kwargs in ({}, {"class_labels": torch.tensor([0, 1])}):
+        report = dynamo.explain(model)(x, t, **kwargs)
+        assert (report.graph_count, report.graph_break_count) == (1, 0), report.break_reasons

@@ -307,3 +307,17 @@ def test_a_model_that_is_a_checkpoint_or_a_file_gets_a_hint(tmp_path):
         with pytest.raises(UserInputError, match="not a saved pipeline") as info:
             load_pipeline(str(model))
         assert hint in str(info.value), info.value
+
+
+def test_resuming_on_data_of_another_size_is_refused(demo_x, tmp_path, capfd):
+    # Same shape, other data: accepted silently; the data order (a function of N) and the statistics changed.
+    np.savez(tmp_path / "d.npz", X=demo_x)
+    np.savez(tmp_path / "more.npz", X=np.concatenate([demo_x, demo_x * 2]))
+    run = tmp_path / "run"
+    base = ["--output_dir", run, *FAST, "--checkpointing_steps", "2"]
+    assert cli(train.main, ["--train_data", tmp_path / "d.npz", *base, "--max_train_steps", "2"], capfd)[0] == 0
+    before = snapshot(run)
+    resumed = cli(train.main, ["--train_data", tmp_path / "more.npz", *base, "--max_train_steps", "4",
+                               "--resume_from_checkpoint", "latest"], capfd)
+    one_line_error(resumed[0], resumed[2], "num_latents=16 there vs 32 now")
+    assert snapshot(run) == before

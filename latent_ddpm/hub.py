@@ -29,6 +29,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
 from .errors import UserInputError, first_line
+from .paths import remove_path
 from .remote.card import build_model_card, find_run_files
 from .remote.code import PIPELINE_ENTRY, UNET_ENTRY, remote_code_files
 from .sources import is_hub_id
@@ -111,10 +112,25 @@ def prepare_upload_folder(
     """
     src, out = Path(pipeline_dir), Path(out_dir)
     index = _read_model_index(src)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"upload folder {out} is a file; name a folder")
     if out.exists() and any(out.iterdir()):
         raise UserInputError(f"upload folder {out} is not empty")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build_upload_folder(src, out, index, repo_id, train_dir, images, card_info)
+    except BaseException:  # a half-built folder would make the retry "not empty"
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in list(out.iterdir()):
+                remove_path(child)
+        raise
 
+
+def _build_upload_folder(src: Path, out: Path, index: dict, repo_id: str | None, train_dir, images,
+                         card_info: dict) -> Path:
     # 1. The saved pipeline: configs and safetensors weights of each component folder.
     for component in (k for k, v in index.items() if isinstance(v, list) and not k.startswith("_")):
         folder = src / component

@@ -321,3 +321,21 @@ def test_resuming_on_data_of_another_size_is_refused(demo_x, tmp_path, capfd):
                                "--resume_from_checkpoint", "latest"], capfd)
     one_line_error(resumed[0], resumed[2], "num_latents=16 there vs 32 now")
     assert snapshot(run) == before
+
+
+def test_a_failed_upload_folder_build_leaves_nothing(tmp_path):
+    # A missing card image failed after the copies: the half-built folder made the retry "not empty".
+    torch.manual_seed(0)
+    pipe = LatentDDPMPipeline(unet=AdvancedUNet2DModel(**TINY_PIPE_UNET), scheduler=default_scheduler())
+    pipe.save_pretrained(tmp_path / "pipeline", safe_serialization=True)
+    with pytest.raises(UserInputError, match="nope.png does not exist"):
+        prepare_upload_folder(tmp_path / "pipeline", tmp_path / "up", images={"a": tmp_path / "nope.png"})
+    assert not (tmp_path / "up").exists()
+    (tmp_path / "empty").mkdir()  # a folder the caller made is kept, emptied
+    with pytest.raises(UserInputError, match="nope.png does not exist"):
+        prepare_upload_folder(tmp_path / "pipeline", tmp_path / "empty", images={"a": tmp_path / "nope.png"})
+    assert list((tmp_path / "empty").iterdir()) == []
+    assert prepare_upload_folder(tmp_path / "pipeline", tmp_path / "up").is_dir()  # the retry works
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserInputError, match="is a file; name a folder"):  # NotADirectoryError before
+        prepare_upload_folder(tmp_path / "pipeline", tmp_path / "a_file")

@@ -146,9 +146,9 @@ CASES = [
      "--preset/--model_config"),
     # --- sample.py: pipeline folders and flags
     ("sample-unknown-class", "sample", lambda d: ["--model", d / "pipe_badclass"],
-     "cannot load the pipeline"),
+     "not a LatentDDPMPipeline with an AdvancedUNet2DModel"),
     ("sample-truncated-weights", "sample", lambda d: ["--model", d / "pipe_truncated"], "cannot load the pipeline"),
-    ("sample-bad-json", "sample", lambda d: ["--model", d / "pipe_badjson"], "cannot load the pipeline"),
+    ("sample-bad-json", "sample", lambda d: ["--model", d / "pipe_badjson"], "model_index.json: not readable JSON"),
     ("sample-no-weights", "sample", lambda d: ["--model", d / "pipe_noweights"], "cannot load the pipeline"),
     ("sample-pickled-weights", "sample", lambda d: ["--model", d / "pipe_pickled"],
      "no file named diffusion_pytorch_model.safetensors"),

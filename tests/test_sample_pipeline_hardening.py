@@ -102,7 +102,7 @@ def test_scheduler_problem_keeps_the_global_rng():
 @pytest.mark.parametrize("name", ["latents_mean", "latents_std"])
 def test_latent_stats_of_the_wrong_length(pipes, tmp_path, capsys, name):
     pipe = copy_pipeline(pipes, tmp_path)
-    edit_json(pipe / "model_index.json", **{name: [0.0, 1.0, 2.0]})  # 3 values, 4 channels
+    edit_json(pipe / "model_index.json", **{name: [1.0, 2.0, 3.0]})  # 3 values, 4 channels
     with pytest.raises(UserInputError, match=rf"model_index.json's {name} has 3 values but the UNet has 4"):
         load_pipeline(str(pipe))
     out = tmp_path / "x.npz"

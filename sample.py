@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from latent_ddpm.autoencoder import load_vae, run_encoding_info
 from latent_ddpm.errors import UserInputError, json_object, run_cli
 from latent_ddpm.images import save_image_grid, to_uint8
-from latent_ddpm.paths import NpyRowWriter, OutputLock, partial_path, unwritable_folder, write_npz
+from latent_ddpm.paths import NpyRowWriter, OutputLock, partial_path, replace_with, unwritable_folder, write_npz
 from latent_ddpm.pipeline import default_inference_steps, inference_steps_error
 from latent_ddpm.plots import save_latent_grid
 from latent_ddpm.sampling import (
@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. The main process locks the output against a second sample.py and creates the gathering file; every
     #    process gets its verdict (no rank hangs on another's error) and fills its own contiguous rows.
     partial, error = partial_path(output), None
+    images_work = partial.with_name(f".{images_dir.name}.partial")
     lock = OutputLock(partial.with_suffix(".lock"), "another sample.py writing " + output.name,
                       "wait for it, or choose another --output")
     if state.is_main_process:
@@ -215,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             output.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             NpyRowWriter(partial, shape, create=True)
-            if args.decode:
-                shutil.rmtree(images_dir, ignore_errors=True)
-                images_dir.mkdir(parents=True)
+            if args.decode:  # decoded into a work folder, swapped in at the end: a failed run keeps the old one
+                shutil.rmtree(images_work, ignore_errors=True)
+                images_work.mkdir(parents=True)
         except UserInputError as err:
             error = str(err)
         except OSError as err:  # a full disk, a file too large for the file system
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.write(idx[0], out.latents)
             nonfinite += int((~np.isfinite(out.latents).reshape(len(idx), -1).all(axis=1)).sum())
             for i, image in zip(idx, out.images if args.decode else (), strict=False):
-                Image.fromarray(to_uint8(image)).save(images_dir / f"{i:06d}.png")
+                Image.fromarray(to_uint8(image)).save(images_work / f"{i:06d}.png")
             bar.update(min(len(idx) * state.num_processes, bar.total - bar.n))  # others run in step
             start += len(idx)
         bar.close()
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             if cycle is not None:
                 arrays["labels"] = np.asarray(cycle, dtype=np.int64)[np.arange(args.num_samples) % len(cycle)]
             write_npz(output, arrays)
+            if args.decode:
+                replace_with(images_work, images_dir)
             written = True
             elapsed = time.perf_counter() - start_time
             if not args.no_grid:
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if state.is_main_process:
             partial.unlink(missing_ok=True)
+            shutil.rmtree(images_work, ignore_errors=True)
             lock.release()
     return 0
 

@@ -354,6 +354,21 @@ def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monke
                        latents_std=trained.config.latents_std).save_pretrained(tmp_path / "run" / "pipeline")
     assert run(sample.main, ["--model", "run/pipeline", "--num_samples", 1, "--num_inference_steps", 2,
                              "--output", tmp_path / "gen4" / "s.npz", "--decode"]) == 0
+    # A failed --decode --overwrite keeps the previous images: they were deleted before sampling started.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "gen" / "s_images").iterdir()}
+    saved = Image.Image.save
+
+    def full_disk_at_the_second_image(self, fp, *args, **kwargs):
+        if str(fp).endswith("000001.png"):
+            raise OSError(28, "No space left on device", str(fp))
+        return saved(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk_at_the_second_image)
+    assert run(sample.main, ["--model", "run/pipeline", "--num_samples", 3, "--num_inference_steps", 2,
+                             "--batch_size", 2, "--output", out, "--decode", "--overwrite", "--seed", 5]) == 2
+    monkeypatch.setattr(Image.Image, "save", saved)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "gen" / "s_images").iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["s.npz", "s.png", "s_images", "s_images.png"]
     (tmp_path / "run" / "train" / "config.json").unlink()
     assert run(sample.main, ["--model", "run/pipeline", "--output", tmp_path / "gen3" / "s.npz", "--decode"]) == 2
 

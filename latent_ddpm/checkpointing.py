@@ -146,9 +146,13 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def _required_files(state) -> list[str]:
-    """What every checkpoint holds, whatever its marker lists (an older marker, "ok", lists nothing)."""
+    """What every checkpoint holds, whatever its marker lists (an older marker, "ok", lists nothing): the model,
+    the optimizer, each rank's RNG state (a missing one resumes that rank inexactly, with no error) and the
+    EMA when the state records one."""
     ema = isinstance(state, dict) and "ema" in state
-    return ["model.safetensors", "optimizer.bin", "random_states_0.pkl", *([EMA_FILE] if ema else [])]
+    ranks = state.get("noise_generator") if isinstance(state, dict) else None
+    rng = [f"random_states_{r}.pkl" for r in range(len(ranks) if isinstance(ranks, list) and ranks else 1)]
+    return ["model.safetensors", "optimizer.bin", *rng, *([EMA_FILE] if ema else [])]
 
 
 def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
@@ -249,7 +253,9 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
             details = ", ".join(f"{k}={saved.get(k)} there vs {current.get(k)} now" for k in diff[:3])
             raise UserInputError(f"--resume_from_checkpoint: {path} was trained with another model ({details}); "
                                  f"use the same data, --preset and --model_config, or another --output_dir")
-    settings = state.get("run_settings") or {}
+    settings = dict(state.get("run_settings") or {})
+    if isinstance(state.get("noise_generator"), list):  # one per rank: older checkpoints record no world_size
+        settings.setdefault("world_size", len(state["noise_generator"]))
     current = json.loads(json.dumps(run_settings or {}))  # as it would be saved
     changed = [k for k in current if k in settings and settings[k] != current[k]]
     if changed:

@@ -192,6 +192,30 @@ def test_resume_with_class_conditioning_toggled_names_it(tmp_path):
                                 objective_settings(TrainConfig(class_conditional=True)))
 
 
+def test_every_ranks_rng_state_is_required_and_an_old_checkpoint_names_its_world_size(tmp_path):
+    # An older marker ("ok") with random_states_1.pkl missing passed: rank 1 resumed with a fresh RNG, silently
+    # inexact. A checkpoint from before run_settings were recorded, resumed on another rank count, ended in an
+    # IndexError on noise_generator[rank].
+    from safetensors.torch import save_file
+
+    from latent_ddpm.checkpointing import check_resume_compatible, checkpoint_problem
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "COMPLETE").write_text("ok")
+    state = {"global_step": 2, "history": {}, "lr_scheduler": {}, "noise_generator": [[0], [1]]}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    save_file({"w": torch.zeros(2)}, ckpt / "model.safetensors")
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        torch.save({}, ckpt / name)
+    assert checkpoint_problem(ckpt) == "random_states_1.pkl is missing"
+    torch.save({}, ckpt / "random_states_1.pkl")
+    assert checkpoint_problem(ckpt) is None
+    with pytest.raises(UserInputError, match="world_size=2 there vs 1 now"):
+        check_resume_compatible(ckpt, {}, {"world_size": 1})
+    check_resume_compatible(ckpt, {}, {"world_size": 2})
+
+
 def test_train_refuses_to_resume_with_another_snr_floor(data, tmp_path, capfd):
     from latent_ddpm.errors import run_cli
 

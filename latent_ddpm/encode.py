@@ -22,6 +22,7 @@ import datasets
 import diffusers
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
@@ -173,10 +174,16 @@ def encode_shard(vae, ds, image_column: str, labels: np.ndarray | None, rows: ra
         if labels is not None:
             batch["labels"] = np.repeat(labels[kept], copies)
         writer.write_batch(batch)
-    writer.finalize()
-    os.replace(tmp, out)
-    marker = {"images": len(rows), "counts": tally.counts, "skipped": tally.skipped}
-    out.with_name(out.name + ".done.json").write_text(json.dumps(marker))
+    try:
+        writer.finalize()
+        os.replace(tmp, out)
+        marker = {"images": len(rows), "counts": tally.counts, "skipped": tally.skipped}
+        done = out.with_name(out.name + ".done.json")
+        done.with_suffix(".tmp").write_text(json.dumps(marker))  # atomic: a half marker would read as done
+        os.replace(done.with_suffix(".tmp"), done)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _describe(entry, index: int) -> str:
@@ -203,21 +210,20 @@ def encode_images(args) -> dict:
     vae = load_vae(args.vae, args.vae_subfolder, DTYPES[args.mixed_precision]).to(state.device)
     shape = latent_shape(vae, args.resolution)
 
-    # 2. The work folder: a resumed run must use the same settings.
+    # 2. The work folder: a resumed run must use the same settings. The main process decides and every process
+    #    gets its verdict (the others would die in a collective with a traceback, or wait for the timeout).
     num_shards = -(-len(ds) // args.shard_size)
+    error = None
     if state.is_main_process:
-        old = _interrupted_settings(partial, args.overwrite)
-        if old is None and os.path.lexists(partial):  # --overwrite
-            remove_path(partial)
-        elif old is not None and old != settings:
-            diff = ", ".join(f"--{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
-            raise UserInputError(f"{partial} holds an interrupted encode with other settings ({diff}); rerun with "
-                                 "the same flags to resume, or pass --overwrite to start again")
-        partial.mkdir(parents=True, exist_ok=True)
-        tmp = partial / "settings.json.tmp"  # atomic: a kill here must not leave settings a rerun cannot read
-        tmp.write_text(json.dumps(settings, indent=2))
-        os.replace(tmp, partial / "settings.json")
-    state.wait_for_everyone()
+        try:
+            _prepare_work_folder(partial, settings, args.overwrite)
+        except UserInputError as err:
+            error = str(err)
+        except OSError as err:  # a full or read-only disk
+            error = f"--output {output}: cannot write its work folder {partial} ({err.strerror or err}); free " \
+                    "space or choose another --output"
+    if (error := broadcast_object_list([error])[0]) is not None:
+        raise UserInputError(error)
 
     # 3. This process's shards (shard k goes to process k % num_processes); complete ones are skipped.
     shard_path = [partial / f"shard-{k:05d}.arrow" for k in range(num_shards)]
@@ -227,11 +233,18 @@ def encode_images(args) -> dict:
     size = lambda k: min(len(ds), (k + 1) * args.shard_size) - k * args.shard_size  # noqa: E731
     bar = tqdm(total=sum(size(k) for k in mine), initial=sum(size(k) for k in mine if done[k]), unit="image",
                desc="encoding", disable=not state.is_main_process)
-    for k in todo:
-        rows = range(k * args.shard_size, k * args.shard_size + size(k))
-        encode_shard(vae, ds, image_column, labels, rows, args, shape, shard_path[k], bar)
+    error = None
+    try:
+        for k in todo:
+            rows = range(k * args.shard_size, k * args.shard_size + size(k))
+            encode_shard(vae, ds, image_column, labels, rows, args, shape, shard_path[k], bar)
+    except OSError as err:  # a full disk: finished shards stay, and a rerun of the same command resumes
+        error = f"--output {output}: cannot write {err.filename or 'a shard'} in {partial} ({err.strerror or err}); " \
+                "free space, then rerun the same command: it resumes from the finished shards"
     bar.close()
-    state.wait_for_everyone()
+    errors = [e for e in gather_object([error]) if e is not None]  # every rank learns of any rank's failure
+    if errors:
+        raise UserInputError(errors[0])
     if not state.is_main_process:
         return {}
 
@@ -249,7 +262,12 @@ def encode_images(args) -> dict:
         raise DataError(f"--data {args.data}: none of the {len(ds)} images could be encoded (see the warnings)")
     final = partial / "dataset"
     shutil.rmtree(final, ignore_errors=True)
-    datasets.concatenate_datasets(parts).save_to_disk(str(final))
+    try:
+        datasets.concatenate_datasets(parts).save_to_disk(str(final))
+    except OSError as err:
+        shutil.rmtree(final, ignore_errors=True)
+        raise UserInputError(f"--output {output}: cannot write the dataset ({err.strerror or err}); free space, then "
+                             "rerun the same command: the encoded shards are kept") from None
     info = {
         "format": ENCODING_FORMAT,
         "vae": vae_info(vae),
@@ -269,6 +287,21 @@ def encode_images(args) -> dict:
     replace_with(final, output)
     shutil.rmtree(partial, ignore_errors=True)
     return info
+
+
+def _prepare_work_folder(partial: Path, settings: dict, overwrite: bool) -> None:
+    """Create (or, for the same settings, keep) the work folder of an encode, with its settings.json."""
+    old = _interrupted_settings(partial, overwrite)
+    if old is None and os.path.lexists(partial):  # --overwrite
+        remove_path(partial)
+    elif old is not None and old != settings:
+        diff = ", ".join(f"--{k} {old.get(k)} -> {v}" for k, v in settings.items() if old.get(k) != v)
+        raise UserInputError(f"{partial} holds an interrupted encode with other settings ({diff}); rerun with "
+                             "the same flags to resume, or pass --overwrite to start again")
+    partial.mkdir(parents=True, exist_ok=True)
+    tmp = partial / "settings.json.tmp"  # atomic: a kill here must not leave settings a rerun cannot read
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, partial / "settings.json")
 
 
 def _interrupted_settings(partial: Path, overwrite: bool) -> dict | None:

@@ -213,6 +213,31 @@ def test_one_line_errors(vae_dir, images, tmp_path, capsys):
         assert last.startswith("error: ") and message in last and "Traceback" not in err, err
 
 
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(vae_dir, images, encoded, tmp_path, capsys, monkeypatch):
+    # An OSError traceback before (and with 2 ranks, a gloo traceback on the other); finished shards were kept.
+    from datasets.arrow_writer import ArrowWriter
+
+    finalize, calls = ArrowWriter.finalize, []
+
+    def full_disk_at_the_second_shard(self, *args, **kwargs):
+        calls.append(str(getattr(self, "_path", "")))  # datasets' own cache writes go through here too
+        if len([c for c in calls if c.endswith(".arrow.tmp")]) == 2 and calls[-1].endswith(".arrow.tmp"):
+            raise OSError(28, "No space left on device")
+        return finalize(self, *args, **kwargs)
+
+    monkeypatch.setattr(ArrowWriter, "finalize", full_disk_at_the_second_shard)
+    out = tmp_path / "lat"
+    assert run(encode.main, encode_args(images, vae_dir, out, tmp_path, "--flip_augment")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --output") and "No space left on device" in last and "resumes" in last, last
+    partial = tmp_path / "lat.partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["settings.json", "shard-00000.arrow",
+                                                         "shard-00000.arrow.done.json"]  # no .tmp shard left
+    monkeypatch.setattr(ArrowWriter, "finalize", finalize)
+    assert run(encode.main, encode_args(images, vae_dir, out, tmp_path, "--flip_augment")) == 0
+    assert load_latents(out)["latents"] == load_latents(encoded)["latents"]
+
+
 def test_a_resolution_too_large_for_memory_says_so(vae_dir, images, tmp_path, capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):  # what the probe encode raised for --resolution 100000 (120 GB)
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 120000000000 bytes")

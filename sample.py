@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
@@ -233,34 +233,18 @@ def main(argv: list[str] | None = None) -> int:
         mine = process_rows(args.num_samples, state.process_index, state.num_processes)
         start_time = time.perf_counter()
         bar = tqdm(total=args.num_samples, desc="sampling", unit="sample", disable=not state.is_main_process)
-        start, batch, nonfinite = 0, args.batch_size, 0
-        while start < len(mine):
-            idx = mine[start:start + batch]
-            try:
-                out = pipe(batch_size=len(idx), num_inference_steps=steps,
-                           generator=sample_generators(args.seed, idx), class_labels=labels_for(idx, cycle),
-                           guidance_scale=args.guidance_scale, eta=args.eta,
-                           output_type="np_image" if args.decode else "np")
-            except torch.cuda.OutOfMemoryError:  # retry smaller: sample i depends on (seed, i), not on the batch
-                if len(idx) == 1:
-                    raise UserInputError("out of accelerator memory at one sample per batch; sample with "
-                                         "--mixed_precision bf16 or on a larger device") from None
-                batch = len(idx) // 2
-                torch.cuda.empty_cache()
-                tqdm.write(f"out of accelerator memory at {len(idx)} samples per batch: going on at {batch} "
-                           f"(pass --batch_size {batch} to start there)", file=sys.stderr)
-                continue
-            writer.write(idx[0], out.latents)
-            nonfinite += int((~np.isfinite(out.latents).reshape(len(idx), -1).all(axis=1)).sum())
-            for i, image in zip(idx, out.images if args.decode else (), strict=False):
-                Image.fromarray(to_uint8(image)).save(images_work / f"{i:06d}.png")
-            bar.update(min(len(idx) * state.num_processes, bar.total - bar.n))  # others run in step
-            start += len(idx)
+        failure, nonfinite = None, 0  # a rank's own write error is shared below, so no rank dies in the barrier
+        try:
+            nonfinite = sample_rows(pipe, args, mine, steps, cycle, writer, images_work, bar, state.num_processes)
+        except OSError as err:
+            failure = f"--output {output}: cannot write {err.filename or 'the samples'} ({err.strerror or err}); " \
+                      "free space or choose another --output"
         bar.close()
         if nonfinite:  # written as they are, but never silently
             print(f"warning: {nonfinite} of this process's {len(mine)} samples hold NaN/Inf values (too large a "
                   "--guidance_scale, or a diverged model)", file=sys.stderr)
-        state.wait_for_everyone()
+        if failures := [f for f in gather_object([failure]) if f is not None]:  # also the barrier
+            raise UserInputError(failures[0])
 
         # 4. One normal .npz, written by streaming (memory stays bounded), atomically; then the preview.
         if state.is_main_process:
@@ -294,6 +278,36 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(images_work, ignore_errors=True)
             lock.release()
     return 0
+
+
+def sample_rows(pipe, args, mine: list[int], steps: int, cycle, writer: NpyRowWriter, images_dir: Path, bar,
+                num_processes: int) -> int:
+    """Sample this process's rows `mine` batch by batch into `writer` (and decoded PNGs into `images_dir`);
+    returns how many samples hold NaN/Inf. Out of accelerator memory, the batch is halved: sample i depends
+    on (seed, i), not on the batch."""
+    start, batch, nonfinite = 0, args.batch_size, 0
+    while start < len(mine):
+        idx = mine[start:start + batch]
+        try:
+            out = pipe(batch_size=len(idx), num_inference_steps=steps, generator=sample_generators(args.seed, idx),
+                       class_labels=labels_for(idx, cycle), guidance_scale=args.guidance_scale, eta=args.eta,
+                       output_type="np_image" if args.decode else "np")
+        except torch.cuda.OutOfMemoryError:
+            if len(idx) == 1:
+                raise UserInputError("out of accelerator memory at one sample per batch; sample with "
+                                     "--mixed_precision bf16 or on a larger device") from None
+            batch = len(idx) // 2
+            torch.cuda.empty_cache()
+            tqdm.write(f"out of accelerator memory at {len(idx)} samples per batch: going on at {batch} "
+                       f"(pass --batch_size {batch} to start there)", file=sys.stderr)
+            continue
+        writer.write(idx[0], out.latents)
+        nonfinite += int((~np.isfinite(out.latents).reshape(len(idx), -1).all(axis=1)).sum())
+        for i, image in zip(idx, out.images if args.decode else (), strict=False):
+            Image.fromarray(to_uint8(image)).save(images_dir / f"{i:06d}.png")
+        bar.update(min(len(idx) * num_processes, bar.total - bar.n))  # others run in step
+        start += len(idx)
+    return nonfinite
 
 
 if __name__ == "__main__":

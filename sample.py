@@ -29,6 +29,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
 
+from latent_ddpm import faults
 from latent_ddpm.autoencoder import load_vae, run_encoding_info
 from latent_ddpm.errors import UserInputError, json_object, run_cli
 from latent_ddpm.images import save_image_grid, to_uint8
@@ -148,6 +149,7 @@ def attach_vae(pipe, args, model: str, device) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     state = distributed_state()
+    faults.limit_file_size(state.process_index)  # a test's full disk in one rank
 
     # 1. Where the model is and where the samples go; refuse to overwrite before any work.
     model = args.model

@@ -26,6 +26,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
+from . import faults
 from .autoencoder import ENCODING_FILE, load_vae, vae_id, vae_info
 from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
@@ -194,6 +195,7 @@ def _describe(entry, index: int) -> str:
 def encode_images(args) -> dict:
     """Run the whole encode for parsed arguments (see `parse_args`); returns the encoding.json content."""
     state = distributed_state()
+    faults.limit_file_size(state.process_index)  # a test's full disk in one rank
     inputs = [args.data, *glob.glob(args.data), args.vae, args.cache_dir]  # --data may be a glob of parquet files
     output = check_replaceable(args.output, "--output", inputs)
     partial = check_replaceable(output.with_name(output.name + ".partial"), "--output's work folder", inputs)

@@ -20,6 +20,19 @@ def die_at(rank: int, step: int) -> None:
         os._exit(1)
 
 
+def limit_file_size(rank: int) -> None:
+    """LATENT_DDPM_FSIZE_LIMIT="RANK:BYTES" caps the files that rank writes at BYTES (RLIMIT_FSIZE): a write past
+    it fails with EFBIG, as on a full disk, in that rank only."""
+    spec = os.environ.get("LATENT_DDPM_FSIZE_LIMIT", "")
+    if spec.partition(":")[0] == str(rank):
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
+        limit = int(spec.partition(":")[2])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
 def exit_after_checkpoint(step: int) -> None:
     """LATENT_DDPM_EXIT_AFTER_CHECKPOINT=STEP makes every rank exit (status 3) right after checkpoint-STEP."""
     if os.environ.get("LATENT_DDPM_EXIT_AFTER_CHECKPOINT") == str(step):

@@ -150,6 +150,21 @@ def test_two_processes_match_one(models, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
+def test_a_write_failure_in_one_rank_is_one_line_in_every_rank(models, tmp_path):
+    # The failing rank printed its line; the other died at the barrier with a gloo "Connection closed" traceback.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "LATENT_DDPM_FSIZE_LIMIT": "1:2048"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv = [*torchrun, str(ROOT / "sample.py"), "--model", str(models / "cond" / "pipeline"), "--num_samples", "6",
+            "--batch_size", "3", "--class_labels", "all", *map(str, FAST), "--output", str(tmp_path / "two.npz")]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("cannot write" in e and "File too large" in e for e in errors), proc.stderr[-3000:]
+    assert "Connection closed" not in proc.stderr and "gloo" not in proc.stderr, proc.stderr[-3000:]
+    assert not list(tmp_path.iterdir())  # no samples file, no partial, no lock
+
+
 def test_original_flags_locate_the_run(models, tmp_path, monkeypatch):
     work = tmp_path / "work"
     shutil.copytree(models / "runs", work / "runs")

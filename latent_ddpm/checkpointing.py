@@ -291,9 +291,13 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
             os.replace(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as err:  # disk full, file too large, read-only, permissions
         # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."), safetensors as its own error.
-        shutil.rmtree(tmp, ignore_errors=True)
+        if accelerator.is_main_process:  # the folder is the main process's: another rank deleting it mid-write
+            shutil.rmtree(tmp, ignore_errors=True)  # made the main one fail with "Parent directory does not exist"
         previous = list_checkpoints(train_dir)
         kept = f"the last complete checkpoint {previous[-1][1]} is intact" if previous else "no checkpoint was kept"
+        if isinstance(err, torch.distributed.DistError) or "gloo" in str(err):  # a peer died in the barrier
+            raise UserInputError(f"another process failed while checkpoint-{step} was written (see its error); "
+                                 f"{kept}; continue with --resume_from_checkpoint latest") from None
         free = _free_space(train_dir)
         detail = first_line(err)[:160]
         raise UserInputError(f"cannot write checkpoint-{step} in {train_dir} ({type(err).__name__}: {detail}; "

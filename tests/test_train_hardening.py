@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from latent_ddpm.checkpointing import checkpoint_problem, list_checkpoints, save_checkpoint
 from latent_ddpm.demo import make_demo_latents
+from latent_ddpm.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -211,6 +212,23 @@ class _FakeAccelerator:
 def _save(train_dir: Path, step: int, limit: int | None) -> Path:
     state = {"global_step": step, "history": {}, "lr_scheduler": {}, "noise_generator": []}
     return save_checkpoint(_FakeAccelerator(), train_dir, step, state, None, limit)
+
+
+def test_a_checkpoint_failure_in_another_rank_is_named_and_leaves_the_folder_to_the_main_one(tmp_path):
+    # A rank whose barrier failed because a peer died blamed its own disk; a non-main rank that failed deleted the
+    # shared checkpoint-N.tmp while the main one was still writing into it.
+    class PeerDied(_FakeAccelerator):
+        is_main_process = False
+
+        def save_state(self, path: str, safe_serialization: bool = True):
+            super().save_state(path, safe_serialization)
+            raise torch.distributed.DistError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    with pytest.raises(UserInputError, match="^another process failed while checkpoint-2 was written"):
+        save_checkpoint(PeerDied(), train_dir, 2, {"global_step": 2}, None, None)
+    assert (train_dir / "checkpoint-2.tmp" / "model.safetensors").is_file()  # the main process's to clean up
 
 
 def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, monkeypatch):

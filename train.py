@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {world} processes), "
             f"peak learning rate {cfg.learning_rate:g}; run folder {run_dir}")
     hub_token = check_hub_access(cfg.hub_model_id, cfg.hub_token) if cfg.push_to_hub else None  # fail fast
-    resume = resolve_resume(train_dir, cfg.resume_from_checkpoint)
+    resume = resolve_resume(train_dir, cfg.resume_from_checkpoint, warn=accelerator.is_main_process)
     if cfg.dry_run:
         if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, resume):
             raise UserInputError(conflict)

@@ -155,10 +155,11 @@ def _required_files(state) -> list[str]:
     return ["model.safetensors", "optimizer.bin", *rng, *([EMA_FILE] if ema else [])]
 
 
-def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
+def resolve_resume(train_dir: Path, spec: str | None, warn: bool = True) -> Path | None:
     """`--resume_from_checkpoint latest|PATH` -> a checkpoint folder, or None to start from scratch.
 
-    Damaged checkpoints are skipped with a warning in favour of the previous complete one.
+    Damaged checkpoints are skipped with a warning (when `warn`: the main process's) in favour of the previous
+    complete one.
     """
     if spec is None:
         return None
@@ -173,7 +174,8 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        warnings.warn(f"skipping damaged checkpoint {path} ({problem}); trying the previous one", stacklevel=2)
+        if warn:
+            warnings.warn(f"skipping damaged checkpoint {path} ({problem}); trying the previous one", stacklevel=2)
     return None
 
 

@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         failure, nonfinite = None, 0  # a rank's own write error is shared below, so no rank dies in the barrier
         try:
             nonfinite = sample_rows(pipe, args, mine, steps, cycle, writer, images_work, bar, state.num_processes)
+        except UserInputError as err:  # out of accelerator memory at one sample per batch
+            failure = str(err)
         except OSError as err:
             failure = f"--output {output}: cannot write {err.filename or 'the samples'} ({err.strerror or err}); " \
                       "free space or choose another --output"

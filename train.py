@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Run folder: never overwrite a previous run silently; lock it against a second run. The main process
     #    decides and every process gets its verdict, so no rank is left waiting on another's error.
-    run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,  # + the data's
-                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_latents": len(dataset),  # size
-                    **objective_settings(cfg)}
+    run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
+                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                    "num_latents": len(dataset), **objective_settings(cfg)}
     if resume is not None:
         check_resume_compatible(resume, dict(unet.config), run_settings)
     lock, error = RunLock(run_dir), None

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     #    decides and every process gets its verdict, so no rank is left waiting on another's error.
     run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                    "num_latents": len(dataset), **objective_settings(cfg)}
+                    "num_latents": len(dataset), "data_stats": stats.fingerprint(), **objective_settings(cfg)}
     if resume is not None:
         check_resume_compatible(resume, dict(unet.config), run_settings)
     lock, error = RunLock(run_dir), None

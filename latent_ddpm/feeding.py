@@ -58,6 +58,12 @@ class LatentStats:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def fingerprint(self) -> dict:
+        """The statistics to 4 significant digits: equal for the same data summed in another order (a resume
+        compares them), different for other data."""
+        rounded = lambda v: None if v is None else [float(f"{x:.4g}") for x in v]  # noqa: E731
+        return {"mode": self.mode, "mean": rounded(self.mean), "std": rounded(self.std)}
+
     @classmethod
     def from_dict(cls, d: dict) -> LatentStats:
         return cls(mode=d["mode"], mean=d.get("mean"), std=d.get("std"))

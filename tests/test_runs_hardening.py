@@ -309,7 +309,7 @@ def test_a_model_that_is_a_checkpoint_or_a_file_gets_a_hint(tmp_path):
         assert hint in str(info.value), info.value
 
 
-def test_resuming_on_data_of_another_size_is_refused(demo_x, tmp_path, capfd):
+def test_resuming_on_other_data_is_refused(demo_x, tmp_path, capfd):
     # Same shape, other data: accepted silently; the data order (a function of N) and the statistics changed.
     np.savez(tmp_path / "d.npz", X=demo_x)
     np.savez(tmp_path / "more.npz", X=np.concatenate([demo_x, demo_x * 2]))
@@ -321,6 +321,14 @@ def test_resuming_on_data_of_another_size_is_refused(demo_x, tmp_path, capfd):
                                "--resume_from_checkpoint", "latest"], capfd)
     one_line_error(resumed[0], resumed[2], "num_latents=16 there vs 32 now")
     assert snapshot(run) == before
+    np.savez(tmp_path / "other.npz", X=demo_x * 3 + 1)  # the same count, other data: other statistics
+    resumed = cli(train.main, ["--train_data", tmp_path / "other.npz", *base, "--max_train_steps", "4",
+                               "--resume_from_checkpoint", "latest"], capfd)
+    one_line_error(resumed[0], resumed[2], "data_stats={'mode': 'channel', 'mean': [")
+    assert snapshot(run) == before
+    resumed = cli(train.main, ["--train_data", tmp_path / "d.npz", *base, "--max_train_steps", "4",
+                               "--resume_from_checkpoint", "latest"], capfd)
+    assert resumed[0] == 0, resumed[2][-2000:]  # the same data resumes
 
 
 def test_a_failed_upload_folder_build_leaves_nothing(tmp_path):

@@ -21,7 +21,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from .unet_config import PRESETS, check_types, downsample_factor, validate_config
+from .unet_config import PRESETS, downsample_factor, validate_config
 
 __all__ = ["PRESETS", "AdvancedUNet2DModel", "AdvancedUNet2DOutput", "downsample_factor"]
 
@@ -227,15 +227,12 @@ class AdvancedUNet2DModel(ModelMixin, ConfigMixin):
         head_channels: int = 16,
     ):
         super().__init__()
-        check_types(in_channels=in_channels, down_channels=down_channels, mid_channels=mid_channels,
-                     time_emb_dim=time_emb_dim, down_sample=down_sample, num_down_layers=num_down_layers,
-                     num_mid_layers=num_mid_layers, num_up_layers=num_up_layers, num_heads=num_heads,
-                     norm_num_groups=norm_num_groups, sample_size=sample_size, attention_levels=attention_levels,
-                     num_class_embeds=num_class_embeds, dropout=dropout, head_channels=head_channels)
+        validate_config(in_channels=in_channels, down_channels=down_channels, mid_channels=mid_channels,
+                        time_emb_dim=time_emb_dim, down_sample=down_sample, num_down_layers=num_down_layers,
+                        num_mid_layers=num_mid_layers, num_up_layers=num_up_layers, num_heads=num_heads,
+                        norm_num_groups=norm_num_groups, sample_size=sample_size, attention_levels=attention_levels,
+                        num_class_embeds=num_class_embeds, dropout=dropout, head_channels=head_channels)
         down_channels, mid_channels, down_sample = list(down_channels), list(mid_channels), list(down_sample)
-        validate_config(in_channels, down_channels, mid_channels, time_emb_dim, down_sample, num_heads,
-                  norm_num_groups, attention_levels, num_class_embeds, dropout, head_channels,
-                  (num_down_layers, num_mid_layers, num_up_layers), sample_size)
         n_levels = len(down_channels) - 1
         attn = set(range(n_levels + 1) if attention_levels is None else attention_levels)
         kw = dict(temb_dim=time_emb_dim, heads=num_heads, groups=norm_num_groups, dropout=dropout)
@@ -298,7 +295,7 @@ class AdvancedUNet2DModel(ModelMixin, ConfigMixin):
                 # shape and dtype only: a range check would synchronise with the device at every step
                 raise ValueError(f"class_labels must be ({b},) integer ids in 0..{self.null_class_label} (the last "
                                  f"is 'no class'), got {class_labels.dtype} of shape {tuple(class_labels.shape)}")
-            emb = emb + self.class_embedding(class_labels.to(sample.device).long()).to(emb.dtype)
+            emb = emb + self.class_embedding(class_labels.long()).to(emb.dtype)
         elif class_labels is not None:
             raise ValueError("class_labels given, but the model is unconditional (num_class_embeds=None)")
 

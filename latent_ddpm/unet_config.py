@@ -58,15 +58,21 @@ def check_types(**config) -> None:
         raise ValueError(f"invalid AdvancedUNet2DModel config: {name} must be {what}, got {config[name]!r}")
 
 
-def validate_config(in_channels, down, mid, temb, down_sample, heads, groups, attention_levels, num_classes,
-              dropout, head_channels, layers, sample_size=64) -> None:
-    """Raise a ValueError naming the first constraint the configuration breaks."""
+def validate_config(**config) -> None:
+    """Raise a ValueError naming the first setting of the wrong type (`check_types`), else the first constraint
+    the configuration breaks; `config` holds every `AdvancedUNet2DModel.__init__` argument."""
+    check_types(**config)
+    c = config  # short names for the checks below
+    down, mid, down_sample = list(c["down_channels"]), list(c["mid_channels"]), c["down_sample"]
+    in_channels, temb, heads, groups = c["in_channels"], c["time_emb_dim"], c["num_heads"], c["norm_num_groups"]
+    attention_levels, num_classes, dropout = c["attention_levels"], c["num_class_embeds"], c["dropout"]
+    head_channels, sample_size = c["head_channels"], c["sample_size"]
+    layers = (c["num_down_layers"], c["num_mid_layers"], c["num_up_layers"])
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ValueError(f"invalid AdvancedUNet2DModel config: {msg}")
 
-    need(all(isinstance(w, int) and not isinstance(w, bool) for w in [*down, *mid]),
-         f"down_channels and mid_channels must be lists of integers, got {down} and {mid}")
     need(in_channels >= 1, f"in_channels must be >= 1, got {in_channels}")
     need(len(down) >= 2, f"down_channels needs at least 2 entries, got {down}")
     need(len(mid) >= 2, f"mid_channels needs at least 2 entries, got {mid}")
@@ -97,6 +103,6 @@ def validate_config(in_channels, down, mid, temb, down_sample, heads, groups, at
     need(math.isfinite(dropout), "dropout must be finite")
     sizes = [sample_size] * 2 if isinstance(sample_size, int) else list(sample_size)
     factor = downsample_factor(down_sample)
-    need(len(sizes) == 2 and all(isinstance(n, int) and n >= 1 and n % factor == 0 for n in sizes),
+    need(len(sizes) == 2 and all(n >= 1 and n % factor == 0 for n in sizes),  # integers (check_types)
          f"sample_size must be H or (H, W), positive and divisible by {factor} (2 per down_sample step), "
          f"got {sample_size}")

@@ -39,7 +39,7 @@ REWRITES = {
         "from diffusers.models.modeling_utils import ModelMixin as AdvancedUNet2DModel"
     ),
     # The UNet's presets and config checks: a module of plain Python, pasted in whole.
-    "from .unet_config import PRESETS, check_types, downsample_factor, validate_config": "INLINE unet_config.py",
+    "from .unet_config import PRESETS, downsample_factor, validate_config": "INLINE unet_config.py",
 }
 
 # diffusers' own test for relative imports (dynamic_modules_utils.get_relative_imports).

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
@@ -45,6 +44,7 @@ from latent_ddpm.sampling import (
     configure_scheduler,
     default_output,
     distributed_state,
+    first_error,
     labels_for,
     load_pipeline,
     locate_run,
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             partial.unlink(missing_ok=True)
             error = f"--output {output}: cannot create the samples file ({err.strerror or err}); free space or " \
                     "choose another --output"
-    if (error := broadcast_object_list([error])[0]) is not None:
+    if (error := first_error(error)) is not None:
         lock.release()
         raise UserInputError(error)
     writer, written = NpyRowWriter(partial, shape), False
@@ -241,14 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         except UserInputError as err:  # out of accelerator memory at one sample per batch
             failure = str(err)
         except OSError as err:
-            failure = f"--output {output}: cannot write {err.filename or 'the samples'} ({err.strerror or err}); " \
-                      "free space or choose another --output"
+            failure = write_error(output, err)
         bar.close()
         if nonfinite:  # written as they are, but never silently
             print(f"warning: {nonfinite} of this process's {len(mine)} samples hold NaN/Inf values (too large a "
                   "--guidance_scale, or a diverged model)", file=sys.stderr)
-        if failures := [f for f in gather_object([failure]) if f is not None]:  # also the barrier
-            raise UserInputError(failures[0])
+        if (failure := first_error(failure)) is not None:  # also the barrier
+            raise UserInputError(failure)
 
         # 4. One normal .npz, written by streaming (memory stays bounded), atomically; then the preview.
         if state.is_main_process:
@@ -273,15 +272,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.num_samples} samples {shape[1:]} to {output} "
                   f"({args.num_samples / elapsed:.2f} samples/s over {state.num_processes} process(es))")
     except OSError as err:  # a full disk: the partial file goes (below); a finished .npz was written atomically
-        done = "; the samples file itself is complete" if written else ""
-        raise UserInputError(f"--output {output}: cannot write {err.filename or 'the samples'} "
-                             f"({err.strerror or err}){done}; free space or choose another --output") from None
+        note = "; the samples file itself is complete" if written else ""
+        raise UserInputError(write_error(output, err, note)) from None
     finally:
         if state.is_main_process:
             partial.unlink(missing_ok=True)
             shutil.rmtree(images_work, ignore_errors=True)
             lock.release()
     return 0
+
+
+def write_error(output: Path, err: OSError, note: str = "") -> str:
+    """The one line for a write that failed (a full disk, a file too large for the file system)."""
+    return (f"--output {output}: cannot write {err.filename or 'the samples'} ({err.strerror or err}){note}; free "
+            "space or choose another --output")
 
 
 def sample_rows(pipe, args, mine: list[int], steps: int, cycle, writer: NpyRowWriter, images_dir: Path, bar,

@@ -22,7 +22,6 @@ import datasets
 import diffusers
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
@@ -32,7 +31,7 @@ from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
 from .images import prepare_image, to_model_range
 from .paths import check_replaceable, remove_path, replace_with, unwritable_folder
-from .sampling import DTYPES, ArgParser, distributed_state, sample_seed
+from .sampling import DTYPES, ArgParser, distributed_state, first_error, sample_seed
 from .sources import is_hub_id
 
 #: Version of the encoding.json layout.
@@ -224,7 +223,7 @@ def encode_images(args) -> dict:
         except OSError as err:  # a full or read-only disk
             error = f"--output {output}: cannot write its work folder {partial} ({err.strerror or err}); free " \
                     "space or choose another --output"
-    if (error := broadcast_object_list([error])[0]) is not None:
+    if (error := first_error(error)) is not None:
         raise UserInputError(error)
 
     # 3. This process's shards (shard k goes to process k % num_processes); complete ones are skipped.
@@ -244,9 +243,8 @@ def encode_images(args) -> dict:
         error = f"--output {output}: cannot write {err.filename or 'a shard'} in {partial} ({err.strerror or err}); " \
                 "free space, then rerun the same command: it resumes from the finished shards"
     bar.close()
-    errors = [e for e in gather_object([error]) if e is not None]  # every rank learns of any rank's failure
-    if errors:
-        raise UserInputError(errors[0])
+    if (error := first_error(error)) is not None:  # every rank learns of any rank's failure
+        raise UserInputError(error)
     if not state.is_main_process:
         return {}
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import gather_object, parse_flag_from_env
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -152,6 +152,13 @@ def distributed_state() -> PartialState:
         raise UserInputError(f"launched as {world} processes but accelerate sees {state.num_processes}; "
                              "on CPU set ACCELERATE_USE_CPU=1 (or use accelerate launch --cpu)")
     return state
+
+
+def first_error(error: str | None) -> str | None:
+    """The first process's error among every process's `error` (None when none failed). A collective, hence a
+    barrier too: every process calls it and all get the same verdict, instead of one failing alone while the
+    others wait for it (or die in the next collective with a traceback)."""
+    return next((e for e in gather_object([error]) if e is not None), None)
 
 
 def make_scheduler(name: str, config, *, guided: bool = False) -> SchedulerMixin:

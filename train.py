@@ -35,16 +35,12 @@ from tqdm.auto import tqdm
 from latent_ddpm import AdvancedUNet2DModel, faults
 from latent_ddpm.autoencoder import load_data_vae, read_encoding_info
 from latent_ddpm.checkpointing import (
-    RunLock,
     apply_resumed_settings,
     check_resume_compatible,
-    clear_run,
-    default_run_dir,
     generator_state,
     load_checkpoint,
     objective_settings,
     resolve_resume,
-    run_folder_conflict,
     save_checkpoint,
     set_aside_newer_checkpoints,
     set_generator_state,
@@ -65,6 +61,7 @@ from latent_ddpm.reporting import (
     push_checkpoint,
     schedule_error,
 )
+from latent_ddpm.run_folder import RunLock, clear_run, default_run_dir, run_folder_conflict
 from latent_ddpm.unet import PRESETS, downsample_factor
 
 logger = logging.getLogger("latent_ddpm.train")

@@ -1,4 +1,4 @@
-"""Run folders, atomic resumable checkpoints and the run lock.
+"""Atomic resumable checkpoints: writing, checking, choosing one to resume, and the resume rules.
 
 A checkpoint is `train/checkpoint-<step>/`: accelerate's `save_state` (model, optimizer, RNG
 states), the EMA weights as safetensors, and `trainer_state.json` (step, epoch, data position, LR
@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 
 from . import faults
 from .errors import UserInputError, first_line
-from .paths import OutputLock, remove_path
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
@@ -36,15 +35,9 @@ STATE_FILE = "trainer_state.json"
 #: What a resume reads from STATE_FILE, and its JSON type.
 STATE_KEYS = {"global_step": int, "history": dict, "lr_scheduler": dict, "noise_generator": list}
 EMA_FILE = "ema.safetensors"
-LOCK_FILE = ".lock"
 #: Where checkpoints of an abandoned timeline go when an older checkpoint is resumed (under the train folder).
 ABANDONED_DIR = "abandoned"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def default_run_dir(data_name: str, channels: int, timesteps: int, beta_start: float, beta_end: float) -> Path:
-    """The original project's layout: runs/<data stem>_ddpm_<C>_<T>_<beta_start>_<beta_end>."""
-    return Path("runs") / f"{data_name}_ddpm_{channels}_{timesteps}_{beta_start}_{beta_end}"
 
 
 def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
@@ -59,52 +52,10 @@ def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def original_run_files(train_dir: Path) -> list[str]:
-    """The original project's weights in a run's `train/` folder (`model.pth`, `ddpm_epoch_N.pt`): the same
-    run-folder names mean a new run can land in an old one, whose files must not be silently replaced."""
-    names = ["model.pth", *sorted(p.name for p in train_dir.glob("ddpm_epoch_*.pt"))] if train_dir.is_dir() else []
-    return [name for name in names if (train_dir / name).is_file()]
-
-
-#: What a finished run leaves besides checkpoints (reporting.final_report, previews, trackers): removed by
-#: --overwrite_output_dir with the checkpoints, so an interrupted fresh start never shows the old run's model.
-RUN_OUTPUTS = ("pipeline", "pipeline.tmp", "pipeline.old", "train/metrics.json", "train/loss_curve.png",
-               "train/samples.png", "train/samples_images.png", "train/samples_epoch_*.png", "train/logs")
-
-
-def clear_run(run_dir: Path) -> None:
-    """Delete a previous run's checkpoints (set-aside ones too) and outputs (`RUN_OUTPUTS`) from `run_dir`,
-    leaving other files (the original project's, the user's) alone."""
-    train_dir = run_dir / "train"
-    for _, old in list_checkpoints(train_dir):
-        (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
-        shutil.rmtree(old)
-    shutil.rmtree(train_dir / ABANDONED_DIR, ignore_errors=True)
-    for pattern in RUN_OUTPUTS:
-        for path in run_dir.glob(pattern):
-            remove_path(path)
-
-
-def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resumed: Path | None = None
-                        ) -> str | None:
-    """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
-    `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may. Resuming
-    (`resumed`, the checkpoint `resume` resolved to) is always allowed: a run of ours beside the original's
-    files was started with `overwrite`. `resume` that finds no checkpoint starts from scratch, which an empty
-    or crashed folder allows but a finished run's (its pipeline/ would be replaced) does not."""
-    train_dir = run_dir / "train"
-    if resume is not None and resumed is None and not overwrite and (run_dir / "pipeline").exists():
-        return (f"{run_dir} holds a finished run (pipeline/) and no complete checkpoint to resume, so training "
-                "would start from scratch and replace it; start fresh with --overwrite_output_dir, or choose "
-                "another --output_dir")
-    if (list_checkpoints(train_dir) or (run_dir / "pipeline").exists()) and resume is None and not overwrite:
-        return (f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, start fresh with "
-                "--overwrite_output_dir, or choose another --output_dir")
-    if (old_files := original_run_files(train_dir)) and resume is None and not overwrite:
-        return (f"{run_dir} holds a run of the original project (train/{old_files[0]}); choose another --output_dir "
-                "(convert its weights with python -m latent_ddpm.convert_original), or train beside them with "
-                "--overwrite_output_dir")
-    return None
+def delete_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder, its marker first: a half-deleted folder is never "complete"."""
+    (path / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def is_valid_checkpoint(path: Path) -> bool:
@@ -378,19 +329,3 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-class RunLock(OutputLock):
-    """An exclusive lock on a run folder: a second run on the same folder refuses to start; a stale
-    lock (its process is gone) is taken over."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(run_dir / LOCK_FILE, "another training run", "wait for it, or use another --output_dir")
-
-    def acquire(self) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserInputError(f"cannot create the run folder {self.path.parent} ({err.strerror or err}); "
-                                 "choose another --output_dir (its parents must be folders you can write)") from None
-        super().acquire()

@@ -4,11 +4,13 @@ A checkpoint is `train/checkpoint-<step>/`: accelerate's `save_state` (model, op
 states), the EMA weights as safetensors, and `trainer_state.json` (step, epoch, data position, LR
 schedule, counters). It is written into `checkpoint-<step>.tmp/`, completed with a `COMPLETE`
 marker, then renamed: a folder without the marker is never resumed from, and old checkpoints are
-deleted only once the new one is complete.
+deleted only once the new one is complete. The marker lists every file with its size and SHA-256, so a
+resume skips a checkpoint damaged on disk later (truncated, or bits flipped) for the previous one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -71,12 +73,15 @@ def checkpoint_problem(path: Path) -> str | None:
     except OSError:
         return f"no {COMPLETE_MARKER} marker (the write did not finish)"
     try:
-        manifest = json.loads(marker).get("files", {}) if marker.lstrip().startswith("{") else {}
-        for name, size in manifest.items():  # markers of older checkpoints ("ok") list no files
+        manifest = json.loads(marker) if marker.lstrip().startswith("{") else {}
+        for name, size in manifest.get("files", {}).items():  # markers of older checkpoints ("ok") list no files
             if not (path / name).is_file():
                 return f"{name} is missing"
             if (path / name).stat().st_size != size:
                 return f"{name} is {(path / name).stat().st_size} bytes, the marker says {size} (truncated?)"
+        for name, digest in manifest.get("sha256", {}).items():  # markers before checksums list none
+            if _sha256(path / name) != digest:
+                return f"{name} does not match its SHA-256 in the {COMPLETE_MARKER} marker (changed on disk)"
         state = json.loads((path / STATE_FILE).read_text())
         if missing := [name for name in _required_files(state) if not (path / name).is_file()]:
             return f"{missing[0]} is missing"
@@ -237,8 +242,10 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             faults.pause_in_save(tmp)
             _fsync_tree(tmp)
-            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+            files = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+            manifest = {"step": step, "files": {str(f.relative_to(tmp)): f.stat().st_size for f in files},
+                        "sha256": {str(f.relative_to(tmp)): _sha256(f) for f in files}}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -259,8 +266,7 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
     if accelerator.is_main_process and limit is not None:
         older = [(s, p) for s, p in list_checkpoints(train_dir) if s < step]  # never the one just written
         for _, old in older[:max(0, len(older) - (limit - 1))]:
-            (old / COMPLETE_MARKER).unlink(missing_ok=True)  # first: a half-deleted folder is never "complete"
-            shutil.rmtree(old, ignore_errors=True)
+            delete_checkpoint(old)
     accelerator.wait_for_everyone()
     faults.exit_after_checkpoint(step)  # a test's crash right after this checkpoint
     return final
@@ -322,6 +328,14 @@ def _free_space(folder: Path) -> str:
         return f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free there"
     except OSError:
         return "free space unknown"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:

@@ -252,6 +252,17 @@ def test_a_folder_without_marker_is_never_resumed(tmp_path, reference):
     assert resolve_resume(train_dir, "latest") == train_dir / "checkpoint-36"
 
 
+def test_a_flipped_bit_that_keeps_weights_finite_is_caught_by_the_checksum(tmp_path, reference):
+    # Sizes and finite values were all a resume checked: such damage resumed silently from wrong weights.
+    train_dir = _copy_checkpoints(reference, tmp_path / "run")
+    model = train_dir / "checkpoint-40/model.safetensors"
+    data_bytes = bytearray(model.read_bytes())
+    data_bytes[-4] ^= 1  # the lowest mantissa bit of the last float32 weight: same size, still finite
+    model.write_bytes(bytes(data_bytes))
+    with pytest.warns(UserWarning, match="checkpoint-40 .model.safetensors does not match its SHA-256"):
+        assert resolve_resume(train_dir, "latest") == train_dir / "checkpoint-36"
+
+
 def test_disk_full_during_a_checkpoint(fork, data, reference, tmp_path):
     """RLIMIT_FSIZE makes the checkpoint's big files fail to write (EFBIG), as a full disk would."""
     out = tmp_path / "run"

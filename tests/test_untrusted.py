@@ -5,6 +5,7 @@ for ways to unpickle."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -127,8 +128,9 @@ def test_checkpoint_torch_files_with_a_payload_are_skipped(tmp_path):
     for name in ("random_states_0.pkl", "optimizer.bin"):
         shutil.copytree(train_dir / "checkpoint-2", train_dir / "evil")
         torch.save({"evil": Payload(marker)}, train_dir / "evil" / name)
-        manifest = json.loads((train_dir / "evil" / "COMPLETE").read_text())  # a crafted file, sizes and all
-        manifest["files"][name] = (train_dir / "evil" / name).stat().st_size
+        manifest = json.loads((train_dir / "evil" / "COMPLETE").read_text())  # a crafted file, sizes,
+        manifest["files"][name] = (train_dir / "evil" / name).stat().st_size  # checksums and all
+        manifest["sha256"][name] = hashlib.sha256((train_dir / "evil" / name).read_bytes()).hexdigest()
         (train_dir / "evil" / "COMPLETE").write_text(json.dumps(manifest))
         shutil.rmtree(train_dir / "checkpoint-2")
         (train_dir / "evil").rename(train_dir / "checkpoint-2")

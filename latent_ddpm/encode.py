@@ -146,35 +146,35 @@ def encode_shard(vae, ds, image_column: str, labels: np.ndarray | None, rows: ra
     tally = Tally()
     tmp = out.with_name(out.name + ".tmp")
     writer = ArrowWriter(features=latent_features(shape, labels is not None), path=str(tmp))
-    for start in range(rows.start, rows.stop, args.batch_size):
-        idx = range(start, min(rows.stop, start + args.batch_size))
-        entries = ds[idx.start:idx.stop][image_column]
-        kept, pixels = [], []
-        for i, entry in zip(idx, entries, strict=True):
-            where = _describe(entry, i)
-            prepared = prepare_image(entry, args.resolution, args.min_size)
-            if prepared.pixels is None:
-                kind, message = prepared.skip.split(": ", 1)
-                tally.add(kind, where, f"skipped, {message}", skipped=True)
+    try:  # any failure (a full disk mid-shard, an interrupt) leaves no partial file behind
+        for start in range(rows.start, rows.stop, args.batch_size):
+            idx = range(start, min(rows.stop, start + args.batch_size))
+            entries = ds[idx.start:idx.stop][image_column]
+            kept, pixels = [], []
+            for i, entry in zip(idx, entries, strict=True):
+                where = _describe(entry, i)
+                prepared = prepare_image(entry, args.resolution, args.min_size)
+                if prepared.pixels is None:
+                    kind, message = prepared.skip.split(": ", 1)
+                    tally.add(kind, where, f"skipped, {message}", skipped=True)
+                    continue
+                for kind, message in prepared.notes:
+                    tally.add(kind, where, message)
+                kept.append(i)
+                pixels.append(prepared.pixels)
+            bar.update(len(idx))
+            if not kept:
                 continue
-            for kind, message in prepared.notes:
-                tally.add(kind, where, message)
-            kept.append(i)
-            pixels.append(prepared.pixels)
-        bar.update(len(idx))
-        if not kept:
-            continue
-        pixels = np.stack(pixels)
-        if args.flip_augment:  # each image, then its mirror image: rows 2i and 2i + 1
-            pixels = np.stack([pixels, pixels[:, :, ::-1]], axis=1).reshape(-1, *pixels.shape[1:])
-        copies = 2 if args.flip_augment else 1
-        out_rows = [copies * i + k for i in kept for k in range(copies)]
-        z = encode_batch(vae, pixels, out_rows, args.sample_posterior, args.seed)
-        batch = {"latents": z}
-        if labels is not None:
-            batch["labels"] = np.repeat(labels[kept], copies)
-        writer.write_batch(batch)
-    try:
+            pixels = np.stack(pixels)
+            if args.flip_augment:  # each image, then its mirror image: rows 2i and 2i + 1
+                pixels = np.stack([pixels, pixels[:, :, ::-1]], axis=1).reshape(-1, *pixels.shape[1:])
+            copies = 2 if args.flip_augment else 1
+            out_rows = [copies * i + k for i in kept for k in range(copies)]
+            z = encode_batch(vae, pixels, out_rows, args.sample_posterior, args.seed)
+            batch = {"latents": z}
+            if labels is not None:
+                batch["labels"] = np.repeat(labels[kept], copies)
+            writer.write_batch(batch)
         writer.finalize()
         os.replace(tmp, out)
         marker = {"images": len(rows), "counts": tally.counts, "skipped": tally.skipped}

@@ -213,19 +213,21 @@ def test_one_line_errors(vae_dir, images, tmp_path, capsys):
         assert last.startswith("error: ") and message in last and "Traceback" not in err, err
 
 
-def test_a_full_disk_is_one_line_and_the_rerun_resumes(vae_dir, images, encoded, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("where", ["finalize", "write_batch"])
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(vae_dir, images, encoded, tmp_path, capsys, monkeypatch,
+                                                       where):
     # An OSError traceback before (and with 2 ranks, a gloo traceback on the other); finished shards were kept.
+    # Full in the middle of a shard (write_batch) left its .tmp file behind.
     from datasets.arrow_writer import ArrowWriter
 
-    finalize, calls = ArrowWriter.finalize, []
+    real = getattr(ArrowWriter, where)
 
     def full_disk_at_the_second_shard(self, *args, **kwargs):
-        calls.append(str(getattr(self, "_path", "")))  # datasets' own cache writes go through here too
-        if len([c for c in calls if c.endswith(".arrow.tmp")]) == 2 and calls[-1].endswith(".arrow.tmp"):
+        if str(getattr(self, "_path", "")).endswith("shard-00001.arrow.tmp"):  # not datasets' own cache writes
             raise OSError(28, "No space left on device")
-        return finalize(self, *args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(ArrowWriter, "finalize", full_disk_at_the_second_shard)
+    monkeypatch.setattr(ArrowWriter, where, full_disk_at_the_second_shard)
     out = tmp_path / "lat"
     assert run(encode.main, encode_args(images, vae_dir, out, tmp_path, "--flip_augment")) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -233,7 +235,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(vae_dir, images, encoded,
     partial = tmp_path / "lat.partial"
     assert sorted(p.name for p in partial.iterdir()) == ["settings.json", "shard-00000.arrow",
                                                          "shard-00000.arrow.done.json"]  # no .tmp shard left
-    monkeypatch.setattr(ArrowWriter, "finalize", finalize)
+    monkeypatch.setattr(ArrowWriter, where, real)
     assert run(encode.main, encode_args(images, vae_dir, out, tmp_path, "--flip_augment")) == 0
     assert load_latents(out)["latents"] == load_latents(encoded)["latents"]
 

@@ -41,9 +41,9 @@ from latent_ddpm.checkpointing import (
     load_checkpoint,
     objective_settings,
     resolve_resume,
+    resume_noise_generator,
     save_checkpoint,
     set_aside_newer_checkpoints,
-    set_generator_state,
 )
 from latent_ddpm.config import TrainConfig, parse_train_args
 from latent_ddpm.data import check_compatible, load_latents
@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             f"peak learning rate {cfg.learning_rate:g}; run folder {run_dir}")
     hub_token = check_hub_access(cfg.hub_model_id, cfg.hub_token) if cfg.push_to_hub else None  # fail fast
     resume = resolve_resume(train_dir, cfg.resume_from_checkpoint, warn=accelerator.is_main_process)
+    # A resume continues the same run: the same model, data, objective and global batch (`check_resume_compatible`).
+    run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
+                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+                    "num_latents": len(dataset), "data_stats": stats.fingerprint(), **objective_settings(cfg)}
+    if resume is not None and (note := check_resume_compatible(resume, dict(unet.config), run_settings)):
+        logger.warning(note)
     if cfg.dry_run:
         if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, resume):
             raise UserInputError(conflict)
@@ -163,11 +169,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Run folder: never overwrite a previous run silently; lock it against a second run. The main process
     #    decides and every process gets its verdict, so no rank is left waiting on another's error.
-    run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
-                    "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                    "num_latents": len(dataset), "data_stats": stats.fingerprint(), **objective_settings(cfg)}
-    if resume is not None:
-        check_resume_compatible(resume, dict(unet.config), run_settings)
     lock, error = RunLock(run_dir), None
     if accelerator.is_main_process:
         try:
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         state = load_checkpoint(accelerator, resume, ema)
         global_step, history = state["global_step"], state["history"]
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        set_generator_state(noise_gen, state["noise_generator"][accelerator.process_index])
+        resume_noise_generator(noise_gen, state["noise_generator"], accelerator.process_index, world, cfg.seed,
+                               global_step)
         logger.info("resumed from %s at step %d", resume, global_step)
         if changed := apply_resumed_settings(optimizer, lr_scheduler, ema, cfg):
             logger.info("resumed with this run's settings, not the checkpoint's: %s", "; ".join(changed))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -193,11 +195,24 @@ def objective_settings(cfg) -> dict:
     return s
 
 
-def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None) -> None:
+#: Run settings that may change together on resume while their product, the global batch of one optimizer step,
+#: stays the same: the data order (global batches of a fixed permutation) and the epochs are then unchanged.
+BATCH_LAYOUT = ("world_size", "train_batch_size", "gradient_accumulation_steps")
+
+
+def global_batch(settings: dict) -> int | None:
+    """Samples per optimizer step of `settings` (run settings), None when one of `BATCH_LAYOUT` is unknown."""
+    values = [settings.get(k) for k in BATCH_LAYOUT]
+    return math.prod(values) if all(isinstance(v, int) for v in values) else None
+
+
+def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None) -> str | None:
     """Refuse to resume `path` with a model of another shape (e.g. data with another channel count), or with
     other run settings: those that fix the data order and noise streams (processes, batch size, accumulation,
     seed) and the objective (`OBJECTIVE_SETTINGS`). A setting the checkpoint does not record (an older one)
-    is not compared."""
+    is not compared. The processes, batch size and accumulation may change together when the global batch
+    stays the same (another number of GPUs): the data order is kept, the noise streams are not, and the
+    returned note says so (None when nothing changed)."""
     state = json.loads((path / STATE_FILE).read_text())
     saved = state.get("model_config")
     if saved is not None:  # first: a model change (e.g. --class_conditional) also changes run settings it implies
@@ -216,11 +231,20 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
         settings.setdefault("world_size", len(state["noise_generator"]))
     current = json.loads(json.dumps(run_settings or {}))  # as it would be saved
     changed = [k for k in current if k in settings and settings[k] != current[k]]
+    details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in changed)
+    same_batch = global_batch(settings) is not None and global_batch(settings) == global_batch(current)
+    if changed and same_batch and set(changed) <= set(BATCH_LAYOUT):
+        return (f"resuming {path} with another batch layout ({details}) and the same global batch of "
+                f"{global_batch(current)}: the data order continues, the noise streams are new, so the run is "
+                "not bit-identical to one that never stopped")
     if changed:
-        details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in changed)
+        layout = (f" (the processes, --train_batch_size and --gradient_accumulation_steps may change together when "
+                  f"the global batch, {global_batch(settings)} there, stays the same)"
+                  if set(changed) & set(BATCH_LAYOUT) and global_batch(settings) else "")
         raise UserInputError(f"--resume_from_checkpoint: {path} was made with other settings ({details}); resume "
-                             f"with the same ones (a resumed run continues the same data order, noise and "
+                             f"with the same ones{layout} (a resumed run continues the same data order, noise and "
                              f"objective), or start a new --output_dir")
+    return None
 
 
 def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=None, limit: int | None = None) -> Path:
@@ -321,6 +345,16 @@ def generator_state(gen: torch.Generator) -> list[int]:
 
 def set_generator_state(gen: torch.Generator, state: list[int]) -> None:
     gen.set_state(torch.tensor(state, dtype=torch.uint8))
+
+
+def resume_noise_generator(gen: torch.Generator, states: list[list[int]], rank: int, world: int, seed: int,
+                           step: int) -> None:
+    """Continue this rank's noise stream from a checkpoint's `states` (one per rank). Resumed on another number
+    of processes, each rank starts a new stream fixed by (seed, step, rank): reproducible, but not the old one."""
+    if len(states) == world:
+        set_generator_state(gen, states[rank])
+    else:
+        gen.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
 
 
 def _free_space(folder: Path) -> str:

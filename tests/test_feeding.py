@@ -90,6 +90,24 @@ def test_two_ranks_disjoint_and_complete(ds):
     assert torch.equal(x, feeders[1].latents[idx[1]])
 
 
+@pytest.mark.parametrize("start_step", [0, 3])
+def test_layouts_of_one_global_batch_feed_the_same_samples_per_step(ds, start_step):
+    # What lets a resume change the processes, batch size and accumulation together (checkpointing.BATCH_LAYOUT):
+    # with the same product, every optimizer step (resumed at any step) sees the same samples.
+    def per_step(batch: int, world: int, accumulation: int) -> list[list[int]]:
+        feeders = [LatentFeeder(ds, batch, seed=3, rank=r, world_size=world) for r in range(world)]
+        steps = len(feeders[0]) // accumulation
+        ranks = [f.rank_indices(epoch=2, start_batch=start_step * accumulation) for f in feeders]
+        return [sorted(torch.cat([r[(s - start_step) * accumulation + i] for r in ranks for i in range(accumulation)])
+                       .tolist()) for s in range(start_step, steps)]
+
+    reference = per_step(8, 1, 1)
+    assert len(reference) == N // 8 - start_step
+    for layout in [(4, 2, 1), (4, 1, 2), (2, 2, 2), (1, 4, 2)]:
+        assert per_step(*layout) == reference, layout
+    assert per_step(4, 1, 1)[:1] != reference[:1]  # another global batch: other steps
+
+
 def test_order_depends_on_seed_and_epoch(ds):
     f = LatentFeeder(ds, 4, seed=3)
     assert torch.equal(f.epoch_order(1)[0], LatentFeeder(ds, 4, seed=3).epoch_order(1)[0])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,14 +71,16 @@ def test_existing_run_is_never_overwritten_silently(data, tmp_path):
     assert not all(torch.equal(before[k], weights(out)[k]) for k in before)
 
 
+def torchrun(*args, env=None) -> subprocess.CompletedProcess:
+    """train.py in a real 2-process gloo run on the CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo 2-process run tested on Linux")
 def test_two_process_run_and_resume(data, tmp_path):
-    def torchrun(*args, env=None):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "train.py"), *args]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                              env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})})
-
     args = ["--latent", str(data), "--max_train_steps", "6", "--checkpointing_steps", "3", *FAST,
             "--train_batch_size", "4"]
     # The main process holds its final report until rank 1 has finished: the other ranks must not wait for it.
@@ -96,6 +99,43 @@ def test_two_process_run_and_resume(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo 2-process run tested on Linux")
+def test_resume_on_two_processes_of_a_one_process_run_with_the_same_global_batch(data, tmp_path):
+    # It was refused ("world_size=1 there vs 2 now"): a run could not continue on another number of GPUs.
+    args = ["--latent", data, "--max_train_steps", "6", "--checkpointing_steps", "3", *FAST]
+    crashed = cli(*args, "--train_batch_size", "8", "--output_dir", str(tmp_path / "a"),
+                  env={"LATENT_DDPM_EXIT_AFTER_CHECKPOINT": "3"})
+    assert crashed.returncode == 3, crashed.stderr[-2000:]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for run_dir in ("a", "b"):
+        resumed = torchrun(*args, "--train_batch_size", "4", "--output_dir", tmp_path / run_dir,
+                           "--resume_from_checkpoint", "latest")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "same global batch of 8: the data order continues, the noise streams are new" in resumed.stdout
+    state = json.loads((tmp_path / "a/train/checkpoint-6/trainer_state.json").read_text())
+    assert state["run_settings"]["world_size"] == 2 and len(state["noise_generator"]) == 2
+    # Rank 1 had no noise stream to continue: its new one is fixed by (seed, step, rank), so the run repeats.
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and all(torch.isfinite(v).all() for v in wa.values())
+
+
+def test_a_resume_may_change_the_batch_layout_when_the_global_batch_stays(tmp_path):
+    from latent_ddpm.checkpointing import check_resume_compatible
+
+    saved = {"world_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1, "seed": 0}
+    ckpt = _checkpoint_with_settings(tmp_path / "checkpoint-2", saved)
+    assert check_resume_compatible(ckpt, {}, saved) is None
+    for now in ({"world_size": 1, "train_batch_size": 8}, {"world_size": 1, "gradient_accumulation_steps": 2},
+                {"world_size": 4, "train_batch_size": 2}):
+        note = check_resume_compatible(ckpt, {}, {**saved, **now})
+        assert "same global batch of 8" in note and "not bit-identical" in note, now
+    with pytest.raises(UserInputError, match=r"world_size=2 there vs 1 now\); resume with the same ones \(the "
+                                             r"processes, .* the global batch, 8 there, stays the same\)"):
+        check_resume_compatible(ckpt, {}, {**saved, "world_size": 1})
+    with pytest.raises(UserInputError, match="seed=0 there vs 1 now"):  # another setting beside the layout
+        check_resume_compatible(ckpt, {}, {**saved, "world_size": 1, "train_batch_size": 8, "seed": 1})
+
+
 def test_resume_with_another_channel_count_is_refused(data, tmp_path):
     out = tmp_path / "run"
     args = ["--max_train_steps", "2", "--output_dir", str(out), *FAST]
@@ -112,9 +152,10 @@ def test_resume_with_another_channel_count_is_refused(data, tmp_path):
 def test_resume_with_other_run_settings_is_refused(data, tmp_path):
     out = tmp_path / "run"
     assert run(["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST]) == 0
-    with pytest.raises(UserInputError, match="train_batch_size=8 there vs 4 now"):
-        run(["--latent", str(data), "--max_train_steps", "4", "--output_dir", str(out), *FAST,
-             "--train_batch_size", "4", "--resume_from_checkpoint", "latest"])
+    for dry_run in ([], ["--dry_run"]):  # a dry run refuses it too (it said "dry run, nothing written")
+        with pytest.raises(UserInputError, match="train_batch_size=8 there vs 4 now"):
+            run(["--latent", str(data), "--max_train_steps", "4", "--output_dir", str(out), *FAST,
+                 "--train_batch_size", "4", "--resume_from_checkpoint", "latest", *dry_run])
 
 
 def _checkpoint_with_settings(folder: Path, run_settings: dict) -> Path:

@@ -51,7 +51,7 @@ from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
 from latent_ddpm.errors import UserInputError, configure_logging, first_line, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
-from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
+from latent_ddpm.hub import CheckpointUploader, check_hub_access, push_pipeline_to_hub
 from latent_ddpm.paths import unwritable_folder
 from latent_ddpm.reporting import (
     DivergenceWatch,
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     window: list[float] = []  # read back, not yet logged
     nonfinite_in_a_row, t_last, samples_since = 0, time.perf_counter(), 0
     last_checkpoint: Path | None = None  # the one written at max_steps
+    uploader = (CheckpointUploader(cfg.hub_model_id, private=cfg.hub_private_repo, token=hub_token)
+                if cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process else None)
     divergence = DivergenceWatch(cfg.lr_warmup_steps)
     accumulation = cfg.gradient_accumulation_steps
     epoch = global_step // steps_per_epoch
@@ -346,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt = save_checkpoint(accelerator, train_dir, global_step, state, ema, cfg.checkpoints_total_limit)
                 if global_step == max_steps:  # uploaded (with --push_checkpoints) after the ranks part, in 11.
                     last_checkpoint = ckpt
-                elif cfg.push_to_hub and cfg.push_checkpoints and accelerator.is_main_process:
-                    push_checkpoint(build_pipeline(unet, ema, noise_scheduler, stats, vae), ckpt, cfg, hub_token)
+                elif uploader is not None:  # uploaded in the background while training goes on
+                    push_checkpoint(build_pipeline(unet, ema, noise_scheduler, stats, vae), ckpt, uploader)
             if global_step >= max_steps:
                 break
 
@@ -381,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
                          "the saved pipeline holds rank 0's", checksums)
         pipe = build_pipeline(unet, ema, noise_scheduler, stats, vae)
         final_report(pipe, cfg, dataset, run_dir, history, num_classes, plan)
-        if cfg.push_to_hub and cfg.push_checkpoints and last_checkpoint is not None:
-            push_checkpoint(pipe, last_checkpoint, cfg, hub_token)
+        if uploader is not None:  # the last checkpoint, then every checkpoint upload has finished
+            if last_checkpoint is not None:
+                push_checkpoint(pipe, last_checkpoint, uploader)
+            uploader.wait()
         if cfg.push_to_hub:
             url = push_pipeline_to_hub(run_dir / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo,
                                        token=hub_token, train_dir=train_dir)

@@ -15,6 +15,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-__all__ = ["build_model_card", "check_hub_access", "prepare_upload_folder", "push_pipeline_to_hub"]
+__all__ = ["CheckpointUploader", "build_model_card", "check_hub_access", "prepare_upload_folder",
+           "push_pipeline_to_hub"]
 
 #: model_index.json entry of the UNet as `save_pretrained` writes it (the package's own module).
 PACKAGE_UNET_ENTRY = ["latent_ddpm.unet", "AdvancedUNet2DModel"]
@@ -191,25 +194,80 @@ def push_pipeline_to_hub(
     with tempfile.TemporaryDirectory(prefix="latent_ddpm_upload_") as tmp:
         folder = prepare_upload_folder(pipeline_dir, Path(tmp) / "upload", repo_id=repo_id, train_dir=train_dir,
                                        images=images, **card_info)
-        api = HfApi(token=token)
-        try:
-            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=folder, commit_message=commit_message,
-                                       revision=revision, repo_type="model")
-        except _NETWORK_ERRORS as err:
-            raise UserInputError(f"the hub is unreachable ({type(err).__name__}: {err}); check the network "
-                                 "or HF_ENDPOINT, or upload later with latent_ddpm.hub.push_pipeline_to_hub") from None
-        except HfHubHTTPError as err:
-            status = getattr(err.response, "status_code", None)
-            if status in (401, 403):
-                raise UserInputError(f"the hub refused the upload to {repo_id} (HTTP {status}): check that the "
-                                     "token is valid and has write access to that namespace") from None
-            raise UserInputError(f"the hub answered the upload to {repo_id} with HTTP {status or '?'} "
-                                 f"({first_line(err)[:200]}); check HF_ENDPOINT, or try again later with "
-                                 "latent_ddpm.hub.push_pipeline_to_hub") from None
-    url = getattr(commit, "commit_url", None) or str(commit)
+        url = _upload(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                      revision=revision)
     logger.info(f"uploaded {pipeline_dir} to {url}")
     return url
+
+
+def _upload(folder: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str,
+            revision: str | None = None) -> str:
+    """Create the repo if needed and upload `folder` as one commit; returns the commit URL. Network and HTTP
+    errors become one-line `UserInputError`s."""
+    api = HfApi(token=token)
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=folder, commit_message=commit_message,
+                                   revision=revision, repo_type="model")
+    except _NETWORK_ERRORS as err:
+        raise UserInputError(f"the hub is unreachable ({type(err).__name__}: {err}); check the network "
+                             "or HF_ENDPOINT, or upload later with latent_ddpm.hub.push_pipeline_to_hub") from None
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 403):
+            raise UserInputError(f"the hub refused the upload to {repo_id} (HTTP {status}): check that the "
+                                 "token is valid and has write access to that namespace") from None
+        raise UserInputError(f"the hub answered the upload to {repo_id} with HTTP {status or '?'} "
+                             f"({first_line(err)[:200]}); check HF_ENDPOINT, or try again later with "
+                             "latent_ddpm.hub.push_pipeline_to_hub") from None
+    return getattr(commit, "commit_url", None) or str(commit)
+
+
+class CheckpointUploader:
+    """Uploads checkpoints' pipelines (`push_checkpoints`) in a background thread, so that training goes on
+    while they travel, as transformers' Trainer pushes its checkpoints. One upload at a time, in order: a new
+    checkpoint waits only for a previous upload that is still running. A failed upload is a warning (training
+    goes on, and the final push happens anyway). Call `wait()` before the final push."""
+
+    def __init__(self, repo_id: str, *, private: bool = False, token: str | None = None):
+        self.repo_id, self.private, self.token = repo_id, private, token
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
+
+    def submit(self, pipeline_dir: str | os.PathLike, commit_message: str,
+               train_dir: str | os.PathLike | None = None) -> None:
+        """Copy `pipeline_dir` into an upload folder now (so that checkpoint rotation cannot pull it away),
+        then upload it as one commit in the background."""
+        self.wait()
+        tmp = Path(tempfile.mkdtemp(prefix="latent_ddpm_upload_"))
+        try:
+            folder = prepare_upload_folder(pipeline_dir, tmp / "upload", repo_id=self.repo_id, train_dir=train_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._thread = threading.Thread(target=self._run, args=(folder, tmp, commit_message), daemon=True,
+                                        name="latent_ddpm_checkpoint_upload")
+        self._thread.start()
+
+    def _run(self, folder: Path, tmp: Path, commit_message: str) -> None:
+        try:
+            url = _upload(folder, self.repo_id, private=self.private, token=self.token, commit_message=commit_message)
+            logger.info(f"uploaded {commit_message} to {url}")
+        except Exception as err:  # noqa: BLE001 - reported by wait(), in the training thread
+            self._failure = f"could not push {commit_message}: {first_line(err) or type(err).__name__}"
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def wait(self) -> None:
+        """Wait for the running upload, if any; warn if the last one failed."""
+        if self._thread is not None:
+            if self._thread.is_alive():
+                logger.info("waiting for the previous checkpoint's upload to finish")
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            warnings.warn(failure, stacklevel=2)
 
 
 def push_pipeline(pipe: LatentDDPMPipeline, repo_id: str, *, commit_message: str | None = None,

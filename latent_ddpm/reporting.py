@@ -10,6 +10,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from .pipeline import LatentDDPMPipeline
 from .plots import save_latent_grid, save_loss_curve
 from .sampling import make_scheduler, sample_generators, scheduler_problem
 from .unet import AdvancedUNet2DModel
+
+if TYPE_CHECKING:
+    from .hub import CheckpointUploader
 
 # Reference latents for the end-of-run quality figures: a bounded set keeps them a few seconds on CPU.
 MAX_REFERENCE = 4096
@@ -167,18 +171,11 @@ def save_pipeline_atomically(pipe: LatentDDPMPipeline, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def push_checkpoint(pipe: LatentDDPMPipeline, ckpt: Path, cfg, token: str | None) -> None:
-    """Save `pipe` (from `build_pipeline`) as checkpoint `ckpt`'s `ckpt/pipeline` and upload it as one commit.
-    A failed upload only warns: training goes on, and the final push happens anyway."""
-    from .errors import UserInputError
-    from .hub import push_pipeline_to_hub
-
+def push_checkpoint(pipe: LatentDDPMPipeline, ckpt: Path, uploader: CheckpointUploader) -> None:
+    """Save `pipe` (from `build_pipeline`) as checkpoint `ckpt`'s `ckpt/pipeline` and hand it to `uploader`
+    (one commit, in the background; a failed upload only warns)."""
     save_pipeline_atomically(pipe, ckpt / "pipeline")
-    try:
-        push_pipeline_to_hub(ckpt / "pipeline", cfg.hub_model_id, private=cfg.hub_private_repo, token=token,
-                             commit_message=f"checkpoint {ckpt.name}", train_dir=ckpt.parent)
-    except UserInputError as err:
-        warnings.warn(f"could not push {ckpt.name}: {err}", stacklevel=2)
+    uploader.submit(ckpt / "pipeline", f"checkpoint {ckpt.name}", train_dir=ckpt.parent)
 
 
 def final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history: dict, num_classes: int | None,

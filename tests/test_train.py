@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +239,43 @@ def test_push_to_hub_uploads_final_pipeline_and_checkpoints(data, tmp_path, monk
     assert "README.md" in final and "unet/diffusion_pytorch_model.safetensors" in final
     assert "loss_curve.png" in final or any(f.endswith("loss_curve.png") for f in final)
     assert "hf_x" not in (out / "train" / "config.json").read_text()
+
+
+def test_checkpoint_uploads_run_in_the_background_and_a_failed_one_warns(data, tmp_path, monkeypatch, recwarn):
+    # Each checkpoint's upload held the main process (and every rank, at the next collective) until it ended.
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx
+
+    out, seen = tmp_path / "run", {}
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the upload copies go
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        if commit_message == "checkpoint checkpoint-2":  # slow: lasts until training has written checkpoint-4
+            deadline = time.monotonic() + 120
+            while not (out / "train/checkpoint-4/COMPLETE").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen["training_went_on"] = (out / "train/checkpoint-4/COMPLETE").exists()
+            raise HfHubHTTPError("503", response=httpx.Response(503, request=httpx.Request("POST", "https://hf.co")))
+        seen.setdefault("later", []).append(commit_message)
+        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/1", commit_message="",
+                                          commit_description="", oid="1", pr_url=None)
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: huggingface_hub.RepoUrl(
+        f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert run(["--latent", str(data), "--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir",
+                str(out), *FAST, "--push_to_hub", "--hub_model_id", "me/demo", "--hub_token", "hf_x",
+                "--push_checkpoints"]) == 0
+    assert seen["training_went_on"]
+    assert seen["later"] == ["checkpoint checkpoint-4", "checkpoint checkpoint-6", "Upload LatentDDPMPipeline"]
+    failed = [str(w.message) for w in recwarn if "could not push" in str(w.message)]
+    assert len(failed) == 1 and "checkpoint checkpoint-2" in failed[0] and "HTTP 503" in failed[0], failed
+    assert not list((tmp_path / "tmp").glob("latent_ddpm_upload_*"))  # the upload copies are removed
 
 
 def test_push_to_hub_without_token_fails_before_training(data, tmp_path, monkeypatch):

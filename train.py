@@ -43,13 +43,12 @@ from latent_ddpm.checkpointing import (
     resolve_resume,
     resume_noise_generator,
     save_checkpoint,
-    set_aside_newer_checkpoints,
 )
 from latent_ddpm.config import TrainConfig, parse_train_args
 from latent_ddpm.data import check_compatible, load_latents
 from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
-from latent_ddpm.errors import UserInputError, configure_logging, first_line, run_cli
+from latent_ddpm.errors import UserInputError, configure_logging, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
 from latent_ddpm.hub import CheckpointUploader, check_hub_access, push_pipeline_to_hub
 from latent_ddpm.paths import unwritable_folder
@@ -61,7 +60,7 @@ from latent_ddpm.reporting import (
     push_checkpoint,
     schedule_error,
 )
-from latent_ddpm.run_folder import RunLock, clear_run, default_run_dir, run_folder_conflict
+from latent_ddpm.run_folder import RunLock, default_run_dir, prepare_run_folder, run_folder_conflict
 from latent_ddpm.unet import PRESETS, downsample_factor
 
 logger = logging.getLogger("latent_ddpm.train")
@@ -169,27 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. Run folder: never overwrite a previous run silently; lock it against a second run. The main process
     #    decides and every process gets its verdict, so no rank is left waiting on another's error.
-    lock, error = RunLock(run_dir), None
-    if accelerator.is_main_process:
-        try:
-            if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir,
-                                               resume):
-                raise UserInputError(conflict)
-            lock.acquire()
-            if cfg.overwrite_output_dir and resume is None:
-                clear_run(run_dir)
-            if cfg.resume_from_checkpoint is not None and (moved := set_aside_newer_checkpoints(train_dir, resume)):
-                logger.warning("resuming %s: moved %d checkpoint(s) it does not lead to (%s) to %s",
-                               resume or "from scratch", len(moved), ", ".join(p.name for p in moved), moved[0].parent)
-            train_dir.mkdir(parents=True, exist_ok=True)
-            (train_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-            (train_dir / "latent_stats.json").write_text(json.dumps(stats.to_dict(), indent=2))
-        except UserInputError as err:
-            error = str(err)
-        except OSError as err:  # a full or read-only disk: one line for every rank, not a hang on the broadcast
-            error = f"cannot prepare the run folder {train_dir} ({type(err).__name__}: {first_line(err)})"
-        if error is not None:
-            lock.release()  # now, not at exit: a caller of main() in this process may start another run
+    lock = RunLock(run_dir)
+    files = {"config.json": json.dumps(cfg.to_dict(), indent=2),  # the resolved config, beside the run
+             "latent_stats.json": json.dumps(stats.to_dict(), indent=2)}
+    error = (prepare_run_folder(run_dir, lock, cfg.resume_from_checkpoint, resume, cfg.overwrite_output_dir, files)
+             if accelerator.is_main_process else None)
     if (error := broadcast_object_list([error])[0]) is not None:
         raise UserInputError(error)
     if cfg.resume_from_checkpoint == "latest" and resume is None:

@@ -3,14 +3,17 @@ and the lock that keeps two runs out of the same folder. Checkpoints inside it a
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
-from .checkpointing import ABANDONED_DIR, delete_checkpoint, list_checkpoints
-from .errors import UserInputError
+from .checkpointing import ABANDONED_DIR, delete_checkpoint, list_checkpoints, set_aside_newer_checkpoints
+from .errors import UserInputError, first_line
 from .paths import OutputLock, remove_path
 
 LOCK_FILE = ".lock"
+
+logger = logging.getLogger(__name__)
 
 
 def default_run_dir(data_name: str, channels: int, timesteps: int, beta_start: float, beta_end: float) -> Path:
@@ -64,6 +67,33 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
                 "--overwrite_output_dir")
     return None
 
+
+
+def prepare_run_folder(run_dir: Path, lock: RunLock, resume_spec: str | None, resumed: Path | None, overwrite: bool,
+                       files: dict[str, str]) -> str | None:
+    """The main process's part of starting a run in `run_dir`: refuse a conflict (`run_folder_conflict`), take
+    `lock`, clear the previous run (`overwrite` with nothing `resumed`), set aside the checkpoints the resumed one
+    does not lead to, and write `files` (name -> text) into train/. Returns the one-line error every rank is to
+    raise (the lock released), or None."""
+    train_dir = run_dir / "train"
+    try:
+        if conflict := run_folder_conflict(run_dir, resume_spec, overwrite, resumed):
+            raise UserInputError(conflict)
+        lock.acquire()
+        if overwrite and resumed is None:
+            clear_run(run_dir)
+        if resume_spec is not None and (moved := set_aside_newer_checkpoints(train_dir, resumed)):
+            logger.warning("resuming %s: moved %d checkpoint(s) it does not lead to (%s) to %s",
+                           resumed or "from scratch", len(moved), ", ".join(p.name for p in moved), moved[0].parent)
+        train_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (train_dir / name).write_text(text)
+        return None
+    except (UserInputError, OSError) as err:
+        lock.release()  # now, not at exit: a caller of train.main() in this process may start another run
+        if isinstance(err, UserInputError):
+            return str(err)
+        return f"cannot prepare the run folder {train_dir} ({type(err).__name__}: {first_line(err)})"  # disk full
 
 
 class RunLock(OutputLock):

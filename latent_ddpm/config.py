@@ -122,7 +122,8 @@ class TrainConfig:
     dataloader_num_workers: int = _f(0, "DataLoader workers when the data is streamed from disk")
     ddp_timeout: int = _f(1800, "seconds a process waits in a collective (e.g. for a rank that died) before "
                                 "failing; torchrun usually stops the survivors sooner. Also bounds the other "
-                                "ranks' wait for the main process's previews and checkpoint uploads during training")
+                                "ranks' wait for the main process's previews during training, and for a "
+                                "checkpoint upload still running at the next checkpoint")
     # --- Outputs, logging, checkpoints ------------------------------------------------------------
     output_dir: str | None = _f(None, "run folder (default: runs/<data>_ddpm_<C>_<T>_<beta_start>_<beta_end>)")
     overwrite_output_dir: bool = _f(False, "start fresh in an existing run folder (its checkpoints, pipeline and "
@@ -145,7 +146,7 @@ class TrainConfig:
     hub_model_id: str | None = _f(None, "repository id, e.g. user/my-latent-ddpm")
     hub_private_repo: bool = _f(False, "create the repository as private")
     hub_token: str | None = _f(None, "token (default: the logged-in one or HF_TOKEN)")
-    push_checkpoints: bool = _f(False, "also upload every checkpoint")
+    push_checkpoints: bool = _f(False, "also upload every checkpoint (in the background, training goes on)")
 
     # -----------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:

@@ -35,14 +35,11 @@ from tqdm.auto import tqdm
 from latent_ddpm import AdvancedUNet2DModel, faults
 from latent_ddpm.autoencoder import load_data_vae, read_encoding_info
 from latent_ddpm.checkpointing import (
-    apply_resumed_settings,
-    check_resume_compatible,
     generator_state,
     load_checkpoint,
-    objective_settings,
-    resolve_resume,
-    resume_noise_generator,
+    resolve_resume_once,
     save_checkpoint,
+    set_generator_state,
 )
 from latent_ddpm.config import TrainConfig, parse_train_args
 from latent_ddpm.data import check_compatible, load_latents
@@ -59,6 +56,12 @@ from latent_ddpm.reporting import (
     preview_grid,
     push_checkpoint,
     schedule_error,
+)
+from latent_ddpm.resume import (
+    apply_resumed_settings,
+    check_resume_compatible,
+    objective_settings,
+    reseed_for_new_layout,
 )
 from latent_ddpm.run_folder import RunLock, default_run_dir, prepare_run_folder, run_folder_conflict
 from latent_ddpm.unet import PRESETS, downsample_factor
@@ -150,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
             f"(batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {world} processes), "
             f"peak learning rate {cfg.learning_rate:g}; run folder {run_dir}")
     hub_token = check_hub_access(cfg.hub_model_id, cfg.hub_token) if cfg.push_to_hub else None  # fail fast
-    resume = resolve_resume(train_dir, cfg.resume_from_checkpoint, warn=accelerator.is_main_process)
+    resume = resolve_resume_once(accelerator, train_dir, cfg.resume_from_checkpoint)
     # A resume continues the same run: the same model, data, objective and global batch (`check_resume_compatible`).
     run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                     "num_latents": len(dataset), "data_stats": stats.fingerprint(), **objective_settings(cfg)}
-    if resume is not None and (note := check_resume_compatible(resume, dict(unet.config), run_settings)):
-        logger.warning(note)
+    new_layout = check_resume_compatible(resume, dict(unet.config), run_settings) if resume is not None else None
+    if new_layout:
+        logger.warning(new_layout)
     if cfg.dry_run:
         if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, resume):
             raise UserInputError(conflict)
@@ -209,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         state = load_checkpoint(accelerator, resume, ema)
         global_step, history = state["global_step"], state["history"]
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        resume_noise_generator(noise_gen, state["noise_generator"], accelerator.process_index, world, cfg.seed,
-                               global_step)
+        if new_layout:  # another number of processes or batch size: new random streams
+            reseed_for_new_layout(noise_gen, cfg.seed, global_step, accelerator.process_index)
+        else:
+            set_generator_state(noise_gen, state["noise_generator"][accelerator.process_index])
         logger.info("resumed from %s at step %d", resume, global_step)
         if changed := apply_resumed_settings(optimizer, lr_scheduler, ema, cfg):
             logger.info("resumed with this run's settings, not the checkpoint's: %s", "; ".join(changed))

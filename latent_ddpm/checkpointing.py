@@ -1,4 +1,4 @@
-"""Atomic resumable checkpoints: writing, checking, choosing one to resume, and the resume rules.
+"""Atomic resumable checkpoints: writing them, checking them, choosing the one to resume (its rules: `resume`).
 
 A checkpoint is `train/checkpoint-<step>/`: accelerate's `save_state` (model, optimizer, RNG
 states), the EMA weights as safetensors, and `trainer_state.json` (step, epoch, data position, LR
@@ -13,26 +13,18 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import faults
 from .errors import UserInputError, first_line
-
-if TYPE_CHECKING:
-    from diffusers.training_utils import EMAModel
-
-    from .config import TrainConfig
 
 COMPLETE_MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -56,10 +48,10 @@ def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def delete_checkpoint(path: Path) -> None:
+def delete_checkpoint(path: Path, ignore_errors: bool = False) -> None:
     """Delete a checkpoint folder, its marker first: a half-deleted folder is never "complete"."""
     (path / COMPLETE_MARKER).unlink(missing_ok=True)
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def is_valid_checkpoint(path: Path) -> bool:
@@ -76,12 +68,15 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"no {COMPLETE_MARKER} marker (the write did not finish)"
     try:
         manifest = json.loads(marker) if marker.lstrip().startswith("{") else {}
-        for name, size in manifest.get("files", {}).items():  # markers of older checkpoints ("ok") list no files
-            if not (path / name).is_file():
-                return f"{name} is missing"
+        files, digests = manifest.get("files", {}), manifest.get("sha256")
+        if digests is not None and set(digests) != set(files):  # markers before checksums list none
+            return f"the {COMPLETE_MARKER} marker's checksums do not cover the files it lists"
+        for name, size in files.items():  # markers of older checkpoints ("ok") list no files
+            if (problem := _member_problem(path, name)) is not None:
+                return problem
             if (path / name).stat().st_size != size:
                 return f"{name} is {(path / name).stat().st_size} bytes, the marker says {size} (truncated?)"
-        for name, digest in manifest.get("sha256", {}).items():  # markers before checksums list none
+        for name, digest in (digests or {}).items():
             if _sha256(path / name) != digest:
                 return f"{name} does not match its SHA-256 in the {COMPLETE_MARKER} marker (changed on disk)"
         state = json.loads((path / STATE_FILE).read_text())
@@ -100,6 +95,17 @@ def checkpoint_problem(path: Path) -> str | None:
                 safe_torch_load(file, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any damage means "not usable"
         return f"{type(err).__name__}: {first_line(err)[:200]}"
+    return None
+
+
+def _member_problem(folder: Path, name: str) -> str | None:
+    """Why the marker's entry `name` is not a regular file inside `folder` (a crafted or garbled marker must not
+    make the check read elsewhere, or block on a device or FIFO); None when it is one."""
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        return f"the {COMPLETE_MARKER} marker lists {name!r}, which is not a file of the checkpoint"
+    file = folder / name
+    if file.is_symlink() or not file.is_file():
+        return f"{name} is missing" if not file.exists() and not file.is_symlink() else f"{name} is not a plain file"
     return None
 
 
@@ -137,6 +143,24 @@ def resolve_resume(train_dir: Path, spec: str | None, warn: bool = True) -> Path
     return None
 
 
+def resolve_resume_once(accelerator, train_dir: Path, spec: str | None) -> Path | None:
+    """`resolve_resume` in the main process alone, its verdict (or error) shared with every process: the check
+    reads each checkpoint file in full, once per node rather than once per rank, and every rank resumes the
+    same checkpoint."""
+    from accelerate.utils import broadcast_object_list
+
+    found, error = None, None
+    if accelerator.is_main_process:
+        try:
+            found = resolve_resume(train_dir, spec)
+        except UserInputError as err:
+            error = str(err)
+    found, error = broadcast_object_list([found, error]) if accelerator.num_processes > 1 else (found, error)
+    if error is not None:
+        raise UserInputError(error)
+    return found
+
+
 def set_aside_newer_checkpoints(train_dir: Path, resume: Path | None) -> list[Path]:
     """Move this run's checkpoints that the resumed one does not lead to into `train_dir/abandoned/` (kept);
     with `resume` None (every checkpoint was damaged, so the run starts from scratch), all of them.
@@ -164,87 +188,6 @@ def set_aside_newer_checkpoints(train_dir: Path, resume: Path | None) -> list[Pa
         os.replace(path, target)
         moved.append(target)
     return moved
-
-
-#: TrainConfig fields that define the training objective (noise schedule, loss, data scaling, label dropout).
-#: They are saved with a checkpoint's run settings, so that a resumed run cannot switch objective mid-run
-#: (e.g. after a changed default).
-OBJECTIVE_SETTINGS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
-                      "snr_gamma", "snr_floor", "normalization", "scaling_factor", "cond_drop_prob")
-
-
-def objective_settings(cfg) -> dict:
-    """The objective part of a run's settings (`OBJECTIVE_SETTINGS` of a TrainConfig), as compared on resume.
-
-    Settings that cannot change the objective are recorded as None, so that equivalent runs compare equal:
-    snr_gamma 0 and None both turn min-SNR weighting off; snr_floor acts only with that weighting on, not for
-    epsilon prediction, and as min(floor, gamma) (`diffusion.min_snr_weights`); squaredcos_cap_v2 ignores the
-    betas; a fixed scaling_factor replaces the normalization; label dropout needs labels. Floats survive the
-    state file's JSON round trip exactly.
-    """
-    s = {k: getattr(cfg, k) for k in OBJECTIVE_SETTINGS}
-    s["snr_gamma"] = s["snr_gamma"] or None
-    floor_applies = s["snr_gamma"] is not None and s["prediction_type"] != "epsilon"
-    s["snr_floor"] = min(s["snr_floor"], s["snr_gamma"]) if floor_applies else None
-    if s["beta_schedule"] == "squaredcos_cap_v2":
-        s["beta_start"] = s["beta_end"] = None
-    if s["scaling_factor"] is not None:
-        s["normalization"] = None  # a fixed scale replaces the statistics
-    if not cfg.class_conditional:
-        s["cond_drop_prob"] = None
-    return s
-
-
-#: Run settings that may change together on resume while their product, the global batch of one optimizer step,
-#: stays the same: the data order (global batches of a fixed permutation) and the epochs are then unchanged.
-BATCH_LAYOUT = ("world_size", "train_batch_size", "gradient_accumulation_steps")
-
-
-def global_batch(settings: dict) -> int | None:
-    """Samples per optimizer step of `settings` (run settings), None when one of `BATCH_LAYOUT` is unknown."""
-    values = [settings.get(k) for k in BATCH_LAYOUT]
-    return math.prod(values) if all(isinstance(v, int) for v in values) else None
-
-
-def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None) -> str | None:
-    """Refuse to resume `path` with a model of another shape (e.g. data with another channel count), or with
-    other run settings: those that fix the data order and noise streams (processes, batch size, accumulation,
-    seed) and the objective (`OBJECTIVE_SETTINGS`). A setting the checkpoint does not record (an older one)
-    is not compared. The processes, batch size and accumulation may change together when the global batch
-    stays the same (another number of GPUs): the data order is kept, the noise streams are not, and the
-    returned note says so (None when nothing changed)."""
-    state = json.loads((path / STATE_FILE).read_text())
-    saved = state.get("model_config")
-    if saved is not None:  # first: a model change (e.g. --class_conditional) also changes run settings it implies
-        current = json.loads(json.dumps(model_config))  # tuples -> lists, as saved
-        if (saved.get("num_class_embeds") is None) != (current.get("num_class_embeds") is None):
-            was = "without" if saved.get("num_class_embeds") is None else "with"
-            raise UserInputError(f"--class_conditional: {path} was trained {was} class conditioning; resume with the "
-                                 "same --class_conditional setting, or start a new --output_dir")
-        diff = sorted(k for k in set(saved) | set(current) if not k.startswith("_") and saved.get(k) != current.get(k))
-        if diff:
-            details = ", ".join(f"{k}={saved.get(k)} there vs {current.get(k)} now" for k in diff[:3])
-            raise UserInputError(f"--resume_from_checkpoint: {path} was trained with another model ({details}); "
-                                 f"use the same data, --preset and --model_config, or another --output_dir")
-    settings = dict(state.get("run_settings") or {})
-    if isinstance(state.get("noise_generator"), list):  # one per rank: older checkpoints record no world_size
-        settings.setdefault("world_size", len(state["noise_generator"]))
-    current = json.loads(json.dumps(run_settings or {}))  # as it would be saved
-    changed = [k for k in current if k in settings and settings[k] != current[k]]
-    details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in changed)
-    same_batch = global_batch(settings) is not None and global_batch(settings) == global_batch(current)
-    if changed and same_batch and set(changed) <= set(BATCH_LAYOUT):
-        return (f"resuming {path} with another batch layout ({details}) and the same global batch of "
-                f"{global_batch(current)}: the data order continues, the noise streams are new, so the run is "
-                "not bit-identical to one that never stopped")
-    if changed:
-        layout = (f" (the processes, --train_batch_size and --gradient_accumulation_steps may change together when "
-                  f"the global batch, {global_batch(settings)} there, stays the same)"
-                  if set(changed) & set(BATCH_LAYOUT) and global_batch(settings) else "")
-        raise UserInputError(f"--resume_from_checkpoint: {path} was made with other settings ({details}); resume "
-                             f"with the same ones{layout} (a resumed run continues the same data order, noise and "
-                             f"objective), or start a new --output_dir")
-    return None
 
 
 def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=None, limit: int | None = None) -> Path:
@@ -290,7 +233,7 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
     if accelerator.is_main_process and limit is not None:
         older = [(s, p) for s, p in list_checkpoints(train_dir) if s < step]  # never the one just written
         for _, old in older[:max(0, len(older) - (limit - 1))]:
-            delete_checkpoint(old)
+            delete_checkpoint(old, ignore_errors=True)  # rotation: a leftover is not complete, never resumed
     accelerator.wait_for_everyone()
     faults.exit_after_checkpoint(step)  # a test's crash right after this checkpoint
     return final
@@ -308,36 +251,6 @@ def load_checkpoint(accelerator, path: Path, ema=None) -> dict:
     return state
 
 
-def apply_resumed_settings(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-                           ema: EMAModel | None, cfg: TrainConfig) -> list[str]:
-    """After a resume, make the run use this run's flags rather than the checkpoint's copies of them: the peak
-    learning rate (the schedule's current factor kept), AdamW's betas, weight decay and epsilon, and the EMA's
-    decay and power. Lowering `--learning_rate` when resuming from before a divergence is what the divergence
-    warning advises. Returns what changed, as "name old -> new"."""
-    changed: list[str] = []
-
-    def note(name: str, old, new) -> None:
-        if old != new:
-            changed.append(f"{name} {old} -> {new}")
-
-    for group in optimizer.param_groups:
-        peak = group.get("initial_lr", group["lr"])
-        if peak != cfg.learning_rate:  # untouched otherwise: a resume with the same flags stays bit-identical
-            note("learning_rate", peak, cfg.learning_rate)
-            group["lr"] = group["lr"] * cfg.learning_rate / peak if peak else cfg.learning_rate
-            group["initial_lr"] = cfg.learning_rate
-        for key, value in (("betas", (cfg.adam_beta1, cfg.adam_beta2)), ("weight_decay", cfg.adam_weight_decay),
-                           ("eps", cfg.adam_epsilon)):
-            note(key, tuple(group[key]) if key == "betas" else group[key], value)
-            group[key] = value
-    lr_scheduler.base_lrs = [cfg.learning_rate] * len(lr_scheduler.base_lrs)
-    if ema is not None:
-        note("ema_decay", ema.decay, cfg.ema_decay)
-        note("ema_power", ema.power, cfg.ema_power)
-        ema.decay, ema.power = cfg.ema_decay, cfg.ema_power
-    return list(dict.fromkeys(changed))  # once, not once per parameter group
-
-
 def generator_state(gen: torch.Generator) -> list[int]:
     """A torch.Generator's state as a JSON-able list of bytes."""
     return gen.get_state().tolist()
@@ -345,16 +258,6 @@ def generator_state(gen: torch.Generator) -> list[int]:
 
 def set_generator_state(gen: torch.Generator, state: list[int]) -> None:
     gen.set_state(torch.tensor(state, dtype=torch.uint8))
-
-
-def resume_noise_generator(gen: torch.Generator, states: list[list[int]], rank: int, world: int, seed: int,
-                           step: int) -> None:
-    """Continue this rank's noise stream from a checkpoint's `states` (one per rank). Resumed on another number
-    of processes, each rank starts a new stream fixed by (seed, step, rank): reproducible, but not the old one."""
-    if len(states) == world:
-        set_generator_state(gen, states[rank])
-    else:
-        gen.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0]))
 
 
 def _free_space(folder: Path) -> str:

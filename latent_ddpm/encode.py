@@ -11,6 +11,7 @@ command skips the complete shards, and the last step concatenates them into OUTP
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -182,7 +183,10 @@ def encode_shard(vae, ds, image_column: str, labels: np.ndarray | None, rows: ra
         done.with_suffix(".tmp").write_text(json.dumps(marker))  # atomic: a half marker would read as done
         os.replace(done.with_suffix(".tmp"), done)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):
+            writer.close()  # its file handle, before the file goes
+        for leftover in (tmp, out.with_name(out.name + ".done.tmp")):
+            leftover.unlink(missing_ok=True)
         raise
 
 

@@ -11,9 +11,11 @@ package's source (see `latent_ddpm.remote.code`), with `model_index.json` pointi
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -233,6 +235,8 @@ class CheckpointUploader:
         self.repo_id, self.private, self.token = repo_id, private, token
         self._thread: threading.Thread | None = None
         self._failure: str | None = None
+        self._running: tuple[str, Path, Path] | None = None  # commit message, pipeline, upload copy
+        atexit.register(self._abandon)
 
     def submit(self, pipeline_dir: str | os.PathLike, commit_message: str,
                train_dir: str | os.PathLike | None = None) -> None:
@@ -242,9 +246,11 @@ class CheckpointUploader:
         tmp = Path(tempfile.mkdtemp(prefix="latent_ddpm_upload_"))
         try:
             folder = prepare_upload_folder(pipeline_dir, tmp / "upload", repo_id=self.repo_id, train_dir=train_dir)
-        except BaseException:
+        except (UserInputError, OSError) as err:  # e.g. a full temporary folder: training goes on
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            warnings.warn(f"could not push {commit_message}: {first_line(err)}", stacklevel=2)
+            return
+        self._running = (commit_message, Path(pipeline_dir), tmp)
         self._thread = threading.Thread(target=self._run, args=(folder, tmp, commit_message), daemon=True,
                                         name="latent_ddpm_checkpoint_upload")
         self._thread.start()
@@ -264,10 +270,21 @@ class CheckpointUploader:
             if self._thread.is_alive():
                 logger.info("waiting for the previous checkpoint's upload to finish")
             self._thread.join()
-            self._thread = None
+            self._thread = self._running = None
         if self._failure is not None:
             failure, self._failure = self._failure, None
             warnings.warn(failure, stacklevel=2)
+
+    def _abandon(self) -> None:
+        """At exit (a run that failed or was stopped before `wait`): say which upload did not finish, and
+        remove its copy; the checkpoint itself stays on disk."""
+        if self._thread is not None and self._thread.is_alive() and self._running is not None:
+            message, pipeline_dir, tmp = self._running
+            print(f"warning: the upload of {message} did not finish before the run ended; upload it with "
+                  f"latent_ddpm.hub.push_pipeline_to_hub('{pipeline_dir}', '{self.repo_id}')", file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif self._failure is not None:
+            print(f"warning: {self._failure}", file=sys.stderr)
 
 
 def push_pipeline(pipe: LatentDDPMPipeline, repo_id: str, *, commit_message: str | None = None,

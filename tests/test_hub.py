@@ -258,6 +258,30 @@ def test_network_and_auth_failures(run, fake_hub, monkeypatch, error, message):
         push_pipeline_to_hub(run["root"] / "pipeline", REPO, token="hf_test")
 
 
+def test_a_checkpoint_upload_cut_short_by_the_end_of_the_run_is_named(run, tmp_path, monkeypatch, capsys):
+    # A run that failed with an upload in flight lost it without a word, and left the upload copy in /tmp.
+    import threading
+
+    from latent_ddpm import hub
+
+    monkeypatch.setattr(hub.tempfile, "tempdir", str(tmp_path))
+    release = threading.Event()
+    monkeypatch.setattr(hub, "_upload", lambda *a, **k: release.wait(60) and "https://hf.co/commit/1")
+    uploader = hub.CheckpointUploader(REPO, token="hf_test")
+    uploader.submit(run["root"] / "pipeline", "checkpoint checkpoint-2")
+    assert len(list(tmp_path.glob("latent_ddpm_upload_*"))) == 1
+    uploader._abandon()  # what exit runs
+    err = capsys.readouterr().err
+    assert "warning: the upload of checkpoint checkpoint-2 did not finish" in err and "push_pipeline_to_hub" in err
+    assert not list(tmp_path.glob("latent_ddpm_upload_*"))
+    release.set()
+    uploader.wait()
+    # A folder that cannot be prepared for upload is a warning, not the end of training.
+    with pytest.warns(UserWarning, match="could not push checkpoint checkpoint-4: .*gone"):
+        uploader.submit(tmp_path / "gone", "checkpoint checkpoint-4")
+    assert not list(tmp_path.glob("latent_ddpm_upload_*"))
+
+
 def test_pickled_weights_are_refused(run, tmp_path):
     saved = tmp_path / "pipeline"
     shutil.copytree(run["root"] / "pipeline", saved)

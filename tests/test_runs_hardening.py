@@ -5,6 +5,7 @@ metrics.json. Everything is tiny; train.py runs in this process (dry runs or 2 s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -277,6 +278,11 @@ def test_damage_the_marker_does_not_list_is_skipped(demo_x, tmp_path, capfd, dam
 
         weights = load_file(ckpt / "model.safetensors")
         save_file({k: torch.full_like(t, float("nan")) for k, t in weights.items()}, ckpt / "model.safetensors")
+        marker = json.loads((ckpt / "COMPLETE").read_text())  # checksums that match: the finiteness check acts
+        marker["sha256"]["model.safetensors"] = hashlib.sha256((ckpt / "model.safetensors").read_bytes()).hexdigest()
+        marker["files"]["model.safetensors"] = (ckpt / "model.safetensors").stat().st_size
+        (ckpt / "COMPLETE").write_text(json.dumps(marker))
+        assert "model.safetensors holds non-finite values" in checkpoint_problem(ckpt)
     elif damage == "state_without_step":
         state = json.loads((ckpt / "trainer_state.json").read_text())
         (ckpt / "trainer_state.json").write_text(json.dumps({**state, "global_step": "2"}))

@@ -111,7 +111,7 @@ def test_resume_on_two_processes_of_a_one_process_run_with_the_same_global_batch
         resumed = torchrun(*args, "--train_batch_size", "4", "--output_dir", tmp_path / run_dir,
                            "--resume_from_checkpoint", "latest")
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        assert "same global batch of 8: the data order continues, the noise streams are new" in resumed.stdout
+        assert "same global batch of 8: the data order continues, the random streams are new" in resumed.stdout
     state = json.loads((tmp_path / "a/train/checkpoint-6/trainer_state.json").read_text())
     assert state["run_settings"]["world_size"] == 2 and len(state["noise_generator"]) == 2
     # Rank 1 had no noise stream to continue: its new one is fixed by (seed, step, rank), so the run repeats.
@@ -119,8 +119,36 @@ def test_resume_on_two_processes_of_a_one_process_run_with_the_same_global_batch
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and all(torch.isfinite(v).all() for v in wa.values())
 
 
+def test_a_resume_with_another_batch_layout_continues_the_same_data_order(tmp_path, monkeypatch):
+    # Through train.py: the samples of every optimizer step after a resume that halves the batch and doubles the
+    # accumulation are those of the run that never stopped, across epoch ends (20 samples: 2 steps of 8 per epoch).
+    from latent_ddpm.feeding import LatentFeeder
+
+    x, y = make_demo_latents(num_samples=20, seed=0, size=8)
+    np.savez(tmp_path / "d.npz", X=x, y=y)
+    consumed: list[list[int]] = []
+    real = LatentFeeder.epoch_batches
+
+    def recording(self, epoch, start_batch=0):
+        for idx, batch in zip(self.rank_indices(epoch, start_batch), real(self, epoch, start_batch), strict=True):
+            consumed.append(idx.tolist())
+            yield batch
+
+    monkeypatch.setattr(LatentFeeder, "epoch_batches", recording)
+    args = ["--latent", str(tmp_path / "d.npz"), "--checkpointing_steps", "3", *FAST, "--random_flip"]
+    assert run([*args, "--max_train_steps", "6", "--output_dir", str(tmp_path / "a")]) == 0
+    steps = [sorted(i) for i in consumed]  # batch 8, accumulation 1: one list per step
+    consumed.clear()
+    assert run([*args, "--max_train_steps", "3", "--output_dir", str(tmp_path / "b")]) == 0
+    consumed.clear()
+    assert run([*args, "--max_train_steps", "6", "--output_dir", str(tmp_path / "b"), "--train_batch_size", "4",
+                "--gradient_accumulation_steps", "2", "--resume_from_checkpoint", "latest"]) == 0
+    resumed = [sorted(consumed[i] + consumed[i + 1]) for i in range(0, len(consumed), 2)]
+    assert len(steps) == 6 and resumed == steps[3:]
+
+
 def test_a_resume_may_change_the_batch_layout_when_the_global_batch_stays(tmp_path):
-    from latent_ddpm.checkpointing import check_resume_compatible
+    from latent_ddpm.resume import check_resume_compatible
 
     saved = {"world_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1, "seed": 0}
     ckpt = _checkpoint_with_settings(tmp_path / "checkpoint-2", saved)
@@ -173,8 +201,8 @@ def _checkpoint_with_settings(folder: Path, run_settings: dict) -> Path:
                                                ("normalization", "channel", "global"),
                                                ("scaling_factor", None, 0.18215)])
 def test_resume_with_another_objective_is_refused(tmp_path, field, saved, now):
-    from latent_ddpm.checkpointing import check_resume_compatible, objective_settings
     from latent_ddpm.config import TrainConfig
+    from latent_ddpm.resume import check_resume_compatible, objective_settings
 
     ckpt = _checkpoint_with_settings(tmp_path / "checkpoint-2", objective_settings(TrainConfig(**{field: saved})))
     with pytest.raises(UserInputError) as err:
@@ -184,8 +212,8 @@ def test_resume_with_another_objective_is_refused(tmp_path, field, saved, now):
 
 
 def test_resume_with_the_same_objective_is_allowed(tmp_path):
-    from latent_ddpm.checkpointing import OBJECTIVE_SETTINGS, check_resume_compatible, objective_settings
     from latent_ddpm.config import TrainConfig
+    from latent_ddpm.resume import OBJECTIVE_SETTINGS, check_resume_compatible, objective_settings
 
     cfg = TrainConfig(beta_start=1e-4, beta_end=0.012, snr_floor=0.02, snr_gamma=5)
     ckpt = _checkpoint_with_settings(tmp_path / "a" / "checkpoint-2", {"seed": 0, **objective_settings(cfg)})
@@ -220,8 +248,8 @@ def test_resume_with_the_same_objective_is_allowed(tmp_path):
 
 def test_resume_with_class_conditioning_toggled_names_it(tmp_path):
     # It was reported as "cond_drop_prob=None there vs 0.1 now", a setting the user had not touched.
-    from latent_ddpm.checkpointing import check_resume_compatible, objective_settings
     from latent_ddpm.config import TrainConfig
+    from latent_ddpm.resume import check_resume_compatible, objective_settings
 
     folder = tmp_path / "checkpoint-2"
     folder.mkdir()
@@ -239,7 +267,8 @@ def test_every_ranks_rng_state_is_required_and_an_old_checkpoint_names_its_world
     # IndexError on noise_generator[rank].
     from safetensors.torch import save_file
 
-    from latent_ddpm.checkpointing import check_resume_compatible, checkpoint_problem
+    from latent_ddpm.checkpointing import checkpoint_problem
+    from latent_ddpm.resume import check_resume_compatible
 
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()

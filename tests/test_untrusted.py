@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -109,6 +110,27 @@ def test_pipeline_with_pickled_bin_weights_is_not_executed(tmp_path, capsys):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # what diffusers calls
         torch.load(weights, map_location="cpu", weights_only=True)
     assert not marker.exists() and not (tmp_path / "s.npz").exists()
+
+
+def test_a_checkpoint_marker_cannot_make_the_check_read_outside_the_checkpoint(tmp_path):
+    # The check hashed whatever the marker named: "../../etc/hostname" was read, "/dev/zero" hung every rank.
+    from latent_ddpm.checkpointing import checkpoint_problem
+
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "outside").write_bytes(b"x")
+    os.mkfifo(ckpt / "fifo")
+    (ckpt / "link").symlink_to(tmp_path / "outside")
+    digest = hashlib.sha256(b"x").hexdigest()
+    for name, problem in [("../outside", "not a file of the checkpoint"), ("/dev/zero", "not a file of the checkpoint"),
+                          ("fifo", "fifo is not a plain file"), ("link", "link is not a plain file")]:
+        marker = {"step": 2, "files": {name: 1}, "sha256": {name: digest}}
+        (ckpt / "COMPLETE").write_text(json.dumps(marker))
+        assert problem in checkpoint_problem(ckpt), name
+    marker = {"step": 2, "files": {"model.safetensors": 1, "other": 1}, "sha256": {"model.safetensors": digest}}
+    (ckpt / "COMPLETE").write_text(json.dumps(marker))
+    assert "checksums do not cover the files it lists" in checkpoint_problem(ckpt)
 
 
 def test_checkpoint_torch_files_with_a_payload_are_skipped(tmp_path):

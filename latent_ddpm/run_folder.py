@@ -34,13 +34,20 @@ RUN_OUTPUTS = ("pipeline", "pipeline.tmp", "pipeline.old", "train/metrics.json",
                "train/samples.png", "train/samples_images.png", "train/samples_epoch_*.png", "train/logs")
 
 
+def is_train_run(run_dir: Path) -> bool:
+    """Whether train.py has run in `run_dir`: it writes train/config.json before anything else."""
+    return (run_dir / "train" / "config.json").is_file()
+
+
 def clear_run(run_dir: Path) -> None:
-    """Delete a previous run's checkpoints (set-aside ones too) and outputs (`RUN_OUTPUTS`) from `run_dir`,
-    leaving other files (the original project's, the user's) alone."""
+    """Delete a previous run's checkpoints (set-aside ones too) and, in a folder train.py has run in, its
+    outputs (`RUN_OUTPUTS`), leaving other files (the original project's, the user's) alone."""
     train_dir = run_dir / "train"
     for _, old in list_checkpoints(train_dir):
         delete_checkpoint(old)
     shutil.rmtree(train_dir / ABANDONED_DIR, ignore_errors=True)
+    if not is_train_run(run_dir):  # e.g. the user's own train/logs/ beside an original project's run
+        return
     for pattern in RUN_OUTPUTS:
         for path in run_dir.glob(pattern):
             remove_path(path)
@@ -54,6 +61,10 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
     files was started with `overwrite`. `resume` that finds no checkpoint starts from scratch, which an empty
     or crashed folder allows but a finished run's (its pipeline/ would be replaced) does not."""
     train_dir = run_dir / "train"
+    if resumed is None and (run_dir / "pipeline").exists() and not is_train_run(run_dir):
+        return (f"{run_dir / 'pipeline'} was not written by train.py (no train/config.json beside it; a converted "
+                "checkpoint?) and a new run there would replace it; move it elsewhere, or choose another "
+                "--output_dir")
     if resume is not None and resumed is None and not overwrite and (run_dir / "pipeline").exists():
         return (f"{run_dir} holds a finished run (pipeline/) and no complete checkpoint to resume, so training "
                 "would start from scratch and replace it; start fresh with --overwrite_output_dir, or choose "

@@ -86,6 +86,27 @@ def test_train_refuses_a_run_folder_of_the_original(demo_x, tmp_path, capfd, old
     assert code == 0 and "resumed from" in out + err, err[-3000:]
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite_output_dir"]])
+def test_a_converted_pipeline_and_the_users_files_are_never_replaced(demo_x, tmp_path, capfd, overwrite):
+    # migration.md saves a converted checkpoint as <run>/pipeline; "already holds a run ... --overwrite_output_dir"
+    # was the advice, and following it deleted the converted pipeline (and the user's train/logs/ files).
+    path = tmp_path / "demo.npz"
+    np.savez(path, X=demo_x)
+    run_dir = tmp_path / "runs" / "demo_ddpm_4_1000_0.0001_0.02"
+    (run_dir / "train" / "logs").mkdir(parents=True)
+    (run_dir / "train" / "model.pth").write_bytes(b"")
+    (run_dir / "train" / "logs" / "mine.txt").write_text("the user's")
+    (run_dir / "pipeline").mkdir()
+    (run_dir / "pipeline" / "model_index.json").write_text("{}")
+    before = snapshot(run_dir)
+    base = ["--train_data", path, "--output_dir", run_dir, "--max_train_steps", "2", *FAST, *overwrite]
+    one_line_error(*cli(train.main, base, capfd)[::2], "pipeline was not written by train.py", "move it elsewhere")
+    assert snapshot(run_dir) == before
+    shutil.move(run_dir / "pipeline", tmp_path / "converted")  # moved: the run trains beside the original's files
+    assert cli(train.main, [*base, "--overwrite_output_dir"], capfd)[0] == 0
+    assert (run_dir / "train" / "logs" / "mine.txt").read_text() == "the user's"
+
+
 @pytest.fixture(scope="module")
 def saved_dataset(demo_x, tmp_path_factory) -> Path:
     """A save_to_disk folder made by `python -m latent_ddpm.data convert` (in this process)."""

@@ -143,7 +143,7 @@ def attach_vae(pipe, args, model: str, device) -> None:
     if channels is not None and channels != pipe.unet.config.in_channels:
         raise UserInputError(f"--decode: the vae takes {channels}-channel latents but the model makes "
                              f"{pipe.unet.config.in_channels}; pass the autoencoder the data was encoded with")
-    pipe.vae.to(device=device, dtype=torch.float32)  # decoding stays float32 (fp16 VAEs often overflow)
+    torch.nn.Module.to(pipe.vae, device=device, dtype=torch.float32)  # decoding stays float32 (fp16 VAEs overflow)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,13 +29,16 @@ def is_hub_id(text: object) -> bool:
 @contextmanager
 def quiet_hub_retries() -> Iterator[None]:
     """Hide the warnings huggingface_hub and the HF libraries log for each retry of a hub request (offline, 10-25
-    lines over up to a minute): a failure is reported once, in the caller's own error line."""
+    lines over up to a minute), and the Python warnings they raise on the way (deprecated arguments they pass
+    each other): a failure is reported once, in the caller's own error line."""
     loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "diffusers")]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)

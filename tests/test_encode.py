@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers.models import modeling_utils
 from PIL import Image
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, autoencoder, default_scheduler, encode
@@ -294,12 +296,15 @@ def test_load_vae_hides_the_hubs_retry_warnings(monkeypatch):
 
     def offline(*args, **kwargs):
         shown.append(logging.getLogger("huggingface_hub.utils._http").isEnabledFor(logging.WARNING))
+        warnings.warn("The `local_dir_use_symlinks` argument is deprecated", UserWarning, stacklevel=2)  # 2 lines
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(diffusers.AutoencoderKL, "load_config", offline)
-    with pytest.raises(autoencoder.VaeLoadError, match="someone/vae"):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(autoencoder.VaeLoadError, match="someone/vae"):
+        warnings.simplefilter("always")
         autoencoder.load_vae("someone/vae")
     assert shown == [False, False]  # the folder itself, then its vae/ subfolder
+    assert not caught, [str(w.message) for w in caught]
 
 
 def test_load_vae_by_class_name_and_pipeline_subfolder(vae_dir, tmp_path):
@@ -357,6 +362,8 @@ def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     sys.path.insert(0, str(ROOT))
     train, sample = _script("train"), _script("sample")
+    logged: list[str] = []
+    monkeypatch.setattr(modeling_utils.logger, "warning", lambda msg, *a, **k: logged.append(str(msg)))
     fast = ["--preset", "tiny", "--train_batch_size", "4", "--num_eval_samples", "0", "--num_preview_samples", "2",
             "--preview_inference_steps", "2", "--save_images_epochs", "0", "--num_train_timesteps", "10"]
     assert run(train.main, ["--train_data", encoded, "--max_train_steps", 3, "--output_dir", "run", *fast]) == 0
@@ -365,6 +372,7 @@ def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monke
     out = tmp_path / "gen" / "s.npz"
     assert run(sample.main, ["--model", "run/pipeline", "--num_samples", 3, "--num_inference_steps", 2,
                              "--batch_size", 2, "--output", out, "--decode"]) == 0
+    assert not [m for m in logged if "kept in float32" in m]  # diffusers' warning on .to(dtype=): a stray line
     with np.load(out, allow_pickle=False) as f:
         assert f["samples"].shape == (3, 4, RES // 2, RES // 2)
     pngs = sorted((tmp_path / "gen" / "s_images").glob("*.png"))

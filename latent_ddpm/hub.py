@@ -12,6 +12,7 @@ package's source (see `latent_ddpm.remote.code`), with `model_index.json` pointi
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import shutil
@@ -161,13 +162,19 @@ def _build_upload_folder(src: Path, out: Path, index: dict, repo_id: str | None,
 
     # 3. Figures and the model card.
     run_files = find_run_files(src, train_dir)
-    card_images = {}
-    for alt, image in (run_files.pop("images") if images is None else images).items():
-        image = Path(image) if Path(image).is_absolute() else src / image
+    card_images: dict[str, str] = {}
+    found_images = run_files.pop("images")
+    for alt, image in (found_images if images is None else images).items():
+        image = Path(image)  # a relative path is relative to the current folder, like every other path given
         if not image.is_file():
             raise UserInputError(f"model card image {image} does not exist")
-        shutil.copy2(image, out / image.name)
-        card_images[alt] = image.name
+        name = image.name
+        for n in itertools.count(2):  # two images of one name (a/samples.png, b/samples.png) stay two
+            if name not in card_images.values() and name not in ("README.md", "model_index.json"):
+                break
+            name = f"{image.stem}_{n}{image.suffix}"
+        shutil.copy2(image, out / name)
+        card_images[alt] = name
     card_info = {**run_files, **card_info}
     card = build_model_card(repo_id or "your-name/your-repo", out, images=card_images, **card_info)
     card.save(out / "README.md")

@@ -120,6 +120,19 @@ def test_model_card(run):
     assert "4 x 8 x 8" in text and "DDPMScheduler" in text
 
 
+def test_card_images_are_relative_to_the_current_folder_and_keep_their_own_files(run, tmp_path, monkeypatch):
+    # A relative image was looked up inside the pipeline folder; two images of one name became one file.
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "samples.png").write_bytes(name.encode())
+    monkeypatch.chdir(tmp_path)
+    out = prepare_upload_folder(run["root"] / "pipeline", tmp_path / "up",
+                                images={"First": "a/samples.png", "Second": "b/samples.png"})
+    text = (out / "README.md").read_text()
+    assert "![First](samples.png)" in text and "![Second](samples_2.png)" in text
+    assert (out / "samples.png").read_bytes() == b"a" and (out / "samples_2.png").read_bytes() == b"b"
+
+
 def test_load_upload_folder_with_the_package(run):
     pipe = LatentDDPMPipeline.from_pretrained(run["upload"])
     assert type(pipe) is LatentDDPMPipeline and type(pipe.unet) is AdvancedUNet2DModel

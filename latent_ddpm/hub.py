@@ -308,7 +308,8 @@ def push_pipeline(pipe: LatentDDPMPipeline, repo_id: str, *, commit_message: str
 
 def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: str | os.PathLike,
                   **kwargs: Any) -> LatentDDPMPipeline:
-    """`LatentDDPMPipeline.from_pretrained`: a local folder or repo id, loaded with this package's classes.
+    """`LatentDDPMPipeline.from_pretrained`: a local folder (a train.py run folder: its pipeline/) or repo id,
+    loaded with this package's classes.
 
     Repo ids are fetched with `snapshot_download` (configs and safetensors, never code), so diffusers'
     refusal of repos whose `model_index.json` names a package module does not apply. Folders in the
@@ -319,6 +320,9 @@ def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: 
     kwargs.pop("trust_remote_code", None)  # the package's code is used; nothing remote runs
     kwargs.pop("custom_pipeline", None)
     folder = path if os.path.isdir(path) else _download(path, kwargs)
+    if not os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isfile(
+            os.path.join(folder, "pipeline", "model_index.json")):  # a train.py run folder: its final pipeline
+        folder = os.path.join(folder, "pipeline")
     index = _read_model_index(Path(folder)) if os.path.isfile(os.path.join(folder, "model_index.json")) else {}
     if index.get("unet") != UNET_ENTRY:  # save_pretrained's layout: diffusers loads it as usual
         pipe = DiffusionPipeline.from_pretrained.__func__(cls, folder, **kwargs)

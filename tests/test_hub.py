@@ -141,6 +141,9 @@ def test_load_upload_folder_with_the_package(run):
     # The plain save_pretrained layout still loads through diffusers.
     np.testing.assert_allclose(sample(LatentDDPMPipeline.from_pretrained(run["root"] / "pipeline")),
                                run["expected"], rtol=1e-5, atol=1e-5)
+    # A train.py run folder, as the README says, is its pipeline/ (it was "no file named model_index.json").
+    np.testing.assert_allclose(sample(LatentDDPMPipeline.from_pretrained(run["root"])), run["expected"],
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture

@@ -308,11 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         tp, meta = _base_type(hints[f.name]), f.metadata
         names = [f"--{f.name}"] + ([meta["alias"]] if "alias" in meta else [])
-        help_text = f"{meta['help']} (default: {f.default})"
-        if tp is bool:
+        # a help text that explains its default itself ("default: when it fits") is not given a second one
+        help_text = meta["help"] if "default" in meta["help"] else f"{meta['help']} (default: {f.default})"
+        if tp is bool:  # a --no_ switch where the default is not already off: True, or None (chosen by the run)
             parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
-                                help=f"turn --{f.name} off" if f.default else argparse.SUPPRESS)
+                                help=argparse.SUPPRESS if f.default is False else f"turn --{f.name} off")
         else:
             conv = _none_or(tp) if _is_optional(hints[f.name]) else tp  # "none" means None only where None is valid
             parser.add_argument(*names, dest=f.name, type=conv, choices=None, help=help_text,

@@ -393,6 +393,8 @@ def test_fp16_on_cpu_warns_that_it_trains_in_float32(train, data, tmp_path):
 def test_help_lists_the_no_switches(train):
     result = ok(train("--help"))
     assert "--no_use_ema" in result.out and "--no_allow_tf32" in result.out
+    assert "--no_data_in_memory" in result.out  # its default, None, means "when it fits": it was hidden
+    assert "(default: when it fits) (default: None)" not in " ".join(result.out.split())
 
 
 @pytest.mark.parametrize("tracker, check", [("wandb", "is_wandb_available"),

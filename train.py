@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"{channels} channels; drop --n_dim or pass --n_dim {channels}")
     has_labels = "labels" in dataset.column_names
     if cfg.class_conditional and not has_labels:
+        fix = ("a .npy holds no labels: join them with python -m latent_ddpm.data convert IN.npy OUT --labels_file "
+               "LABELS.npy" if str(cfg.train_data).endswith(".npy") else "pass --label_key")
         raise UserInputError(f"--class_conditional needs labels, but {cfg.train_data} has no "
-                             f"'{cfg.label_key}' labels; pass --label_key or drop --class_conditional")
+                             f"'{cfg.label_key}' labels; {fix}, or drop --class_conditional")
     num_classes = int(pc.max(dataset.data.column("labels")).as_py()) + 1 if cfg.class_conditional else None
 
     # 3. Model: preset + overrides, sized to the data; then the statistics (one streaming float64 pass).

@@ -42,6 +42,7 @@ def files(tmp_path_factory) -> Path:
     x, y = make_demo_latents(num_samples=64, seed=0, size=8)
     np.savez(d / "good.npz", X=x, y=y)
     np.savez(d / "unlabelled.npz", X=x)
+    np.save(d / "unlabelled.npy", x)
     np.savez(d / "int8.npz", X=(x * 10).astype(np.int8), y=y)  # 4-D, the right shape, but int8
     np.savez(d / "labels_n_plus_1.npz", X=x, y=np.append(y, 0))
     np.savez(d / "x3d.npz", X=x[:, 0], y=y)
@@ -121,6 +122,8 @@ CASES = [
     ("train-plain-folder", "train", lambda d: ["--latent", d / "plain_folder"], "not a saved dataset"),
     ("train-labels-needed", "train", lambda d: ["--latent", d / "unlabelled.npz", "--class_conditional"],
      "--class_conditional needs labels"),
+    ("train-labels-needed-npy", "train", lambda d: ["--latent", d / "unlabelled.npy", "--class_conditional"],
+     "a .npy holds no labels: join them with python -m latent_ddpm.data convert"),  # was: pass --label_key
     # --- train.py: configs and flags
     ("train-config-negative-lr", "train", lambda d: ["--config", d / "neg_lr.yaml"],
      "--learning_rate: must be > 0, got -0.001"),

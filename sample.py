@@ -15,6 +15,7 @@ With --decode (or --vae), the latents are also decoded with an autoencoder: one 
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shutil
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, guided=args.guidance_scale != 1.0)
     else:
         pipe.scheduler = saved
+    if args.eta != 0 and "eta" not in inspect.signature(pipe.scheduler.step).parameters:  # refused, not ignored
+        raise UserInputError(f"--eta acts only with --scheduler ddim, and {type(pipe.scheduler).__name__} has no "
+                             "eta; drop --eta, or pass --scheduler ddim")
     timesteps = pipe.scheduler.config.num_train_timesteps
     if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
         raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "

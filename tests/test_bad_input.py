@@ -161,6 +161,8 @@ CASES = [
     ("sample-output-suffix", "sample", lambda d: ["--model", d / "pipe", "--output", d / "x.txt"], "must end in .npz"),
     ("sample-labels-unconditional", "sample", lambda d: ["--model", d / "pipe", "--class_labels", "1",
                                                          "--output", d / "s.npz"], "the model is unconditional"),
+    ("sample-eta-without-ddim", "sample", lambda d: ["--model", d / "pipe", "--scheduler", "dpmsolver++", "--eta",
+                                                     "0.5"], "--eta acts only with --scheduler ddim"),  # was ignored
     ("sample-unknown-scheduler", "sample", lambda d: ["--model", d / "pipe", "--scheduler", "nope",
                                                       "--output", d / "s.npz"], "unknown --scheduler 'nope'"),
     ("sample-scheduler-config-fixed", "sample", lambda d: ["--model", d / "pipe", "--scheduler_config",

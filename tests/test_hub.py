@@ -118,6 +118,13 @@ def test_model_card(run):
     assert "| final_loss | 0.0123 |" in text and "learning_rate: 0.0001" in text
     assert "hub_token" not in text
     assert "4 x 8 x 8" in text and "DDPMScheduler" in text
+    # Every snippet parses and imports what it uses (the DDIM swap used DDIMScheduler without importing it).
+    blocks = text.split("```python\n")[1:]
+    assert len(blocks) >= 3
+    for block in blocks:
+        code = block.split("```")[0]
+        compile(code, "card", "exec")
+        assert "DDIMScheduler" not in code or "import DDIMScheduler" in code, code
 
 
 def test_card_images_are_relative_to_the_current_folder_and_keep_their_own_files(run, tmp_path, monkeypatch):

@@ -94,7 +94,13 @@ latents = pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).latents
 ```
 
 Swap the sampler with any diffusers scheduler, e.g. 50 DDIM steps:
-`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`, then `pipe(num_inference_steps=50)`."""
+
+```python
+from diffusers import DDIMScheduler
+
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+latents = pipe(batch_size=4, num_inference_steps=50).latents
+```"""
 
 
 def find_run_files(pipeline_dir: str | os.PathLike, train_dir: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                                    num_class_embeds=num_classes)
     except (TypeError, ValueError) as err:
         raise UserInputError(f"--preset/--model_config: {err}") from None
-    stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor)
+    stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor,
+                                       source=cfg.train_data or "demo")
     # Latents made by `python -m latent_ddpm.encode` name their autoencoder: previews and the pipeline decode.
     encoding = read_encoding_info(cfg.train_data)
     vae = load_data_vae(encoding, cfg.train_data)
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     train_dir = run_dir / "train"
     n_params = sum(p.numel() for p in unet.parameters())
     plan = (f"{data_name}: {len(dataset)} latents of {channels}x{height}x{width}; {cfg.preset} UNet, "
-            f"{n_params / 1e6:.2f}M parameters; {max_steps} steps = {num_epochs} epochs of {steps_per_epoch} "
+            f"{n_params / 1e6:.2f}M parameters; {max_steps} steps = {num_epochs} epoch{'s' * (num_epochs != 1)} "
+            f"of {steps_per_epoch} "
             f"(batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation x {world} processes), "
             f"peak learning rate {cfg.learning_rate:g}; run folder {run_dir}")
     hub_token = check_hub_access(cfg.hub_model_id, cfg.hub_token) if cfg.push_to_hub else None  # fail fast

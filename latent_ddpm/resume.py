@@ -86,7 +86,10 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
         settings.setdefault("world_size", len(state["noise_generator"]))
     current = json.loads(json.dumps(run_settings or {}))  # as it would be saved
     changed = [k for k in current if k in settings and settings[k] != current[k]]
-    details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in changed)
+    # A setting that stopped (or started) acting because of another change (snr_floor with epsilon prediction) is
+    # recorded as None: named only when nothing else changed.
+    named = [k for k in changed if None not in (settings[k], current[k])] or changed
+    details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in named)
     same_batch = global_batch(settings) is not None and global_batch(settings) == global_batch(current)
     if changed and same_batch and set(changed) <= set(BATCH_LAYOUT):
         return (f"resuming {path} with another batch layout ({details}) and the same global batch of "

@@ -15,6 +15,7 @@ With --decode (or --vae), the latents are also decoded with an autoencoder: one 
 
 from __future__ import annotations
 
+import errno
 import inspect
 import math
 import os
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from latent_ddpm import faults
 from latent_ddpm.autoencoder import load_vae, run_encoding_info
-from latent_ddpm.errors import UserInputError, json_object, run_cli
+from latent_ddpm.errors import UserInputError, json_object, run_cli, stderr_line
 from latent_ddpm.images import save_image_grid, to_uint8
 from latent_ddpm.paths import NpyRowWriter, OutputLock, partial_path, replace_with, unwritable_folder, write_npz
 from latent_ddpm.pipeline import default_inference_steps, inference_steps_error
@@ -202,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--model {model}: {type(pipe.scheduler).__name__}, built from its saved scheduler "
                              f"config, cannot sample {steps} steps ({failure}); fix scheduler/scheduler_config.json")
     if (taken := steps_taken(pipe.scheduler, steps)) < steps and state.is_main_process:
-        print(f"note: {type(pipe.scheduler).__name__} takes {taken} of the {steps} steps with these settings",
-              file=sys.stderr)
+        stderr_line(f"note: {type(pipe.scheduler).__name__} takes {taken} of the {steps} steps with these settings")
     if args.decode:
         attach_vae(pipe, args, model, state.device)
     unet = pipe.unet.config
@@ -229,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             error = str(err)
         except OSError as err:  # a full disk, a file too large for the file system
             partial.unlink(missing_ok=True)
-            error = f"--output {output}: cannot create the samples file ({err.strerror or err}); free space or " \
-                    "choose another --output"
+            error = f"--output {output}: cannot create the samples file ({err.strerror or err}); {write_advice(err)}"
     if (error := first_error(error)) is not None:
         lock.release()
         raise UserInputError(error)
@@ -248,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             failure = write_error(output, err)
         bar.close()
         if nonfinite:  # written as they are, but never silently
-            print(f"warning: {nonfinite} of this process's {len(mine)} samples hold NaN/Inf values (too large a "
-                  "--guidance_scale, or a diverged model)", file=sys.stderr)
+            stderr_line(f"warning: {nonfinite} of this process's {len(mine)} samples hold NaN/Inf values (too "
+                        "large a --guidance_scale, or a diverged model)")
         if (failure := first_error(failure)) is not None:  # also the barrier
             raise UserInputError(failure)
 
@@ -288,8 +287,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_error(output: Path, err: OSError, note: str = "") -> str:
     """The one line for a write that failed (a full disk, a file too large for the file system)."""
-    return (f"--output {output}: cannot write {err.filename or 'the samples'} ({err.strerror or err}){note}; free "
-            "space or choose another --output")
+    return f"--output {output}: cannot write {err.filename or 'the samples'} ({err.strerror or err}){note}; " \
+           f"{write_advice(err)}"
+
+
+def write_advice(err: OSError) -> str:
+    """What to do about a failed write: space for a full disk, else another place."""
+    full = err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return "free space or choose another --output" if full else "choose another --output (a folder you can write)"
 
 
 def sample_rows(pipe, args, mine: list[int], steps: int, cycle, writer: NpyRowWriter, images_dir: Path, bar,
@@ -311,7 +316,7 @@ def sample_rows(pipe, args, mine: list[int], steps: int, cycle, writer: NpyRowWr
             batch = len(idx) // 2
             torch.cuda.empty_cache()
             tqdm.write(f"out of accelerator memory at {len(idx)} samples per batch: going on at {batch} "
-                       f"(pass --batch_size {batch} to start there)", file=sys.stderr)
+                       f"(pass --batch_size {batch} to start there)\n", file=sys.stderr, end="")  # one write
             continue
         writer.write(idx[0], out.latents)
         nonfinite += int((~np.isfinite(out.latents).reshape(len(idx), -1).all(axis=1)).sum())

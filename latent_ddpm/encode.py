@@ -115,8 +115,8 @@ class Tally:
             self.skipped.append({"image": where, "reason": message})
         if self.counts[kind] <= MAX_PRINTED:
             more = f" (more are counted in {ENCODING_FILE})" if self.counts[kind] == MAX_PRINTED else ""
-            tqdm.write(f"{'warning' if skipped or kind == 'upscaled' else 'note'}: {where}: {message}{more}",
-                       file=sys.stderr)
+            tqdm.write(f"{'warning' if skipped or kind == 'upscaled' else 'note'}: {where}: {message}{more}\n",
+                       file=sys.stderr, end="")  # one write: the ranks share stderr
 
 
 @torch.no_grad()

@@ -62,9 +62,16 @@ def configure_logging(main_process: bool) -> None:
         logging.getLogger().setLevel(logging.ERROR)
 
 
+def stderr_line(text: str) -> None:
+    """Write `text` and its newline to stderr in one write: print() writes them separately, so the lines of
+    ranks sharing a stderr pipe (torchrun) could interleave into one."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()
+
+
 def fail(message: str) -> NoReturn:
     """Print `error: message` on stderr and exit with status 2."""
-    print(f"error: {message}", file=sys.stderr)
+    stderr_line(f"error: {message}")
     raise SystemExit(EXIT_USAGE)
 
 

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import warnings
@@ -33,7 +32,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntry
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
-from .errors import UserInputError, first_line
+from .errors import UserInputError, first_line, stderr_line
 from .paths import remove_path
 from .remote.card import build_model_card, find_run_files
 from .remote.code import PIPELINE_ENTRY, UNET_ENTRY, remote_code_files
@@ -287,11 +286,11 @@ class CheckpointUploader:
         remove its copy; the checkpoint itself stays on disk."""
         if self._thread is not None and self._thread.is_alive() and self._running is not None:
             message, pipeline_dir, tmp = self._running
-            print(f"warning: the upload of {message} did not finish before the run ended; upload it with "
-                  f"latent_ddpm.hub.push_pipeline_to_hub('{pipeline_dir}', '{self.repo_id}')", file=sys.stderr)
+            stderr_line(f"warning: the upload of {message} did not finish before the run ended; upload it with "
+                        f"latent_ddpm.hub.push_pipeline_to_hub('{pipeline_dir}', '{self.repo_id}')")
             shutil.rmtree(tmp, ignore_errors=True)
         elif self._failure is not None:
-            print(f"warning: {self._failure}", file=sys.stderr)
+            stderr_line(f"warning: {self._failure}")
 
 
 def push_pipeline(pipe: LatentDDPMPipeline, repo_id: str, *, commit_message: str | None = None,

@@ -279,3 +279,23 @@ def test_the_package_warnings_print_as_one_line(monkeypatch):
     theirs = warnings.formatwarning("deprecated", FutureWarning, torch.__file__, 7, "code")
     assert ours == "warning: skipping damaged checkpoint\n"
     assert theirs.startswith(torch.__file__) and "FutureWarning: deprecated" in theirs
+
+
+def test_the_error_line_is_one_write(monkeypatch):
+    # print() wrote the text and its newline separately: under torchrun the two ranks' lines, sharing one stderr
+    # pipe, came out interleaved as "error: ...error: ...\n\n" (seen in a 2-rank sample.py run).
+    import io
+
+    from latent_ddpm import errors
+
+    writes: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stderr", Recording())
+    with pytest.raises(SystemExit):
+        errors.fail("--output x.npz: cannot write it")
+    assert writes == ["error: --output x.npz: cannot write it\n"]

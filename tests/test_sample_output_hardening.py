@@ -260,6 +260,16 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_output(pipes, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz"]  # no partial file, no lock
 
 
+def test_only_a_full_disk_is_told_to_free_space(tmp_path):
+    # `--output /proc/x.npz` (No such file or directory) was told to "free space".
+    import errno
+
+    full = sample_script.write_error(tmp_path / "x.npz", OSError(errno.ENOSPC, "No space left on device", "f"))
+    assert full.endswith("; free space or choose another --output"), full
+    missing = sample_script.write_error(tmp_path / "x.npz", OSError(errno.ENOENT, "No such file or directory", "f"))
+    assert "free space" not in missing and missing.endswith("choose another --output (a folder you can write)")
+
+
 def test_a_full_disk_at_the_grid_says_the_samples_are_written(pipes, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sample_script, "save_latent_grid", _disk_full)
     out = tmp_path / "x.npz"

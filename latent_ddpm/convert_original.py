@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_up_layers", type=int)
     p.add_argument("--num_heads", type=int)
     p.add_argument("--head_channels", type=int, help="width of the last up block (the original's 16)")
-    p.add_argument("--sample_size", type=int, nargs="+", metavar="H [W]", help="latent size (default 64)")
+    p.add_argument("--sample_size", type=int, nargs="+", metavar="SIZE",
+                   help="latent size: H, or H W (default 64)")
     p.add_argument("--pipeline", action="store_true", help="save a full LatentDDPMPipeline (unet + scheduler)")
     p.add_argument("--n_steps", type=int, help="with --pipeline: training timesteps of the original run (default 50)")
     p.add_argument("--lbeta", type=float, help="with --pipeline: first beta of the original run (default 1e-4)")

@@ -30,77 +30,20 @@ from . import faults
 from .autoencoder import ENCODING_FILE, load_vae, vae_id, vae_info
 from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
+from .image_data import open_image_dataset, pick_columns
 from .images import prepare_image, to_model_range
 from .paths import check_replaceable, remove_path, replace_with, unwritable_folder
 from .sampling import DTYPES, ArgParser, distributed_state, first_error, sample_seed
-from .sources import is_hub_id
 
 #: Version of the encoding.json layout.
 ENCODING_FORMAT = 1
 #: Images per shard: the unit of resumption (a rerun redoes at most one shard per process).
 DEFAULT_SHARD_SIZE = 1024
-#: Column names tried for the images when --image_column is not given and no column has the Image feature.
-IMAGE_COLUMNS = ("image", "img", "images", "png", "jpg")
 #: Skipped images listed by name in encoding.json (all are counted); and messages printed per kind.
 MAX_LISTED_SKIPS, MAX_PRINTED = 100, 10
 #: Settings that must match when a partial encode is resumed.
 RESUME_KEYS = ("data", "split", "image_column", "label_column", "vae", "vae_subfolder", "resolution", "flip_augment",
                "sample_posterior", "seed", "min_size", "shard_size", "mixed_precision")
-
-
-def open_image_dataset(data: str, split: str = "train", cache_dir: str | None = None) -> datasets.Dataset:
-    """An image folder (imagefolder: class subfolders give labels), a save_to_disk folder, Parquet file(s)
-    (a glob is fine) or a hub dataset id, as a `datasets.Dataset`."""
-    path = Path(data)
-    try:
-        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(path))
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        elif path.is_dir():
-            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, cache_dir=cache_dir)
-        elif data.endswith(".parquet"):
-            ds = datasets.load_dataset("parquet", data_files=data, split="train", cache_dir=cache_dir)
-        elif not is_hub_id(data):
-            raise DataError(f"--data {data}: not an image folder, saved dataset, .parquet file or hub id")
-        else:
-            ds = datasets.load_dataset(data, split=split, cache_dir=cache_dir)
-    except DataError:
-        raise
-    except Exception as err:  # noqa: BLE001 - datasets/hub raise many types; all mean "cannot read it"
-        raise DataError(f"--data {data}: cannot load the images ({type(err).__name__}: {first_line(err)})") from err
-    if len(ds) == 0:
-        raise DataError(f"--data {data}: no images found (split {split!r})")
-    return ds
-
-
-def pick_columns(ds: datasets.Dataset, image_column: str | None, label_column: str | None, where: str
-                 ) -> tuple[datasets.Dataset, str, np.ndarray | None, list[str] | None]:
-    """The image column (undecoded) and labels as int64 ids with their names: from `label_column`, or
-    the ClassLabel `label` column that imagefolder makes from class subfolders."""
-    cols, feats = ds.column_names, ds.features
-    if image_column is None:
-        image_column = next((c for c in cols if isinstance(feats[c], datasets.Image)),
-                            next((c for c in IMAGE_COLUMNS if c in cols), None))
-    if image_column not in cols:
-        raise DataError(f"{where}: no image column {image_column or ''} (columns: {cols}); pass --image_column")
-    if isinstance(feats[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decoded here, with checks
-    if label_column is None and isinstance(feats.get("label"), datasets.ClassLabel):
-        label_column = "label"
-    if label_column is None:
-        return ds, image_column, None, None
-    if label_column not in cols:
-        raise DataError(f"{where}: no label column {label_column!r} (columns: {cols})")
-    values, feat = ds[label_column], feats[label_column]
-    if isinstance(feat, datasets.ClassLabel):
-        return ds, image_column, np.asarray(values, np.int64), list(feat.names)
-    if all(isinstance(v, str) for v in values):
-        names = sorted(set(values))
-        ids = {n: i for i, n in enumerate(names)}
-        return ds, image_column, np.asarray([ids[v] for v in values], np.int64), names
-    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise DataError(f"{where}: labels in {label_column!r} must be class names or integer ids >= 0")
-    return ds, image_column, np.asarray(values, np.int64), None
 
 
 class Tally:
@@ -365,7 +308,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--min_size", type=int, default=0, help="skip images whose shorter side is below this (default "
                    "0: upscale every small image, with a warning)")
     p.add_argument("--batch_size", type=int, default=16, help="images per autoencoder batch (default 16)")
-    p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE, help="images per resumable shard")
+    p.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"images per resumable shard (default {DEFAULT_SHARD_SIZE})")
     p.add_argument("--mixed_precision", choices=tuple(DTYPES), default="no", help="autoencoder weights dtype")
     p.add_argument("--cache_dir", default=None, help="datasets cache for image folders / hub data")
     p.add_argument("--overwrite", action="store_true", help="replace --output, and restart an interrupted encode")

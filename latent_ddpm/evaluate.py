@@ -295,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label_key", default="y", help="array of labels in a reference .npz (default y)")
     p.add_argument("--samples_key", default="samples", help="array of latents in the samples file (default samples)")
     p.add_argument("--k", type=int, default=K_NEIGHBOURS, help="k of the k-NN radii (default 3)")
-    p.add_argument("--max_reference", type=int, default=MAX_REFERENCE, help="reference subsample size")
-    p.add_argument("--max_pr_samples", type=int, default=MAX_PR_SAMPLES, help="precision/recall subsample size")
+    p.add_argument("--max_reference", type=int, default=MAX_REFERENCE,
+                   help=f"reference subsample size (default {MAX_REFERENCE})")
+    p.add_argument("--max_pr_samples", type=int, default=MAX_PR_SAMPLES,
+                   help=f"precision/recall subsample size (default {MAX_PR_SAMPLES})")
     p.add_argument("--num_projections", type=int, default=NUM_PROJECTIONS, help="projection width (default 256)")
     p.add_argument("--no_baseline", action="store_true", help="skip the reference-vs-reference baseline")
     args = p.parse_args(argv)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from latent_ddpm import AdvancedUNet2DModel, faults
 from latent_ddpm.autoencoder import load_data_vae, read_encoding_info
+from latent_ddpm.checkpoint_uploads import CheckpointUploader
 from latent_ddpm.checkpointing import (
     generator_state,
     load_checkpoint,
@@ -47,7 +48,7 @@ from latent_ddpm.demo import demo_dataset
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
 from latent_ddpm.errors import UserInputError, configure_logging, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
-from latent_ddpm.hub import CheckpointUploader, check_hub_access, push_pipeline_to_hub
+from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
 from latent_ddpm.paths import unwritable_folder
 from latent_ddpm.reporting import (
     DivergenceWatch,

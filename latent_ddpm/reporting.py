@@ -23,7 +23,7 @@ from .sampling import make_scheduler, sample_generators, scheduler_problem
 from .unet import AdvancedUNet2DModel
 
 if TYPE_CHECKING:
-    from .hub import CheckpointUploader
+    from .checkpoint_uploads import CheckpointUploader
 
 # Reference latents for the end-of-run quality figures: a bounded set keeps them a few seconds on CPU.
 MAX_REFERENCE = 4096

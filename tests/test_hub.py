@@ -285,12 +285,12 @@ def test_a_checkpoint_upload_cut_short_by_the_end_of_the_run_is_named(run, tmp_p
     # A run that failed with an upload in flight lost it without a word, and left the upload copy in /tmp.
     import threading
 
-    from latent_ddpm import hub
+    from latent_ddpm import checkpoint_uploads as uploads
 
-    monkeypatch.setattr(hub.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(uploads.tempfile, "tempdir", str(tmp_path))
     release = threading.Event()
-    monkeypatch.setattr(hub, "_upload", lambda *a, **k: release.wait(60) and "https://hf.co/commit/1")
-    uploader = hub.CheckpointUploader(REPO, token="hf_test")
+    monkeypatch.setattr(uploads, "_upload", lambda *a, **k: release.wait(60) and "https://hf.co/commit/1")
+    uploader = uploads.CheckpointUploader(REPO, token="hf_test")
     uploader.submit(run["root"] / "pipeline", "checkpoint checkpoint-2")
     assert len(list(tmp_path.glob("latent_ddpm_upload_*"))) == 1
     uploader._abandon()  # what exit runs

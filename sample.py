@@ -65,7 +65,7 @@ GRID_SAMPLES = 64
 
 def parse_args(argv: list[str] | None = None):
     p = ArgParser(prog="sample.py", description="Generate latents with a trained LatentDDPMPipeline.")
-    p.add_argument("--model", help="pipeline folder or hub id (default: derived from --latent)")
+    p.add_argument("--model", help="pipeline folder, train.py run folder or hub id (default: derived from --latent)")
     p.add_argument("--num_samples", "--n_samples", type=int, default=16, help="how many samples (default 16)")
     p.add_argument("--batch_size", type=int, default=64, help="samples per UNet batch and process (default 64)")
     p.add_argument("--num_inference_steps", "--n_steps", type=int, default=None,

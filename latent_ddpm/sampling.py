@@ -87,8 +87,8 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
     """Load a saved `LatentDDPMPipeline` from a folder or a hub id onto `device`, its UNet in the dtype of
     `mixed_precision` (no, fp16, bf16); any failure is one `UserInputError` line."""
     path = Path(model)
-    if path.exists():
-        if not (path / "model_index.json").is_file():
+    if path.exists():  # a run folder is its pipeline/ (LatentDDPMPipeline.from_pretrained finds it)
+        if not (path / "model_index.json").is_file() and not (path / PIPELINE_SUBDIR / "model_index.json").is_file():
             if path.is_file():
                 hint = f"; pass the folder that holds it, {path.parent}" if path.name == "model_index.json" else (
                     "; pass a pipeline folder (it holds model_index.json), not a file")

@@ -328,7 +328,7 @@ def test_scheduler_config_checks_the_default_step_count(tmp_path, capsys):
 def test_bad_models_and_labels(models, tmp_path, capsys):
     cond = models / "cond" / "pipeline"
     for argv, message in [(["--model", tmp_path / "missing"], "no such folder"),
-                          (["--model", models / "cond"], "did you mean"),
+                          (["--model", models / "cond" / "nothing"], "no such folder"),
                           ([], "--model DIR_OR_HUB_ID"),
                           (["--model", cond, "--class_labels", "3"], "out of range"),
                           (["--model", cond, "--class_labels", "a"], "integers or 'all'")]:
@@ -336,6 +336,15 @@ def test_bad_models_and_labels(models, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_a_run_folder_samples_its_pipeline_into_the_run(models, tmp_path, monkeypatch):
+    # `--model runs/demo` was refused ("did you mean runs/demo/pipeline?"); LatentDDPMPipeline.from_pretrained
+    # takes the run folder, and so does sample.py, writing into that run's generated/.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(models / "cond", tmp_path / "cond")
+    assert run(["--model", "cond", "--num_samples", 2, "--class_labels", "all", *FAST]) == 0
+    assert load_npz(tmp_path / "cond" / "generated" / "seed_42" / "samples_42_2.npz")["samples"].shape == (2, 4, 8, 8)
 
 
 def test_cli_subprocess_exit_status(models):

@@ -52,6 +52,7 @@ from latent_ddpm.sampling import (
     locate_run,
     make_scheduler,
     parse_class_labels,
+    pipeline_of,
     run_dir_of,
     sample_generators,
     saved_scheduler,
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     faults.limit_file_size(state.process_index)  # a test's full disk in one rank
 
     # 1. Where the model is and where the samples go; refuse to overwrite before any work.
-    model = args.model
+    model = pipeline_of(args.model) if args.model is not None else None  # a run folder: its pipeline/
     if model is None:
         model = str(locate_run(args.latent, args.runs_dir or "runs", args.n_dim, args.num_inference_steps, args.lbeta,
                                args.ubeta) / PIPELINE_SUBDIR)

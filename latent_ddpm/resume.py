@@ -28,6 +28,11 @@ OBJECTIVE_SETTINGS = ("num_train_timesteps", "beta_schedule", "beta_start", "bet
                       "snr_gamma", "snr_floor", "normalization", "scaling_factor", "cond_drop_prob")
 
 
+#: Objective settings recorded as None when other settings make them inert (`objective_settings`), and those others.
+DERIVED_FROM = {"snr_floor": ("snr_gamma", "prediction_type"), "beta_start": ("beta_schedule",),
+                "beta_end": ("beta_schedule",), "normalization": ("scaling_factor",), "cond_drop_prob": ()}
+
+
 def objective_settings(cfg) -> dict:
     """The objective part of a run's settings (`OBJECTIVE_SETTINGS` of a TrainConfig), as compared on resume.
 
@@ -86,9 +91,10 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
         settings.setdefault("world_size", len(state["noise_generator"]))
     current = json.loads(json.dumps(run_settings or {}))  # as it would be saved
     changed = [k for k in current if k in settings and settings[k] != current[k]]
-    # A setting that stopped (or started) acting because of another change (snr_floor with epsilon prediction) is
-    # recorded as None: named only when nothing else changed.
-    named = [k for k in changed if None not in (settings[k], current[k])] or changed
+    # A setting that stopped (or started) acting because another one changed (snr_floor with epsilon prediction)
+    # is recorded as None: not named beside the change that caused it.
+    inert = {k for k in changed if None in (settings[k], current[k]) and set(DERIVED_FROM.get(k, ())) & set(changed)}
+    named = [k for k in changed if k not in inert] or changed
     details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in named)
     same_batch = global_batch(settings) is not None and global_batch(settings) == global_batch(current)
     if changed and same_batch and set(changed) <= set(BATCH_LAYOUT):

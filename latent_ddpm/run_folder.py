@@ -61,10 +61,11 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
     files was started with `overwrite`. `resume` that finds no checkpoint starts from scratch, which an empty
     or crashed folder allows but a finished run's (its pipeline/ would be replaced) does not."""
     train_dir = run_dir / "train"
-    if resumed is None and (run_dir / "pipeline").exists() and not is_train_run(run_dir):
-        return (f"{run_dir / 'pipeline'} was not written by train.py (no train/config.json beside it; a converted "
-                "checkpoint?) and a new run there would replace it; move it elsewhere, or choose another "
-                "--output_dir")
+    resumed_here = resumed is not None and resumed.resolve().parent == train_dir.resolve()
+    if not resumed_here and (run_dir / "pipeline").exists() and not is_train_run(run_dir):
+        return (f"{run_dir / 'pipeline'} was not written by train.py here (no train/config.json beside it: a "
+                "converted checkpoint, or its train/ was removed) and a run there would replace it; move it "
+                "elsewhere, or choose another --output_dir")
     if resume is not None and resumed is None and not overwrite and (run_dir / "pipeline").exists():
         return (f"{run_dir} holds a finished run (pipeline/) and no complete checkpoint to resume, so training "
                 "would start from scratch and replace it; start fresh with --overwrite_output_dir, or choose "

@@ -86,14 +86,15 @@ ArgParser = ArgumentParser  # the one-line-error parser, under the name sample.p
 def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device | str = "cpu") -> LatentDDPMPipeline:
     """Load a saved `LatentDDPMPipeline` from a folder or a hub id onto `device`, its UNet in the dtype of
     `mixed_precision` (no, fp16, bf16); any failure is one `UserInputError` line."""
+    model = pipeline_of(model)  # a run folder: its pipeline/
     path = Path(model)
-    if path.exists():  # a run folder is its pipeline/ (LatentDDPMPipeline.from_pretrained finds it)
-        if not (path / "model_index.json").is_file() and not (path / PIPELINE_SUBDIR / "model_index.json").is_file():
+    if path.exists():
+        if not (path / "model_index.json").is_file():
             if path.is_file():
                 hint = f"; pass the folder that holds it, {path.parent}" if path.name == "model_index.json" else (
                     "; pass a pipeline folder (it holds model_index.json), not a file")
-            elif (path / PIPELINE_SUBDIR).is_dir():
-                hint = f"; did you mean {path / PIPELINE_SUBDIR}?"
+            elif (path / PIPELINE_SUBDIR).is_dir():  # a run folder whose final pipeline was never completed
+                hint = f"; nor is its {path / PIPELINE_SUBDIR} (an unfinished run? resume it with train.py)"
             elif (path / "trainer_state.json").is_file():
                 hint = (f"; it is a training checkpoint (resume it with train.py), the run's pipeline is "
                         f"{path.parent.parent / PIPELINE_SUBDIR}")
@@ -360,6 +361,15 @@ def checkpoint_of(model: str) -> str | None:
     path = Path(model)
     is_checkpoint = re.fullmatch(r"checkpoint-\d+", path.parent.name) and path.parent.parent.name == "train"
     return path.parent.name if path.name == PIPELINE_SUBDIR and is_checkpoint and path.is_dir() else None
+
+
+def pipeline_of(model: str) -> str:
+    """`model` itself, or for a folder that holds a pipeline in `pipeline/` (a train.py run folder, a checkpoint
+    uploaded with --push_checkpoints) that pipeline: where the samples go follows from it (`run_dir_of`)."""
+    path = Path(model)
+    if not (path / "model_index.json").is_file() and (path / PIPELINE_SUBDIR / "model_index.json").is_file():
+        return str(path / PIPELINE_SUBDIR)
+    return model
 
 
 def run_dir_of(model: str) -> Path:

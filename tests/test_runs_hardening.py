@@ -102,6 +102,13 @@ def test_a_converted_pipeline_and_the_users_files_are_never_replaced(demo_x, tmp
     base = ["--train_data", path, "--output_dir", run_dir, "--max_train_steps", "2", *FAST, *overwrite]
     one_line_error(*cli(train.main, base, capfd)[::2], "pipeline was not written by train.py", "move it elsewhere")
     assert snapshot(run_dir) == before
+    # Nor does a resume from another folder's checkpoint (it replaced the converted pipeline).
+    other = tmp_path / "other"
+    assert cli(train.main, ["--train_data", path, "--output_dir", other, "--max_train_steps", "2", *FAST,
+                            "--checkpointing_steps", "2"], capfd)[0] == 0
+    one_line_error(*cli(train.main, [*base, "--max_train_steps", "3", "--resume_from_checkpoint",
+                                     other / "train" / "checkpoint-2"], capfd)[::2], "was not written by train.py")
+    assert snapshot(run_dir) == before
     shutil.move(run_dir / "pipeline", tmp_path / "converted")  # moved: the run trains beside the original's files
     assert cli(train.main, [*base, "--overwrite_output_dir"], capfd)[0] == 0
     assert (run_dir / "train" / "logs" / "mine.txt").read_text() == "the user's"

@@ -327,8 +327,10 @@ def test_scheduler_config_checks_the_default_step_count(tmp_path, capsys):
 
 def test_bad_models_and_labels(models, tmp_path, capsys):
     cond = models / "cond" / "pipeline"
+    (tmp_path / "run_without_index" / "pipeline").mkdir(parents=True)
     for argv, message in [(["--model", tmp_path / "missing"], "no such folder"),
                           (["--model", models / "cond" / "nothing"], "no such folder"),
+                          (["--model", tmp_path / "run_without_index"], "an unfinished run?"),
                           ([], "--model DIR_OR_HUB_ID"),
                           (["--model", cond, "--class_labels", "3"], "out of range"),
                           (["--model", cond, "--class_labels", "a"], "integers or 'all'")]:
@@ -345,6 +347,11 @@ def test_a_run_folder_samples_its_pipeline_into_the_run(models, tmp_path, monkey
     shutil.copytree(models / "cond", tmp_path / "cond")
     assert run(["--model", "cond", "--num_samples", 2, "--class_labels", "all", *FAST]) == 0
     assert load_npz(tmp_path / "cond" / "generated" / "seed_42" / "samples_42_2.npz")["samples"].shape == (2, 4, 8, 8)
+    # A checkpoint folder whose pipeline/ came from --push_checkpoints: the samples go outside the checkpoint.
+    shutil.copytree(models / "cond" / "pipeline", tmp_path / "cond" / "train" / "checkpoint-2" / "pipeline")
+    assert run(["--model", "cond/train/checkpoint-2", "--num_samples", 2, "--class_labels", "all", *FAST]) == 0
+    assert (tmp_path / "cond" / "generated" / "checkpoint-2" / "seed_42" / "samples_42_2.npz").is_file()
+    assert not (tmp_path / "cond" / "train" / "checkpoint-2" / "generated").exists()
 
 
 def test_cli_subprocess_exit_status(models):

@@ -213,6 +213,18 @@ def test_resume_with_another_objective_is_refused(tmp_path, field, saved, now):
         assert "snr_floor" not in message, message
 
 
+def test_a_refusal_names_a_setting_the_user_set_to_or_from_none_beside_another(tmp_path):
+    from latent_ddpm.config import TrainConfig
+    from latent_ddpm.resume import check_resume_compatible, objective_settings
+
+    ckpt = _checkpoint_with_settings(tmp_path / "checkpoint-2", {"seed": 0, **objective_settings(TrainConfig())})
+    with pytest.raises(UserInputError) as err:
+        check_resume_compatible(ckpt, {}, {"seed": 1, **objective_settings(TrainConfig(scaling_factor=0.18215))})
+    message = str(err.value)
+    assert "scaling_factor=None there vs 0.18215 now" in message and "seed=0 there vs 1 now" in message, message
+    assert "normalization" not in message, message  # inert under a fixed scale: not the user's change
+
+
 def test_resume_with_the_same_objective_is_allowed(tmp_path):
     from latent_ddpm.config import TrainConfig
     from latent_ddpm.resume import OBJECTIVE_SETTINGS, check_resume_compatible, objective_settings

@@ -333,7 +333,8 @@ def locate_run(latent: str | os.PathLike, runs_dir: str | os.PathLike = "runs", 
     sampling steps. Exactly one folder must remain, else a `UserInputError` says what was looked for.
     """
     runs_dir, stem = Path(runs_dir), Path(latent).stem
-    pattern = "_".join([f"{stem}_ddpm"] + ["*" if v is None else str(v) for v in (n_dim, n_steps, lbeta, ubeta)])
+    # n_steps only narrows among matches (it is also the sampling step count): the pattern leaves it open
+    pattern = "_".join([f"{stem}_ddpm"] + ["*" if v is None else str(v) for v in (n_dim, None, lbeta, ubeta)])
     found = []
     for path in sorted(runs_dir.glob(f"{glob.escape(stem)}_ddpm_*")) if runs_dir.is_dir() else []:
         fields = path.name[len(stem) + len("_ddpm_"):].split("_")

@@ -203,6 +203,8 @@ def test_locate_run_with_glob_characters_in_the_name(tmp_path):
     assert locate_run("lat1.npz", runs_dir=runs) == runs / "lat1_ddpm_4_1000_0.0001_0.02"
     with pytest.raises(UserInputError, match="no trained run"):
         locate_run("lat[2].npz", runs_dir=runs)
+    with pytest.raises(UserInputError, match=r"looked for .*lat2_ddpm_4_\*_\*_\*/pipeline"):  # not ..._4_50_...:
+        locate_run("lat2.npz", runs_dir=runs, n_dim=4, n_steps=50)  # --n_steps does not name the folder
 
 
 # ============================================================================ 12. hub upload folder

@@ -37,23 +37,18 @@ from latent_ddpm.images import save_image_grid, to_uint8
 from latent_ddpm.paths import NpyRowWriter, OutputLock, partial_path, replace_with, unwritable_folder, write_npz
 from latent_ddpm.pipeline import default_inference_steps, inference_steps_error
 from latent_ddpm.plots import save_latent_grid
+from latent_ddpm.run_folder import PIPELINE_SUBDIR, checkpoint_of, default_output, locate_run, pipeline_of, run_dir_of
 from latent_ddpm.sampling import (
     DTYPES,
-    PIPELINE_SUBDIR,
     SCHEDULERS,
     ArgParser,
-    checkpoint_of,
     configure_scheduler,
-    default_output,
     distributed_state,
     first_error,
     labels_for,
     load_pipeline,
-    locate_run,
     make_scheduler,
     parse_class_labels,
-    pipeline_of,
-    run_dir_of,
     sample_generators,
     saved_scheduler,
     scheduler_problem,

@@ -1,9 +1,13 @@
 """Run folders: the original project's layout, what a run leaves there, when a new run may start in one,
-and the lock that keeps two runs out of the same folder. Checkpoints inside it are `checkpointing`'s."""
+the lock that keeps two runs out of the same folder, and, for sample.py, finding a run from the original's
+flags and where its samples go. Checkpoints inside it are `checkpointing`'s."""
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +16,8 @@ from .errors import UserInputError, first_line
 from .paths import OutputLock, remove_path
 
 LOCK_FILE = ".lock"
+# Name of the run folder's pipeline subfolder and of the samples folder (the original's layout).
+PIPELINE_SUBDIR, GENERATED_SUBDIR = "pipeline", "generated"
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +128,79 @@ class RunLock(OutputLock):
             raise UserInputError(f"cannot create the run folder {self.path.parent} ({err.strerror or err}); "
                                  "choose another --output_dir (its parents must be folders you can write)") from None
         super().acquire()
+
+
+# ---------------------------------------------------------------- finding a run's folders from sample.py's side
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def locate_run(latent: str | os.PathLike, runs_dir: str | os.PathLike = "runs", n_dim: int | None = None,
+               n_steps: int | None = None, lbeta: float | None = None, ubeta: float | None = None) -> Path:
+    """Find the run folder of the original's flags: `<runs_dir>/<stem>_ddpm_<n_dim>_<n_steps>_<lbeta>_<ubeta>/`.
+
+    Folders must hold a `pipeline/` subfolder. Given flags must match (numerically, so 1e-4 matches
+    0.0001); `n_steps` filters only when some folder matches it, since it is also the number of
+    sampling steps. Exactly one folder must remain, else a `UserInputError` says what was looked for.
+    """
+    runs_dir, stem = Path(runs_dir), Path(latent).stem
+    # n_steps only narrows among matches (it is also the sampling step count): the pattern leaves it open
+    pattern = "_".join([f"{stem}_ddpm"] + ["*" if v is None else str(v) for v in (n_dim, None, lbeta, ubeta)])
+    found = []
+    for path in sorted(runs_dir.glob(f"{glob.escape(stem)}_ddpm_*")) if runs_dir.is_dir() else []:
+        fields = path.name[len(stem) + len("_ddpm_"):].split("_")
+        if len(fields) != 4 or not (path / PIPELINE_SUBDIR).is_dir():
+            continue
+        dim, steps, lo, hi = (_num(f) for f in fields)
+        if all(want is None or got == want for want, got in ((n_dim, dim), (lbeta, lo), (ubeta, hi))):
+            found.append((steps, path))
+    if n_steps is not None and any(steps == n_steps for steps, _ in found):
+        found = [(steps, path) for steps, path in found if steps == n_steps]
+    where = f"{runs_dir / pattern}/{PIPELINE_SUBDIR}"
+    if not found:
+        raise UserInputError(f"no trained run for --latent {latent}: looked for {where}; train first, or pass "
+                             "--model DIR (or --runs_dir, --n_dim, --lbeta, --ubeta)")
+    if len(found) > 1:
+        names = ", ".join(path.name for _, path in found)
+        raise UserInputError(f"--latent {latent} matches several runs ({names}) under {runs_dir}; pick one with "
+                             "--n_dim/--n_steps/--lbeta/--ubeta or pass --model DIR")
+    return found[0][1]
+
+
+def checkpoint_of(model: str) -> str | None:
+    """`checkpoint-N` when `model` is a training checkpoint's pipeline (`<run>/train/checkpoint-N/pipeline`,
+    written by --push_checkpoints), else None."""
+    path = Path(model)
+    is_checkpoint = re.fullmatch(r"checkpoint-\d+", path.parent.name) and path.parent.parent.name == "train"
+    return path.parent.name if path.name == PIPELINE_SUBDIR and is_checkpoint and path.is_dir() else None
+
+
+def pipeline_of(model: str) -> str:
+    """`model` itself, or for a folder that holds a pipeline in `pipeline/` (a train.py run folder, a checkpoint
+    uploaded with --push_checkpoints) that pipeline: where the samples go follows from it (`run_dir_of`)."""
+    path = Path(model)
+    if not (path / "model_index.json").is_file() and (path / PIPELINE_SUBDIR / "model_index.json").is_file():
+        return str(path / PIPELINE_SUBDIR)
+    return model
+
+
+def run_dir_of(model: str) -> Path:
+    """The run folder that owns a pipeline: `<run>/pipeline` and `<run>/train/checkpoint-N/pipeline` ->
+    `<run>`; a hub id -> `runs/<owner>--<name>`."""
+    path = Path(model)
+    if checkpoint_of(model):
+        return path.parents[2]
+    if path.is_dir():
+        return path.parent if path.name == PIPELINE_SUBDIR else path
+    return Path("runs") / model.replace("/", "--")
+
+
+def default_output(run_dir: Path, seed: int, num_samples: int, checkpoint: str | None = None) -> Path:
+    """The original's output path: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz`; a checkpoint's samples
+    go to `<run>/generated/checkpoint-N/seed_<seed>/...`, outside the checkpoint, which rotation deletes."""
+    folder = run_dir / GENERATED_SUBDIR / (checkpoint or "")
+    return folder / f"seed_{seed}" / f"samples_{seed}_{num_samples}.npz"

@@ -8,12 +8,10 @@ batch size, the number of processes or the device.
 
 from __future__ import annotations
 
-import glob
 import inspect
 import json
 import logging
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -37,6 +35,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .errors import ArgumentParser, UserInputError, first_line
 from .hybrid_solver import HybridDPMSolverMultistepScheduler
 from .pipeline import DEFAULT_SCHEDULER_CONFIG, LatentDDPMPipeline, inference_steps_error
+from .run_folder import PIPELINE_SUBDIR, pipeline_of
 from .sources import is_hub_id
 
 # Sampler name -> (diffusers class, config overrides). All are built with `from_config` from the
@@ -76,8 +75,6 @@ TRAINING_SCHEDULER_KEYS = frozenset({
 SOLVER_ORDERS = (1, 2, 3)
 # `--mixed_precision` -> the dtype of the UNet weights (the scheduler always works in float32).
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Name of the run folder's pipeline subfolder and of the samples folder (the original's layout).
-PIPELINE_SUBDIR, GENERATED_SUBDIR = "pipeline", "generated"
 
 
 ArgParser = ArgumentParser  # the one-line-error parser, under the name sample.py and encode.py use
@@ -315,77 +312,3 @@ def parse_class_labels(spec: Sequence[str] | None, num_classes: int | None) -> l
 def labels_for(indices: Sequence[int], cycle: list[int] | None) -> list[int] | None:
     """The label of each sample index: `cycle[i % len(cycle)]` (independent of batches and processes)."""
     return None if cycle is None else [cycle[int(i) % len(cycle)] for i in indices]
-
-
-def _num(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def locate_run(latent: str | os.PathLike, runs_dir: str | os.PathLike = "runs", n_dim: int | None = None,
-               n_steps: int | None = None, lbeta: float | None = None, ubeta: float | None = None) -> Path:
-    """Find the run folder of the original's flags: `<runs_dir>/<stem>_ddpm_<n_dim>_<n_steps>_<lbeta>_<ubeta>/`.
-
-    Folders must hold a `pipeline/` subfolder. Given flags must match (numerically, so 1e-4 matches
-    0.0001); `n_steps` filters only when some folder matches it, since it is also the number of
-    sampling steps. Exactly one folder must remain, else a `UserInputError` says what was looked for.
-    """
-    runs_dir, stem = Path(runs_dir), Path(latent).stem
-    # n_steps only narrows among matches (it is also the sampling step count): the pattern leaves it open
-    pattern = "_".join([f"{stem}_ddpm"] + ["*" if v is None else str(v) for v in (n_dim, None, lbeta, ubeta)])
-    found = []
-    for path in sorted(runs_dir.glob(f"{glob.escape(stem)}_ddpm_*")) if runs_dir.is_dir() else []:
-        fields = path.name[len(stem) + len("_ddpm_"):].split("_")
-        if len(fields) != 4 or not (path / PIPELINE_SUBDIR).is_dir():
-            continue
-        dim, steps, lo, hi = (_num(f) for f in fields)
-        if all(want is None or got == want for want, got in ((n_dim, dim), (lbeta, lo), (ubeta, hi))):
-            found.append((steps, path))
-    if n_steps is not None and any(steps == n_steps for steps, _ in found):
-        found = [(steps, path) for steps, path in found if steps == n_steps]
-    where = f"{runs_dir / pattern}/{PIPELINE_SUBDIR}"
-    if not found:
-        raise UserInputError(f"no trained run for --latent {latent}: looked for {where}; train first, or pass "
-                             "--model DIR (or --runs_dir, --n_dim, --lbeta, --ubeta)")
-    if len(found) > 1:
-        names = ", ".join(path.name for _, path in found)
-        raise UserInputError(f"--latent {latent} matches several runs ({names}) under {runs_dir}; pick one with "
-                             "--n_dim/--n_steps/--lbeta/--ubeta or pass --model DIR")
-    return found[0][1]
-
-
-def checkpoint_of(model: str) -> str | None:
-    """`checkpoint-N` when `model` is a training checkpoint's pipeline (`<run>/train/checkpoint-N/pipeline`,
-    written by --push_checkpoints), else None."""
-    path = Path(model)
-    is_checkpoint = re.fullmatch(r"checkpoint-\d+", path.parent.name) and path.parent.parent.name == "train"
-    return path.parent.name if path.name == PIPELINE_SUBDIR and is_checkpoint and path.is_dir() else None
-
-
-def pipeline_of(model: str) -> str:
-    """`model` itself, or for a folder that holds a pipeline in `pipeline/` (a train.py run folder, a checkpoint
-    uploaded with --push_checkpoints) that pipeline: where the samples go follows from it (`run_dir_of`)."""
-    path = Path(model)
-    if not (path / "model_index.json").is_file() and (path / PIPELINE_SUBDIR / "model_index.json").is_file():
-        return str(path / PIPELINE_SUBDIR)
-    return model
-
-
-def run_dir_of(model: str) -> Path:
-    """The run folder that owns a pipeline: `<run>/pipeline` and `<run>/train/checkpoint-N/pipeline` ->
-    `<run>`; a hub id -> `runs/<owner>--<name>`."""
-    path = Path(model)
-    if checkpoint_of(model):
-        return path.parents[2]
-    if path.is_dir():
-        return path.parent if path.name == PIPELINE_SUBDIR else path
-    return Path("runs") / model.replace("/", "--")
-
-
-def default_output(run_dir: Path, seed: int, num_samples: int, checkpoint: str | None = None) -> Path:
-    """The original's output path: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz`; a checkpoint's samples
-    go to `<run>/generated/checkpoint-N/seed_<seed>/...`, outside the checkpoint, which rotation deletes."""
-    folder = run_dir / GENERATED_SUBDIR / (checkpoint or "")
-    return folder / f"seed_{seed}" / f"samples_{seed}_{num_samples}.npz"

@@ -21,7 +21,7 @@ from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, convert_origina
 from latent_ddpm.demo import make_demo_latents
 from latent_ddpm.errors import UserInputError, run_cli
 from latent_ddpm.hub import prepare_upload_folder
-from latent_ddpm.sampling import checkpoint_of, default_output, locate_run, run_dir_of
+from latent_ddpm.run_folder import checkpoint_of, default_output, locate_run, run_dir_of
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -15,11 +15,11 @@ from _helpers import exit_status, load_npz, save_tiny_pipelines
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, paths, sampling
 from latent_ddpm.paths import NpyRowWriter, partial_path, write_npz
+from latent_ddpm.run_folder import locate_run
 from latent_ddpm.sampling import (
     SCHEDULERS,
     configure_scheduler,
     load_pipeline,
-    locate_run,
     make_scheduler,
     sample_generators,
 )

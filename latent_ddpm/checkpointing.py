@@ -104,8 +104,10 @@ def _member_problem(folder: Path, name: str) -> str | None:
     if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
         return f"the {COMPLETE_MARKER} marker lists {name!r}, which is not a file of the checkpoint"
     file = folder / name
+    if not file.is_symlink() and not file.exists():
+        return f"{name} is missing"
     if file.is_symlink() or not file.is_file():
-        return f"{name} is missing" if not file.exists() and not file.is_symlink() else f"{name} is not a plain file"
+        return f"{name} is not a plain file"
     return None
 
 
@@ -119,11 +121,10 @@ def _required_files(state) -> list[str]:
     return ["model.safetensors", "optimizer.bin", *rng, *([EMA_FILE] if ema else [])]
 
 
-def resolve_resume(train_dir: Path, spec: str | None, warn: bool = True) -> Path | None:
+def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
     """`--resume_from_checkpoint latest|PATH` -> a checkpoint folder, or None to start from scratch.
 
-    Damaged checkpoints are skipped with a warning (when `warn`: the main process's) in favour of the previous
-    complete one.
+    Damaged checkpoints are skipped with a warning in favour of the previous complete one.
     """
     if spec is None:
         return None
@@ -138,15 +139,13 @@ def resolve_resume(train_dir: Path, spec: str | None, warn: bool = True) -> Path
         problem = checkpoint_problem(path)
         if problem is None:
             return path
-        if warn:
-            warnings.warn(f"skipping damaged checkpoint {path} ({problem}); trying the previous one", stacklevel=2)
+        warnings.warn(f"skipping damaged checkpoint {path} ({problem}); trying the previous one", stacklevel=2)
     return None
 
 
 def resolve_resume_once(accelerator, train_dir: Path, spec: str | None) -> Path | None:
     """`resolve_resume` in the main process alone, its verdict (or error) shared with every process: the check
-    reads each checkpoint file in full, once per node rather than once per rank, and every rank resumes the
-    same checkpoint."""
+    reads each checkpoint file in full once, not once per rank, and every rank resumes the same checkpoint."""
     from accelerate.utils import broadcast_object_list
 
     found, error = None, None
@@ -155,7 +154,7 @@ def resolve_resume_once(accelerator, train_dir: Path, spec: str | None) -> Path 
             found = resolve_resume(train_dir, spec)
         except UserInputError as err:
             error = str(err)
-    found, error = broadcast_object_list([found, error]) if accelerator.num_processes > 1 else (found, error)
+    found, error = broadcast_object_list([found, error])  # as it is, with one process
     if error is not None:
         raise UserInputError(error)
     return found
@@ -209,9 +208,9 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             faults.pause_in_save(tmp)
             _fsync_tree(tmp)
-            files = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
-            manifest = {"step": step, "files": {str(f.relative_to(tmp)): f.stat().st_size for f in files},
-                        "sha256": {str(f.relative_to(tmp)): _sha256(f) for f in files}}
+            files = {str(f.relative_to(tmp)): f for f in sorted(tmp.rglob("*")) if f.is_file()}
+            manifest = {"step": step, "files": {name: f.stat().st_size for name, f in files.items()},
+                        "sha256": {name: _sha256(f) for name, f in files.items()}}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(manifest, indent=1) + "\n")
             if final.exists():
                 shutil.rmtree(final)

@@ -28,9 +28,10 @@ OBJECTIVE_SETTINGS = ("num_train_timesteps", "beta_schedule", "beta_start", "bet
                       "snr_gamma", "snr_floor", "normalization", "scaling_factor", "cond_drop_prob")
 
 
-#: Objective settings recorded as None when other settings make them inert (`objective_settings`), and those others.
+#: Objective settings recorded as None when other settings make them inert (`objective_settings`), and those others
+#: (cond_drop_prob's is --class_conditional, which a resume compares as part of the model).
 DERIVED_FROM = {"snr_floor": ("snr_gamma", "prediction_type"), "beta_start": ("beta_schedule",),
-                "beta_end": ("beta_schedule",), "normalization": ("scaling_factor",), "cond_drop_prob": ()}
+                "beta_end": ("beta_schedule",), "normalization": ("scaling_factor",)}
 
 
 def objective_settings(cfg) -> dict:
@@ -71,7 +72,7 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
     other run settings: those that fix the data order and noise streams (processes, batch size, accumulation,
     seed) and the objective (`OBJECTIVE_SETTINGS`). A setting the checkpoint does not record (an older one)
     is not compared. The processes, batch size and accumulation may change together when the global batch
-    stays the same (another number of GPUs): the data order is kept, the noise streams are not, and the
+    stays the same (another number of GPUs): the data order is kept, the random streams are not, and the
     returned note says so (None when nothing changed)."""
     state = json.loads((path / STATE_FILE).read_text())
     saved = state.get("model_config")
@@ -96,15 +97,15 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
     inert = {k for k in changed if None in (settings[k], current[k]) and set(DERIVED_FROM.get(k, ())) & set(changed)}
     named = [k for k in changed if k not in inert] or changed
     details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in named)
-    same_batch = global_batch(settings) is not None and global_batch(settings) == global_batch(current)
-    if changed and same_batch and set(changed) <= set(BATCH_LAYOUT):
-        return (f"resuming {path} with another batch layout ({details}) and the same global batch of "
-                f"{global_batch(current)}: the data order continues, the random streams are new, so the run is "
-                "not bit-identical to one that never stopped")
+    batch = global_batch(settings)
+    if changed and batch is not None and batch == global_batch(current) and set(changed) <= set(BATCH_LAYOUT):
+        return (f"resuming {path} with another batch layout ({details}) and the same global batch of {batch}: the "
+                "data order continues, the random streams are new, so the run is not bit-identical to one that "
+                "never stopped")
     if changed:
         layout = (f" (the processes, --train_batch_size and --gradient_accumulation_steps may change together when "
-                  f"the global batch, {global_batch(settings)} there, stays the same)"
-                  if set(changed) & set(BATCH_LAYOUT) and global_batch(settings) else "")
+                  f"the global batch, {batch} there, stays the same)" if set(changed) & set(BATCH_LAYOUT) and batch
+                  else "")
         raise UserInputError(f"--resume_from_checkpoint: {path} was made with other settings ({details}); resume "
                              f"with the same ones{layout} (a resumed run continues the same data order, noise and "
                              f"objective), or start a new --output_dir")

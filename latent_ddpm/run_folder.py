@@ -62,21 +62,23 @@ def clear_run(run_dir: Path) -> None:
 def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resumed: Path | None = None
                         ) -> str | None:
     """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
-    `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may. Resuming
-    (`resumed`, the checkpoint `resume` resolved to) is always allowed: a run of ours beside the original's
-    files was started with `overwrite`. `resume` that finds no checkpoint starts from scratch, which an empty
-    or crashed folder allows but a finished run's (its pipeline/ would be replaced) does not."""
-    train_dir = run_dir / "train"
+    `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may. A
+    pipeline/ train.py did not write there is never replaced, unless the run resumes one of this folder's own
+    checkpoints. Otherwise resuming (`resumed`, the checkpoint `resume` resolved to) is allowed: a run of ours
+    beside the original's files was started with `overwrite`. `resume` that finds no checkpoint starts from
+    scratch, which an empty or crashed folder allows but a finished run's (its pipeline/ would be replaced)
+    does not."""
+    train_dir, pipeline = run_dir / "train", run_dir / PIPELINE_SUBDIR
     resumed_here = resumed is not None and resumed.resolve().parent == train_dir.resolve()
-    if not resumed_here and (run_dir / "pipeline").exists() and not is_train_run(run_dir):
-        return (f"{run_dir / 'pipeline'} was not written by train.py here (no train/config.json beside it: a "
+    if not resumed_here and pipeline.exists() and not is_train_run(run_dir):
+        return (f"{pipeline} was not written by train.py here (no train/config.json beside it: a "
                 "converted checkpoint, or its train/ was removed) and a run there would replace it; move it "
                 "elsewhere, or choose another --output_dir")
-    if resume is not None and resumed is None and not overwrite and (run_dir / "pipeline").exists():
+    if resume is not None and resumed is None and not overwrite and pipeline.exists():
         return (f"{run_dir} holds a finished run (pipeline/) and no complete checkpoint to resume, so training "
                 "would start from scratch and replace it; start fresh with --overwrite_output_dir, or choose "
                 "another --output_dir")
-    if (list_checkpoints(train_dir) or (run_dir / "pipeline").exists()) and resume is None and not overwrite:
+    if (list_checkpoints(train_dir) or pipeline.exists()) and resume is None and not overwrite:
         return (f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, start fresh with "
                 "--overwrite_output_dir, or choose another --output_dir")
     if (old_files := original_run_files(train_dir)) and resume is None and not overwrite:
@@ -84,7 +86,6 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
                 "(convert its weights with python -m latent_ddpm.convert_original), or train beside them with "
                 "--overwrite_output_dir")
     return None
-
 
 
 def prepare_run_folder(run_dir: Path, lock: RunLock, resume_spec: str | None, resumed: Path | None, overwrite: bool,

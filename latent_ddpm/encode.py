@@ -122,15 +122,22 @@ def encode_shard(vae, ds, image_column: str, labels: np.ndarray | None, rows: ra
         writer.finalize()
         os.replace(tmp, out)
         marker = {"images": len(rows), "counts": tally.counts, "skipped": tally.skipped}
-        done = out.with_name(out.name + ".done.json")
-        done.with_suffix(".tmp").write_text(json.dumps(marker))  # atomic: a half marker would read as done
-        os.replace(done.with_suffix(".tmp"), done)
+        _write_atomically(out.with_name(out.name + ".done.json"), json.dumps(marker))  # a half one would read as done
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()  # its file handle, before the file goes
-        for leftover in (tmp, out.with_name(out.name + ".done.tmp")):
-            leftover.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename: a kill or a full disk never leaves half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _describe(entry, index: int) -> str:
@@ -246,9 +253,7 @@ def _prepare_work_folder(partial: Path, settings: dict, overwrite: bool) -> None
         raise UserInputError(f"{partial} holds an interrupted encode with other settings ({diff}); rerun with "
                              "the same flags to resume, or pass --overwrite to start again")
     partial.mkdir(parents=True, exist_ok=True)
-    tmp = partial / "settings.json.tmp"  # atomic: a kill here must not leave settings a rerun cannot read
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, partial / "settings.json")
+    _write_atomically(partial / "settings.json", json.dumps(settings, indent=2))  # a rerun must be able to read it
 
 
 def _interrupted_settings(partial: Path, overwrite: bool) -> dict | None:

@@ -33,6 +33,7 @@ from .errors import UserInputError, first_line
 from .paths import remove_path
 from .remote.card import build_model_card, find_run_files
 from .remote.code import PIPELINE_ENTRY, UNET_ENTRY, remote_code_files
+from .run_folder import pipeline_of
 from .sources import is_hub_id
 from .unet import AdvancedUNet2DModel
 
@@ -252,10 +253,7 @@ def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: 
     path = os.fspath(pretrained_model_name_or_path)
     kwargs.pop("trust_remote_code", None)  # the package's code is used; nothing remote runs
     kwargs.pop("custom_pipeline", None)
-    folder = path if os.path.isdir(path) else _download(path, kwargs)
-    if not os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isfile(
-            os.path.join(folder, "pipeline", "model_index.json")):  # a train.py run folder: its final pipeline
-        folder = os.path.join(folder, "pipeline")
+    folder = pipeline_of(path if os.path.isdir(path) else _download(path, kwargs))  # a run folder: its pipeline/
     index = _read_model_index(Path(folder)) if os.path.isfile(os.path.join(folder, "model_index.json")) else {}
     if index.get("unet") != UNET_ENTRY:  # save_pretrained's layout: diffusers loads it as usual
         pipe = DiffusionPipeline.from_pretrained.__func__(cls, folder, **kwargs)

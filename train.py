@@ -18,7 +18,6 @@ from contextlib import nullcontext, suppress
 from datetime import timedelta
 from pathlib import Path
 
-import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
@@ -43,11 +42,10 @@ from latent_ddpm.checkpointing import (
     set_generator_state,
 )
 from latent_ddpm.config import TrainConfig, parse_train_args
-from latent_ddpm.data import check_compatible, load_latents
-from latent_ddpm.demo import demo_dataset
+from latent_ddpm.data import check_compatible
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
 from latent_ddpm.errors import UserInputError, configure_logging, run_cli
-from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats
+from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats, load_training_data
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
 from latent_ddpm.paths import unwritable_folder
 from latent_ddpm.reporting import (
@@ -88,38 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.seed, device_specific=False)  # same init on every rank
 
     # 2. Data: load and check (the normalisation statistics follow in step 3, once the model's needs are checked).
-    if cfg.train_data is None:
-        dataset, data_name = demo_dataset(), "demo"
-    else:
-        # Labels are read only for a class-conditional model: the original's files carry a `y` it never used,
-        # which need not be class ids.
-        dataset = load_latents(cfg.train_data, latent_key=cfg.latent_key,
-                               label_key=cfg.label_key if cfg.class_conditional else None)
-        data_name = Path(cfg.train_data.rstrip("/")).stem
+    data = load_training_data(cfg.train_data, latent_key=cfg.latent_key, label_key=cfg.label_key,
+                              class_conditional=cfg.class_conditional, n_dim=cfg.n_dim)
+    dataset, data_name, num_classes = data.dataset, data.name, data.num_classes
     channels, height, width = dataset.features["latents"].shape
-    if cfg.n_dim is not None and cfg.n_dim != channels:
-        raise UserInputError(f"--n_dim {cfg.n_dim} does not match the data: {cfg.train_data or 'demo'} has "
-                             f"{channels} channels; drop --n_dim or pass --n_dim {channels}")
-    has_labels = "labels" in dataset.column_names
-    if cfg.class_conditional and not has_labels:
-        fix = ("a .npy holds no labels: join them with python -m latent_ddpm.data convert IN.npy OUT --labels_file "
-               "LABELS.npy" if str(cfg.train_data).endswith(".npy") else "pass --label_key")
-        raise UserInputError(f"--class_conditional needs labels, but {cfg.train_data} has no "
-                             f"'{cfg.label_key}' labels; {fix}, or drop --class_conditional")
-    num_classes = int(pc.max(dataset.data.column("labels")).as_py()) + 1 if cfg.class_conditional else None
 
     # 3. Model: preset + overrides, sized to the data; then the statistics (one streaming float64 pass).
     model_args = {**PRESETS[cfg.preset], **cfg.model_overrides()}
     with suppress(TypeError):  # first the data's size (a malformed down_sample: the model names it)
         check_compatible(dataset, downsample_factor=downsample_factor(model_args.get("down_sample", ())),
-                         source=cfg.train_data or "demo")
+                         source=data.source)
     try:
         unet = AdvancedUNet2DModel(**model_args, in_channels=channels, sample_size=[height, width],
                                    num_class_embeds=num_classes)
     except (TypeError, ValueError) as err:
         raise UserInputError(f"--preset/--model_config: {err}") from None
     stats: LatentStats = compute_stats(dataset, mode=cfg.normalization, scaling_factor=cfg.scaling_factor,
-                                       source=cfg.train_data or "demo")
+                                       source=data.source)
     # Latents made by `python -m latent_ddpm.encode` name their autoencoder: previews and the pipeline decode.
     encoding = read_encoding_info(cfg.train_data)
     vae = load_data_vae(encoding, cfg.train_data)
@@ -141,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     # The saved config holds what the run uses: the precision accelerate settled on, where the data lives.
     cfg.mixed_precision, cfg.data_in_memory = accelerator.mixed_precision, feeder.in_memory
     if len(feeder) < cfg.gradient_accumulation_steps:
-        raise UserInputError(f"{cfg.train_data or 'demo'}: {len(dataset)} samples give {len(feeder)} batches of "
+        raise UserInputError(f"{data.source}: {len(dataset)} samples give {len(feeder)} batches of "
                              f"{cfg.train_batch_size} x {world} processes per epoch, fewer than "
                              f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}; lower the batch size")
     steps_per_epoch = len(feeder) // cfg.gradient_accumulation_steps

@@ -1,5 +1,6 @@
-"""Normalisation statistics and the training loop's batch feeder.
+"""Training data: loading and checking it, normalisation statistics, and the training loop's batch feeder.
 
+`load_training_data` loads `--train_data` (or the demo set) and checks it against the flags that describe it.
 `compute_stats` makes one streaming pass over a latent dataset (float64, Chan's parallel merge) and
 returns `LatentStats`, which normalises batches and is saved with the run. `LatentFeeder` yields raw
 (latents, labels) batches in an order fixed by (seed, epoch), sharded over ranks, resumable mid-epoch,
@@ -10,18 +11,56 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
-from .data import DataError, iter_chunks
+from .data import DataError, iter_chunks, load_latents
+from .demo import demo_dataset
+from .errors import UserInputError
 
 #: Default budget for keeping the whole dataset on the device (bytes of latents + labels).
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 #: Modes of `compute_stats`: per-channel mean/std, one mean/std for all channels, or identity.
 STATS_MODES = ("channel", "global", "none")
+
+
+@dataclass
+class TrainingData:
+    """The training set as loaded: the dataset, the name a run folder takes from it, and its class count."""
+
+    dataset: datasets.Dataset
+    name: str  # the data file's stem ("demo" for the built-in set): the default run folder's prefix
+    source: str  # what error messages call it: the path or hub id, or "demo"
+    num_classes: int | None  # labels' maximum + 1 for a class-conditional model, else None
+
+
+def load_training_data(train_data: str | None, latent_key: str = "X", label_key: str = "y",
+                       class_conditional: bool = False, n_dim: int | None = None) -> TrainingData:
+    """Load `train_data` (the demo set when None) and check it against `--n_dim` and `--class_conditional`."""
+    if train_data is None:
+        dataset, name = demo_dataset(), "demo"
+    else:
+        # Labels are read only for a class-conditional model: the original's files carry a `y` it never used,
+        # which need not be class ids.
+        dataset = load_latents(train_data, latent_key=latent_key, label_key=label_key if class_conditional else None)
+        name = Path(train_data.rstrip("/")).stem
+    source = train_data or "demo"
+    channels = dataset.features["latents"].shape[0]
+    if n_dim is not None and n_dim != channels:
+        raise UserInputError(f"--n_dim {n_dim} does not match the data: {source} has {channels} channels; "
+                             f"drop --n_dim or pass --n_dim {channels}")
+    if class_conditional and "labels" not in dataset.column_names:
+        fix = ("a .npy holds no labels: join them with python -m latent_ddpm.data convert IN.npy OUT --labels_file "
+               "LABELS.npy" if str(train_data).endswith(".npy") else "pass --label_key")
+        raise UserInputError(f"--class_conditional needs labels, but {train_data} has no '{label_key}' labels; "
+                             f"{fix}, or drop --class_conditional")
+    num_classes = int(pc.max(dataset.data.column("labels")).as_py()) + 1 if class_conditional else None
+    return TrainingData(dataset, name, source, num_classes)
 
 
 @dataclass

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(accelerator.is_main_process)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         logger.warning("--mixed_precision fp16 has no autocast on CPU: this run trains in float32 (bf16 works)")
-    if cfg.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():  # both ways: torch's default leaves cuDNN convolutions (most of a UNet) in TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     set_seed(cfg.seed, device_specific=False)  # same init on every rank
 
     # 2. Data: load and check (the normalisation statistics follow in step 3, once the model's needs are checked).

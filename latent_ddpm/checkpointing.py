@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +36,10 @@ EMA_FILE = "ema.safetensors"
 #: Where checkpoints of an abandoned timeline go when an older checkpoint is resumed (under the train folder).
 ABANDONED_DIR = "abandoned"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+#: The prefix torch.compile's wrapper adds to parameter names; checkpoints store the names without it.
+COMPILED_PREFIX = "_orig_mod."
+#: accelerate's file for the fp16 gradient scaler's state (written only by fp16 runs).
+SCALER_FILE = "scaler.pt"
 
 
 def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
@@ -197,7 +203,8 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        with _plain_weights(accelerator):
+            accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()  # every rank's RNG state is in before the folder is completed
         if accelerator.is_main_process:
             if ema is not None:
@@ -239,8 +246,17 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
 
 
 def load_checkpoint(accelerator, path: Path, ema=None) -> dict:
-    """Restore accelerate's state (and the EMA) from `path`; returns the trainer state dict."""
-    accelerator.load_state(str(path))
+    """Restore accelerate's state (and the EMA) from `path`; returns the trainer state dict. The run may
+    compile where the checkpoint's did not, or the reverse, and may use fp16 where it did not (a fresh
+    gradient scaler then starts)."""
+    scaler = accelerator.scaler
+    if scaler is not None and not (path / SCALER_FILE).exists():  # written without fp16: nothing to restore
+        accelerator.scaler = None
+    try:
+        with _plain_weights(accelerator):
+            accelerator.load_state(str(path))
+    finally:
+        accelerator.scaler = scaler
     state = json.loads((path / STATE_FILE).read_text())
     if ema is not None and "ema" in state:
         tensors = load_file(path / EMA_FILE)
@@ -248,6 +264,35 @@ def load_checkpoint(accelerator, path: Path, ema=None) -> dict:
         ema.load_state_dict(ema_state)
         ema.to(accelerator.device)
     return state
+
+
+@contextmanager
+def _plain_weights(accelerator) -> Iterator[None]:
+    """Within it, accelerate saves and loads the model's weights under their plain names, whether or not it
+    was prepared compiled (`torch.compile` prefixes every name with `_orig_mod.`): so a run can resume with
+    or without --compile. Checkpoints written with the prefix (before this) still load."""
+    def strip_names(models, weights, output_dir):
+        for i, weight in enumerate(weights):
+            weights[i] = {name.removeprefix(COMPILED_PREFIX): tensor for name, tensor in weight.items()}
+
+    def plain_models(models, input_dir):
+        for i, model in enumerate(models):
+            models[i] = accelerator.unwrap_model(model, keep_torch_compile=False)
+            hooks.append(models[i].register_load_state_dict_pre_hook(_accept_compiled_names))
+
+    hooks = [accelerator.register_save_state_pre_hook(strip_names),
+             accelerator.register_load_state_pre_hook(plain_models)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _accept_compiled_names(module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook: the names of a checkpoint saved from a compiled model, without the prefix."""
+    if prefix == "":
+        torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, COMPILED_PREFIX)
 
 
 def generator_state(gen: torch.Generator) -> list[int]:

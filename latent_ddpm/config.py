@@ -117,7 +117,7 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(False, "channels_last memory format")
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
-    allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs")
+    allow_tf32: bool = _f(True, "TF32 matmuls and convolutions on Ampere+ GPUs (off: both in full fp32)")
     data_in_memory: bool | None = _f(None, "keep the whole dataset on the device (default: when it fits)")
     dataloader_num_workers: int = _f(0, "DataLoader workers when the data is streamed from disk")
     ddp_timeout: int = _f(1800, "seconds a process waits in a collective (e.g. for a rank that died) before "

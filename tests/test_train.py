@@ -134,6 +134,23 @@ def test_compile_switch(data, tmp_path):
     assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("allow", [True, False])
+def test_allow_tf32_sets_both_switches_either_way(data, tmp_path, monkeypatch, allow):
+    # --no_allow_tf32 used to set nothing, leaving torch's default: cuDNN convolutions in TF32. Only a run that
+    # sees a GPU touches the switches (on a CPU they move torch's float32 matmul precision); this one is told
+    # it has one, and accelerate is kept on the CPU.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not allow
+    try:
+        flag = "--allow_tf32" if allow else "--no_allow_tf32"
+        assert run(["--latent", str(data), "--output_dir", str(tmp_path / "run"), *FAST, flag, "--dry_run"]) == 0
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (allow, allow)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_non_finite_losses_are_skipped_then_stop(data, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = train.training_target

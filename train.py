@@ -36,16 +36,18 @@ from latent_ddpm.autoencoder import load_data_vae, read_encoding_info
 from latent_ddpm.checkpoint_uploads import CheckpointUploader
 from latent_ddpm.checkpointing import (
     generator_state,
+    list_checkpoints,
     load_checkpoint,
     resolve_resume_once,
     save_checkpoint,
     set_generator_state,
 )
-from latent_ddpm.config import TrainConfig, parse_train_args
+from latent_ddpm.config import TrainConfig
 from latent_ddpm.data import check_compatible
 from latent_ddpm.diffusion import build_noise_scheduler, min_snr_weights, terminal_signal_warning, training_target
 from latent_ddpm.errors import UserInputError, configure_logging, run_cli
 from latent_ddpm.feeding import LatentFeeder, LatentStats, compute_stats, load_training_data
+from latent_ddpm.flags import parse_train_args
 from latent_ddpm.hub import check_hub_access, push_pipeline_to_hub
 from latent_ddpm.paths import unwritable_folder
 from latent_ddpm.reporting import (
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
                     "num_latents": len(dataset), "data_stats": stats.fingerprint(), **objective_settings(cfg)}
-    new_layout = check_resume_compatible(resume, dict(unet.config), run_settings) if resume is not None else None
+    new_layout = (check_resume_compatible(resume, dict(unet.config), run_settings, max_steps)
+                  if resume is not None else None)
     if new_layout:
         logger.warning(new_layout)
     if cfg.dry_run:
@@ -272,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("non-finite loss at step %d: skipped (%d in a row)", global_step + 1,
                                nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    kept = list_checkpoints(train_dir)
                     raise UserInputError(f"{nonfinite_in_a_row} non-finite losses in a row at step {global_step + 1}; "
                                          f"stopping. Lower --learning_rate, use --mixed_precision bf16 or no, or "
-                                         f"check the data; the last good checkpoint is in {train_dir}")
+                                         f"check the data; " + (f"the last good checkpoint is {kept[-1][1]}" if kept
+                                                                else "no checkpoint was written before it"))
             optimizer.zero_grad(set_to_none=True)
             step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used (logged), before the schedule moves
             lr_scheduler.step()

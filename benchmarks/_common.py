@@ -304,7 +304,7 @@ def recipe_key(train_argv: list[str], *extra: Any) -> str:
     value), the UNet preset definitions (`PRESETS`) and `extra` (thread count, ...). A change to any of them
     gives a new key, so a stale model is never reused; a change to a default that leaves this recipe as it was
     keeps the key. Where the run is written (`output_dir`, `overwrite_output_dir`) is not part of it."""
-    from latent_ddpm.config import parse_train_args
+    from latent_ddpm.flags import parse_train_args
     from latent_ddpm.unet import PRESETS
 
     config = parse_train_args(list(train_argv)).to_dict()

@@ -136,6 +136,12 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
         return None
     if spec != "latest":
         path = Path(spec)
+        for run_train in (path / "train", path):  # a run folder or its train/ given for one of its checkpoints
+            if (path / COMPLETE_MARKER).exists() or not (found := list_checkpoints(run_train)):
+                continue
+            raise UserInputError(f"--resume_from_checkpoint: {spec} is a run's folder, not a checkpoint; pass "
+                                 f"{found[-1][1]} (its newest), or resume the run in place with --output_dir "
+                                 f"{run_train.parent} --resume_from_checkpoint latest")
         problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
         if problem is not None:
             raise UserInputError(f"--resume_from_checkpoint: {spec} is not a complete checkpoint folder "
@@ -272,8 +278,8 @@ def _plain_weights(accelerator) -> Iterator[None]:
     was prepared compiled (`torch.compile` prefixes every name with `_orig_mod.`): so a run can resume with
     or without --compile. Checkpoints written with the prefix (before this) still load."""
     def strip_names(models, weights, output_dir):
-        for i, weight in enumerate(weights):
-            weights[i] = {name.removeprefix(COMPILED_PREFIX): tensor for name, tensor in weight.items()}
+        for weight in weights:  # in place: accelerate prepares only an OrderedDict (contiguous, unaliased) to save
+            torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(weight, COMPILED_PREFIX)
 
     def plain_models(models, input_dir):
         for i, model in enumerate(models):

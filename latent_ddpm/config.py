@@ -1,24 +1,18 @@
-"""The typed training configuration: one dataclass, its flags, config files and validation.
+"""The typed training configuration: one dataclass and its validation.
 
-Every hyperparameter is declared once, below, with its default and a comment (the `help` text).
-`parse_train_args` derives the command-line flags from the fields, reads `--config FILE` (YAML or
-JSON, the same keys), maps the original project's flags onto the new ones, and validates the
-result. Precedence: defaults < config file < command line.
+Every hyperparameter is declared once, below, with its default and a comment (the `help` text). The
+command-line flags and `--config FILE` derive from the fields (`latent_ddpm.flags.parse_train_args`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ArgumentParser, UserInputError, first_line, json_object
+from .errors import UserInputError, json_object
 from .evaluate import K_NEIGHBOURS
 from .unet import PRESETS
 
@@ -33,6 +27,10 @@ MAX_SEED = 2**32 - 1
 #: The longest --ddp_timeout accepted: 30 days is longer than any collective can legitimately wait (and far
 #: inside what Python's timedelta holds).
 MAX_DDP_TIMEOUT_S = 30 * 24 * 3600
+#: The most training steps or epochs accepted: far beyond any run, and small enough for float arithmetic.
+MAX_STEPS = 10**12
+#: The rate diffusers' "polynomial" schedule decays to (its `lr_end`): the peak rate must lie above it.
+POLYNOMIAL_LR_END = 1e-7
 #: The most diffusion steps accepted: 100x DDPM's 1000 (the schedule's tables are allocated before any check
 #: of the schedule can run; 1e10 steps asked for 40 GB).
 MAX_TRAIN_TIMESTEPS = 100_000
@@ -159,8 +157,8 @@ class TrainConfig:
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise UserInputError(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
-            if isinstance(value, float):
-                need(math.isfinite(value), f.name, f"must be a finite number, got {value}")
+            if isinstance(value, float) or "float" in str(f.type) and isinstance(value, int):  # a config file's int
+                need(_finite(value), f.name, f"must be a finite number, got {value!s:.20}")
         need(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED} (2**32 - 1), got {self.seed}")
         need(2 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS, "num_train_timesteps",
              f"must be in 2..{MAX_TRAIN_TIMESTEPS}, got {self.num_train_timesteps}")
@@ -177,8 +175,10 @@ class TrainConfig:
                                                     f"second moment is 0), got {self.adam_epsilon}")
         need(self.train_batch_size >= 1, "train_batch_size", f"must be >= 1, got {self.train_batch_size}")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
-        need(self.num_epochs is None or self.num_epochs >= 1, "num_epochs", "must be >= 1")
-        need(self.max_train_steps is None or self.max_train_steps >= 1, "max_train_steps", "must be >= 1")
+        need(self.num_epochs is None or 1 <= self.num_epochs <= MAX_STEPS, "num_epochs",
+             f"must be in 1..{MAX_STEPS:.0e}")
+        need(self.max_train_steps is None or 1 <= self.max_train_steps <= MAX_STEPS, "max_train_steps",
+             f"must be in 1..{MAX_STEPS:.0e}")
         need(self.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
         need(self.max_grad_norm is None or self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
         need(self.snr_gamma is None or self.snr_gamma >= 0, "snr_gamma", "must be >= 0")
@@ -225,6 +225,9 @@ class TrainConfig:
              "labels' classes with --class_conditional); drop them")
         if self.learning_rate is None:  # resolved here, so that the saved config holds the rate used
             self.learning_rate = default_learning_rate(self.preset, overrides)
+        need(self.lr_scheduler != "polynomial" or self.learning_rate > POLYNOMIAL_LR_END, "learning_rate",
+             f"must be above {POLYNOMIAL_LR_END:g}, the rate --lr_scheduler polynomial decays to, got "
+             f"{self.learning_rate:g}; raise it or choose another --lr_scheduler")
         return self
 
     def model_overrides(self) -> dict:
@@ -238,6 +241,13 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["hub_token"] = None
         return out
+
+
+def _finite(value: float | int) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _name_too_long(path: str | None) -> bool:
@@ -265,110 +275,3 @@ def default_learning_rate(preset: str, overrides: dict) -> float:
     except (KeyError, TypeError, ValueError):
         scale = 1.0
     return LR_AT_REFERENCE_WIDTH * scale
-
-
-# Original flags whose meaning needs more than a rename (the renames are the fields' `alias`es).
-_ORIGINAL_MODE_HELP = "original project's --mode: only 'train' is accepted here; sample with sample.py"
-
-
-def _is_optional(tp) -> bool:
-    """`int | None` -> True; `int` -> False."""
-    is_union = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
-    return is_union and type(None) in typing.get_args(tp)
-
-
-def _base_type(tp) -> type:
-    """`int | None` -> int; `str` -> str."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
-
-
-#: Words that mean "no value" for an optional setting, on the command line and in config files alike.
-NONE_WORDS = ("none", "null")
-
-
-def _none_or(conv):
-    def parse(text: str):
-        return None if text.lower() in NONE_WORDS else conv(text)
-    parse.__name__ = conv.__name__
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The train.py flags, derived from `TrainConfig`; every default is SUPPRESSed so that config
-    files can sit between the defaults and the command line."""
-    parser = ArgumentParser(
-        prog="train.py", description="Train a latent diffusion model (AdvancedUNet2DModel + DDPM) on latents.",
-        argument_default=argparse.SUPPRESS,
-    )
-    parser.add_argument("--config", help="YAML or JSON file with any of the options below (flags override it)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        tp, meta = _base_type(hints[f.name]), f.metadata
-        names = [f"--{f.name}"] + ([meta["alias"]] if "alias" in meta else [])
-        # a help text that explains its default itself ("default: when it fits") is not given a second one
-        help_text = meta["help"] if "default" in meta["help"] else f"{meta['help']} (default: {f.default})"
-        if tp is bool:  # a --no_ switch where the default is not already off: True, or None (chosen by the run)
-            parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
-            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
-                                help=argparse.SUPPRESS if f.default is False else f"turn --{f.name} off")
-        else:
-            conv = _none_or(tp) if _is_optional(hints[f.name]) else tp  # "none" means None only where None is valid
-            parser.add_argument(*names, dest=f.name, type=conv, choices=None, help=help_text,
-                                metavar=tp.__name__.upper())
-    parser.add_argument("--mode", choices=("train",), help=_ORIGINAL_MODE_HELP)
-    return parser
-
-
-def load_config_file(path: str) -> dict:
-    """Read a YAML or JSON config file of `TrainConfig` keys."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise UserInputError(f"--config: {path} does not exist")
-    try:
-        data = yaml.safe_load(file.read_text())  # YAML is a superset of JSON
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserInputError(f"--config: {path} is not valid YAML/JSON ({first_line(err)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserInputError(f"--config: {path} must hold a mapping of option names to values")
-    valid = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise UserInputError(f"--config: {path} has unknown keys {unknown}; see `python train.py --help`")
-    return data
-
-
-def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags (and `--config FILE`) -> a validated `TrainConfig`. Bad input raises `UserInputError`."""
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    args.pop("mode", None)
-    values = load_config_file(args.pop("config")) if "config" in args else {}
-    values.update(args)
-    hints = typing.get_type_hints(TrainConfig)
-    for name, value in list(values.items()):  # config files give YAML types; check them like flags
-        tp = _base_type(hints[name])
-        if name == "model_config" and isinstance(value, dict):  # a nested mapping in the file: the same JSON
-            values[name] = value = json.dumps(value)
-        if isinstance(value, str) and value.lower() in NONE_WORDS and _is_optional(hints[name]):
-            values[name] = value = None  # as on the command line
-        if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                values[name] = value = float(value)
-            except ValueError:
-                pass
-        if value is None and not _is_optional(hints[name]):
-            raise UserInputError(f"--{name}: needs a value, got none")
-        if isinstance(value, bool) and tp is not bool:
-            quote = " (YAML reads an unquoted no/yes/on/off as a boolean: quote it)" if tp is str else ""
-            raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}{quote}")
-        if value is None or isinstance(value, tp) or (tp is float and isinstance(value, int)):
-            continue
-        raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}")
-    return TrainConfig(**values).validate()

@@ -67,14 +67,18 @@ def global_batch(settings: dict) -> int | None:
     return math.prod(values) if all(isinstance(v, int) for v in values) else None
 
 
-def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None) -> str | None:
-    """Refuse to resume `path` with a model of another shape (e.g. data with another channel count), or with
-    other run settings: those that fix the data order and noise streams (processes, batch size, accumulation,
-    seed) and the objective (`OBJECTIVE_SETTINGS`). A setting the checkpoint does not record (an older one)
-    is not compared. The processes, batch size and accumulation may change together when the global batch
-    stays the same (another number of GPUs): the data order is kept, the random streams are not, and the
-    returned note says so (None when nothing changed)."""
+def check_resume_compatible(path: Path, model_config: dict, run_settings: dict | None = None,
+                            max_steps: int | None = None) -> str | None:
+    """Refuse to resume `path` past the run's end (`max_steps`), with a model of another shape (e.g. data with
+    another channel count), or with other run settings: those that fix the data order and noise streams
+    (processes, batch size, accumulation, seed) and the objective (`OBJECTIVE_SETTINGS`). A setting the
+    checkpoint does not record (an older one) is not compared. The processes, batch size and accumulation may
+    change together when the global batch stays the same (another number of GPUs): the data order is kept, the
+    random streams are not, and the returned note says so (None when nothing changed)."""
     state = json.loads((path / STATE_FILE).read_text())
+    if max_steps is not None and isinstance(step := state.get("global_step"), int) and step > max_steps:
+        raise UserInputError(f"--max_train_steps: {path} is already at step {step}, past this run's end at step "
+                             f"{max_steps}; raise --max_train_steps (or --num_epochs) to train on")
     saved = state.get("model_config")
     if saved is not None:  # first: a model change (e.g. --class_conditional) also changes run settings it implies
         current = json.loads(json.dumps(model_config))  # tuples -> lists, as saved

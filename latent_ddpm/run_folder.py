@@ -64,8 +64,9 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
     """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
     `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may. A
     pipeline/ train.py did not write there is never replaced, unless the run resumes one of this folder's own
-    checkpoints. Otherwise resuming (`resumed`, the checkpoint `resume` resolved to) is allowed: a run of ours
-    beside the original's files was started with `overwrite`. `resume` that finds no checkpoint starts from
+    checkpoints. Otherwise resuming (`resumed`, the checkpoint `resume` resolved to) is allowed (a run of ours
+    beside the original's files was started with `overwrite`), except another folder's checkpoint into a
+    finished run, whose pipeline/ it would replace, without `overwrite`. `resume` that finds no checkpoint starts from
     scratch, which an empty or crashed folder allows but a finished run's (its pipeline/ would be replaced)
     does not."""
     train_dir, pipeline = run_dir / "train", run_dir / PIPELINE_SUBDIR
@@ -81,7 +82,10 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
     if (list_checkpoints(train_dir) or pipeline.exists()) and resume is None and not overwrite:
         return (f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, start fresh with "
                 "--overwrite_output_dir, or choose another --output_dir")
-    if (old_files := original_run_files(train_dir)) and resume is None and not overwrite:
+    if resumed is not None and not resumed_here and pipeline.exists() and not overwrite:
+        return (f"{run_dir} holds a finished run (pipeline/), which resuming another run's checkpoint ({resumed}) "
+                "would replace; choose another --output_dir, or replace it with --overwrite_output_dir")
+    if (old_files := original_run_files(train_dir)) and resumed is None and not overwrite:
         return (f"{run_dir} holds a run of the original project (train/{old_files[0]}); choose another --output_dir "
                 "(convert its weights with python -m latent_ddpm.convert_original), or train beside them with "
                 "--overwrite_output_dir")

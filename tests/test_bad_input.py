@@ -65,10 +65,14 @@ def files(tmp_path_factory) -> Path:
     (d / "plain_folder" / "a.txt").write_text("not a dataset")
     configs = {"neg_lr": "learning_rate: -0.001\n", "beta_order": "beta_start: 0.02\nbeta_end: 0.001\n",
                "zero_t": "num_train_timesteps: 0\n", "a_list": "- preset\n- tiny\n", "unknown": "learnin_rate: 1\n",
-               "wrong_type": "learning_rate: fast\n", "bad_yaml": "preset: [tiny\n"}
+               "wrong_type": "learning_rate: fast\n", "bad_yaml": "preset: [tiny\n",
+               "mixed_keys": "1: 2\nfoo: 3\n", "model_config_date": "model_config: {dropout: 0.1, when: 2024-01-01}\n",
+               "huge_int_lr": f"learning_rate: {10**400}\n"}
     for name, text in configs.items():
         (d / f"{name}.yaml").write_text(text)
     (d / "a_file").write_text("a regular file where a folder is expected")
+    (d / "a_run" / "train" / "checkpoint-4").mkdir(parents=True)  # a run folder, its checkpoint marked complete
+    (d / "a_run" / "train" / "checkpoint-4" / "COMPLETE").write_text("ok")
     (d / "run_train_is_file").mkdir()
     (d / "run_train_is_file" / "train").write_text("a regular file where the run's train/ folder goes")
 
@@ -150,6 +154,19 @@ CASES = [
     ("train-negative-snr-floor", "train", lambda d: ["--snr_floor", "-0.1"], "--snr_floor: must be >= 0, got -0.1"),
     ("train-resume-missing", "train", lambda d: ["--resume_from_checkpoint", d / "nowhere"],
      "not a complete checkpoint folder (no such folder)"),
+    # (tracebacks until the fourteenth session:)
+    ("train-config-mixed-keys", "train", lambda d: ["--config", d / "mixed_keys.yaml"], "unknown keys [1, 'foo']"),
+    ("train-config-model-config-date", "train", lambda d: ["--config", d / "model_config_date.yaml"],
+     "--model_config: Object of type date is not JSON serializable"),
+    ("train-config-huge-int", "train", lambda d: ["--config", d / "huge_int_lr.yaml"],
+     "--learning_rate: must be a finite number"),
+    ("train-huge-max-steps", "train", lambda d: ["--max_train_steps", "1" + "0" * 400],
+     "--max_train_steps: must be in 1..1e+12"),
+    ("train-polynomial-lr-end", "train", lambda d: ["--lr_scheduler", "polynomial", "--learning_rate", "1e-7"],
+     "--learning_rate: must be above 1e-07, the rate --lr_scheduler polynomial decays to"),
+    ("train-config-folder", "train", lambda d: ["--config", d / "plain_folder"], "plain_folder is a folder"),
+    ("train-resume-a-run-folder", "train", lambda d: ["--resume_from_checkpoint", d / "a_run"],
+     "a_run is a run's folder, not a checkpoint; pass"),  # was "... no COMPLETE marker (the write did not finish)"
     ("train-model-config-type", "train", lambda d: ["--model_config", '{"down_channels": "wide"}'],
      "--preset/--model_config"),
     # --- sample.py: pipeline folders and flags

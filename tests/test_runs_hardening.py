@@ -76,6 +76,10 @@ def test_train_refuses_a_run_folder_of_the_original(demo_x, tmp_path, capfd, old
     code, _, err = cli(train.main, base, capfd)
     one_line_error(code, err, "original project", f"train/{old_file}", "--overwrite_output_dir")
     assert snapshot(run_dir) == before
+    # "Resume if there is anything to resume" found no checkpoint of ours, and trained beside them unasked.
+    code, _, err = cli(train.main, [*base, "--resume_from_checkpoint", "latest"], capfd)
+    one_line_error(code, err, "original project", f"train/{old_file}", "--overwrite_output_dir")
+    assert snapshot(run_dir) == before
     code, _, err = cli(train.main, [*base, "--overwrite_output_dir"], capfd)
     assert code == 0, err[-3000:]
     assert (run_dir / "pipeline" / "model_index.json").is_file()
@@ -383,3 +387,38 @@ def test_a_failed_upload_folder_build_leaves_nothing(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(UserInputError, match="is a file; name a folder"):  # NotADirectoryError before
         prepare_upload_folder(tmp_path / "pipeline", tmp_path / "a_file")
+
+
+def test_another_runs_checkpoint_does_not_replace_a_finished_run(demo_x, tmp_path, capfd):
+    # Resuming run A's checkpoint with --output_dir B, where B had finished, replaced B's pipeline and reports
+    # (its checkpoints moved to abandoned/) with only a warning about the checkpoints.
+    path = tmp_path / "demo.npz"
+    np.savez(path, X=demo_x)
+    base = ["--train_data", path, "--max_train_steps", "2", "--checkpointing_steps", "2", *FAST]
+    for name in ("a", "b"):
+        assert cli(train.main, [*base, "--output_dir", tmp_path / name], capfd)[0] == 0
+    before = snapshot(tmp_path / "b")
+    foreign = ["--output_dir", tmp_path / "b", "--resume_from_checkpoint", tmp_path / "a" / "train" / "checkpoint-2"]
+    code, _, err = cli(train.main, [*base, "--max_train_steps", "3", *foreign], capfd)  # the last value counts
+    one_line_error(code, err, "holds a finished run (pipeline/), which resuming another run's checkpoint",
+                   "--overwrite_output_dir")
+    assert snapshot(tmp_path / "b") == before
+    # Its own checkpoint resumes as before, and so does the other's into a folder without a finished run.
+    own = ["--output_dir", tmp_path / "b", "--resume_from_checkpoint", "latest"]
+    assert cli(train.main, [*base, "--max_train_steps", "3", *own], capfd)[0] == 0
+    foreign[1] = tmp_path / "c"
+    assert cli(train.main, [*base, "--max_train_steps", "3", *foreign], capfd)[0] == 0
+
+
+def test_a_checkpoint_past_the_runs_end_is_refused(demo_x, tmp_path, capfd):
+    # It "finished" without a step and rewrote the pipeline and reports, whose plan named the shorter run.
+    path = tmp_path / "demo.npz"
+    np.savez(path, X=demo_x)
+    run_dir = tmp_path / "run"
+    base = ["--train_data", path, "--output_dir", run_dir, "--checkpointing_steps", "2", *FAST]
+    assert cli(train.main, [*base, "--max_train_steps", "4"], capfd)[0] == 0
+    before = snapshot(run_dir)
+    code, _, err = cli(train.main, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"], capfd)
+    one_line_error(code, err, "checkpoint-4 is already at step 4, past this run's end at step 2",
+                   "raise --max_train_steps")
+    assert snapshot(run_dir) == before

@@ -20,8 +20,8 @@ from _helpers import train_subprocess as cli
 from safetensors.torch import load_file
 
 from latent_ddpm import LatentDDPMPipeline
-from latent_ddpm.config import parse_train_args
 from latent_ddpm.errors import UserInputError
+from latent_ddpm.flags import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -162,11 +162,16 @@ def test_non_finite_losses_are_skipped_then_stop(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "training_target", poisoned)
     out = tmp_path / "run"
-    with pytest.raises(UserInputError, match="3 non-finite losses in a row"):
+    ckpt = out / "train" / "checkpoint-2"
+    with pytest.raises(UserInputError, match=f"3 non-finite losses in a row.*the last good checkpoint is {ckpt}$"):
         run(["--latent", str(data), "--max_train_steps", "20", "--output_dir", str(out), *FAST,
              "--checkpointing_steps", "2", "--max_nonfinite_steps", "3"])
-    ckpt = out / "train" / "checkpoint-2"
     assert (ckpt / "COMPLETE").exists() and not (out / "train" / "checkpoint-4").exists()
+    # Before the first checkpoint, the message named the train folder as holding "the last good checkpoint".
+    calls["n"] = 0
+    with pytest.raises(UserInputError, match="3 non-finite losses in a row.*no checkpoint was written before it$"):
+        run(["--latent", str(data), "--max_train_steps", "20", "--output_dir", str(tmp_path / "early"), *FAST,
+             "--checkpointing_steps", "10", "--max_nonfinite_steps", "3"])
 
 
 def test_skipped_step_leaves_parameters_and_ema_untouched(data, tmp_path, monkeypatch):

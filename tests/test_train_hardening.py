@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,6 +202,11 @@ class _FakeAccelerator:
 
     def wait_for_everyone(self):
         pass
+
+    def register_save_state_pre_hook(self, hook):
+        return torch.utils.hooks.RemovableHandle(OrderedDict())
+
+    register_load_state_pre_hook = register_save_state_pre_hook
 
     def save_state(self, path: str, safe_serialization: bool = True):
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -403,8 +409,8 @@ def test_report_to_an_uninstalled_tracker_is_refused(monkeypatch, tracker, check
     # accelerate only warns and the run tracks nothing, while its config.json says it did.
     import accelerate.utils
 
-    from latent_ddpm.config import parse_train_args
     from latent_ddpm.errors import UserInputError
+    from latent_ddpm.flags import parse_train_args
 
     monkeypatch.setattr(accelerate.utils, check, lambda: False)
     with pytest.raises(UserInputError, match=f"--report_to: {tracker} is not installed; pip install {tracker}"):
@@ -415,7 +421,7 @@ def test_report_to_an_uninstalled_tracker_is_refused(monkeypatch, tracker, check
 
 def test_config_file_values_read_as_on_the_command_line(tmp_path):
     # "none" clears an optional setting as `--snr_gamma none` does; a nested model_config is the same JSON.
-    from latent_ddpm.config import parse_train_args
+    from latent_ddpm.flags import parse_train_args
 
     config = tmp_path / "c.yaml"
     config.write_text("snr_gamma: none\nmax_grad_norm: None\ncheckpoints_total_limit: null\n"
@@ -426,8 +432,8 @@ def test_config_file_values_read_as_on_the_command_line(tmp_path):
 
 
 def test_config_file_unquoted_no_says_to_quote_it(tmp_path):
-    from latent_ddpm.config import parse_train_args
     from latent_ddpm.errors import UserInputError
+    from latent_ddpm.flags import parse_train_args
 
     config = tmp_path / "c.yaml"
     config.write_text("mixed_precision: no\n")  # YAML 1.1: the boolean False
@@ -435,3 +441,38 @@ def test_config_file_unquoted_no_says_to_quote_it(tmp_path):
         parse_train_args(["--config", str(config)])
     config.write_text("mixed_precision: 'no'\n")
     assert parse_train_args(["--config", str(config)]).mixed_precision == "no"
+
+
+def test_config_file_paths_expand_the_home_folder_as_the_shell_does(tmp_path, monkeypatch):
+    # `output_dir: ~/runs/x` made a folder named "~" in the current one; `--output_dir ~/runs/x` never did.
+    from latent_ddpm.flags import parse_train_args
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "c.yaml"
+    config.write_text("output_dir: ~/runs/x\nresume_from_checkpoint: latest\n")
+    cfg = parse_train_args(["--config", str(config)])
+    assert (cfg.output_dir, cfg.resume_from_checkpoint) == (str(tmp_path / "runs" / "x"), "latest")
+    assert parse_train_args(["--config", str(config), "--output_dir", "~x"]).output_dir == "~x"  # the shell's call
+
+
+def test_config_file_may_be_a_pipe(tmp_path):
+    # `--config <(...)` is a pipe (/dev/fd/N), refused as "does not exist".
+    import os
+
+    from latent_ddpm.flags import parse_train_args
+
+    read, write = os.pipe()
+    os.write(write, b"preset: tiny\n")
+    os.close(write)
+    try:
+        assert parse_train_args(["--config", f"/dev/fd/{read}"]).preset == "tiny"
+    finally:
+        os.close(read)
+
+
+def test_help_lists_each_choice_flags_values():
+    from latent_ddpm.config import LR_SCHEDULERS, REPORT_TO
+    from latent_ddpm.flags import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert f"one of {', '.join(LR_SCHEDULERS)}" in text and f"one of {', '.join(REPORT_TO)}" in text

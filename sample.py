@@ -34,7 +34,15 @@ from latent_ddpm import faults
 from latent_ddpm.autoencoder import load_vae, run_encoding_info
 from latent_ddpm.errors import UserInputError, json_object, run_cli, stderr_line
 from latent_ddpm.images import save_image_grid, to_uint8
-from latent_ddpm.paths import NpyRowWriter, OutputLock, partial_path, replace_with, unwritable_folder, write_npz
+from latent_ddpm.paths import (
+    NpyRowWriter,
+    OutputLock,
+    check_replaceable,
+    partial_path,
+    replace_with,
+    unwritable_folder,
+    write_npz,
+)
 from latent_ddpm.pipeline import default_inference_steps, inference_steps_error
 from latent_ddpm.plots import save_latent_grid
 from latent_ddpm.run_folder import PIPELINE_SUBDIR, checkpoint_of, default_output, locate_run, pipeline_of, run_dir_of
@@ -163,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem := unwritable_folder(output.parent):
         raise UserInputError(f"--output {output}: {problem}; choose another --output")
     images_dir = output.with_name(f"{output.stem}_images")
-    grids = [] if args.no_grid else [output.with_suffix(".png")] + [images_dir.with_suffix(".png")] * args.decode
+    latent_grid, image_grid = output.with_suffix(".png"), output.with_name(f"{output.stem}_images.png")
+    grids = [] if args.no_grid else [latent_grid] + [image_grid] * args.decode
     for path in [output, *([images_dir] if args.decode else []), *grids]:
+        check_replaceable(path, "--output", (args.latent, args.scheduler_config, model, args.vae))  # never an input
         if os.path.lexists(path) and not args.overwrite:
             raise UserInputError(f"{path} exists; pass --overwrite to replace it, or choose another --output")
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:
@@ -261,13 +271,13 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_grid:
                 preview = np.load(partial, mmap_mode="r", allow_pickle=False)[:GRID_SAMPLES]
                 labels = arrays.get("labels")
-                save_latent_grid(output.with_suffix(".png"), np.array(preview),
+                save_latent_grid(latent_grid, np.array(preview),
                                  None if labels is None else labels[:GRID_SAMPLES],
                                  title=f"{output.name} ({args.scheduler or type(pipe.scheduler).__name__})")
                 if args.decode:
                     shown = [np.asarray(Image.open(images_dir / f"{i:06d}.png").convert("RGB"))
                              for i in range(min(GRID_SAMPLES, args.num_samples))]
-                    save_image_grid(output.with_name(f"{output.stem}_images.png"), np.stack(shown))
+                    save_image_grid(image_grid, np.stack(shown))
             print(f"wrote {args.num_samples} samples {shape[1:]} to {output} "
                   f"({args.num_samples / elapsed:.2f} samples/s over {state.num_processes} process(es))")
     except OSError as err:  # a full disk: the partial file goes (below); a finished .npz was written atomically

@@ -408,6 +408,25 @@ def test_encode_train_sample_decode_round_trip(encoded, vae_dir, tmp_path, monke
     assert run(sample.main, ["--model", "run/pipeline", "--output", tmp_path / "gen3" / "s.npz", "--decode"]) == 2
 
 
+def test_decode_checks_the_image_grid_it_writes(pipe_with_vae, tmp_path):
+    # With a dot in --output's stem (run.v1.npz), the check looked at run.png (not written) and the decoded grid
+    # run.v1_images.png was replaced without --overwrite.
+    sys.path.insert(0, str(ROOT))
+    sample = _script("sample")
+    pipe_with_vae.save_pretrained(tmp_path / "pipe")
+    grid, unrelated = tmp_path / "out" / "run.v1_images.png", tmp_path / "out" / "run.png"
+    grid.parent.mkdir()
+    grid.write_bytes(b"mine")
+    unrelated.write_bytes(b"not sample.py's")
+    argv = ["--model", tmp_path / "pipe", "--num_samples", 2, "--num_inference_steps", 2, "--output",
+            tmp_path / "out" / "run.v1.npz", "--decode"]
+    assert run(sample.main, argv) == 2
+    assert grid.read_bytes() == b"mine" and not (tmp_path / "out" / "run.v1.npz").exists()
+    grid.unlink()
+    assert run(sample.main, argv) == 0  # run.png is not in its way
+    assert grid.read_bytes()[:4] == b"\x89PNG" and unrelated.read_bytes() == b"not sample.py's"
+
+
 def test_previews_decode_with_a_vae(pipe_with_vae, tmp_path):
     stats = LatentStats("channel", [0.0] * 4, [1.0] * 4)
     cfg = SimpleNamespace(num_preview_samples=3, preview_inference_steps=2, seed=0)

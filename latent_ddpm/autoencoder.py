@@ -13,7 +13,7 @@ import diffusers
 import torch
 
 from .errors import UserInputError, first_line
-from .sources import quiet_hub_retries
+from .sources import diffusers_logs_on_success, quiet_hub_retries
 from .validation import DataError
 
 #: The file beside the latent dataset that describes the encoding (read by sampling and training).
@@ -109,9 +109,9 @@ def load_vae(id_or_path: str | os.PathLike, subfolder: str | None = None, torch_
     if not (isinstance(cls, type) and hasattr(cls, "encode") and hasattr(cls, "decode")):
         raise VaeLoadError(source, f"config class {name!r} is not a diffusers autoencoder")
     try:
-        with quiet_hub_retries():
+        with quiet_hub_retries(), diffusers_logs_on_success():
             vae = cls.from_pretrained(source, subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=True)
-    except (OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001 - missing weights, a config value of the wrong type, ...: cannot load it
         raise VaeLoadError(source, f"cannot load the {name} weights (safetensors only; {first_line(err)})") from err
     vae.eval().requires_grad_(False)
     vae.latent_ddpm_source = {"id": vae_id(source), "subfolder": subfolder}

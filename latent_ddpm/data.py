@@ -240,7 +240,7 @@ def check_compatible(ds: datasets.Dataset, in_channels: int | None = None, downs
 
 # ----------------------------------------------------------------------------- conversion
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, *, latent_key: str = "X", label_key: str = "y",
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, latent_key: str = "X", label_key: str | None = "y",
             labels_file: str | os.PathLike | None = None, overwrite: bool = False) -> datasets.Dataset:
     """Convert a `.npz`/`.npy` file to a `save_to_disk` Arrow folder, streaming chunk by chunk.
 
@@ -288,9 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--label_key", default=None, help="array name of the labels in a .npz (default: y, when "
                       "the file has it)")
     conv.add_argument("--labels_file", default=None, help="a .npy of int labels for a .npy input")
+    conv.add_argument("--no_labels", action="store_true", help="leave the labels out (an original project's y "
+                      "that is not class ids, which its training never used)")
     conv.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
     src = Path(args.input)
+    if args.no_labels and (args.label_key is not None or args.labels_file is not None):
+        raise DataError("--no_labels: it leaves the labels out; drop it, or drop --label_key/--labels_file")
     if args.label_key is not None and src.suffix.lower() == ".npy":
         raise DataError(f"--label_key {args.label_key}: it names an array in a .npz input; for a .npy, give the "
                         "labels with --labels_file")
@@ -299,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--label_key {args.label_key}: {src} has no such array (it has {keys}); name one of "
                             "those, or leave --label_key out")
     datasets.disable_progress_bars()
-    ds = convert(args.input, args.output, latent_key=args.latent_key, label_key=args.label_key or "y",
+    ds = convert(args.input, args.output, latent_key=args.latent_key,
+                 label_key=None if args.no_labels else args.label_key or "y",
                  labels_file=args.labels_file, overwrite=args.overwrite)
     print(f"wrote {args.output}: {len(ds)} samples of shape {tuple(ds.features['latents'].shape)}"
           + (", with labels" if "labels" in ds.column_names else ", no labels"))

@@ -324,6 +324,8 @@ def parse_args(argv: list[str] | None = None):
             raise UserInputError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.min_size < 0:
         raise UserInputError(f"--min_size must be >= 0, got {args.min_size}")
+    if args.seed < 0:  # numpy's SeedSequence refuses it, after the images are read
+        raise UserInputError(f"--seed must be >= 0, got {args.seed}")
     return args
 
 

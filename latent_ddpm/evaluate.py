@@ -275,7 +275,7 @@ def load_samples(path: str | Path, key: str = "samples",
                              "sample.py") from err
 
 
-def load_reference(source: str, latent_key: str = "X", label_key: str = "y",
+def load_reference(source: str, latent_key: str = "X", label_key: str | None = "y",
                    limit: int = MAX_REFERENCE) -> tuple[np.ndarray, np.ndarray | None]:
     """Reference latents from any source `latent_ddpm.data.load_latents` reads, subsampled (seeded) to `limit`."""
     from .data import load_latents
@@ -292,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", required=True, help="reference latents: any source latent_ddpm.data reads")
     p.add_argument("--out", help="also write the JSON to this file")
     p.add_argument("--latent_key", default="X", help="array of latents in a reference .npz (default X)")
-    p.add_argument("--label_key", default="y", help="array of labels in a reference .npz (default y)")
+    p.add_argument("--label_key", default=None, help="array of labels in a reference .npz (default: y, when the "
+                   "file has it)")
+    p.add_argument("--no_labels", action="store_true", help="ignore the reference's labels (no per-class figures)")
     p.add_argument("--samples_key", default="samples", help="array of latents in the samples file (default samples)")
     p.add_argument("--k", type=int, default=K_NEIGHBOURS, help="k of the k-NN radii (default 3)")
     p.add_argument("--max_reference", type=int, default=MAX_REFERENCE,
@@ -321,8 +323,17 @@ def main(argv: list[str] | None = None) -> int:
             raise UserInputError(f"--out {args.out}: name a .json file to write")
         if problem := unwritable_folder(Path(args.out).parent):
             raise UserInputError(f"--out {args.out}: {problem}; choose another --out")
+    if args.no_labels and args.label_key is not None:
+        raise UserInputError("--no_labels: it ignores the labels; drop it or --label_key")
+    if args.label_key is not None and str(args.reference).endswith(".npz") and Path(args.reference).is_file():
+        from .npyio import npz_keys  # a typo gave no per-class figures, with exit status 0
+
+        if args.label_key not in (keys := npz_keys(Path(args.reference))):
+            raise UserInputError(f"--label_key {args.label_key}: {args.reference} has no such array (it has {keys}); "
+                                 "name one of those, or leave --label_key out")
     samples, labels = load_samples(args.samples, args.samples_key)
-    reference, ref_labels = load_reference(args.reference, args.latent_key, args.label_key, args.max_reference)
+    label_key = None if args.no_labels else args.label_key or "y"
+    reference, ref_labels = load_reference(args.reference, args.latent_key, label_key, args.max_reference)
     check_inputs(args, samples, labels, reference)
     try:
         with np.errstate(all="ignore"):  # values that overflow the features: the one error line below says it

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import os
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +34,7 @@ from .errors import ArgumentParser, UserInputError, first_line
 from .hybrid_solver import HybridDPMSolverMultistepScheduler
 from .pipeline import DEFAULT_SCHEDULER_CONFIG, LatentDDPMPipeline, inference_steps_error
 from .run_folder import PIPELINE_SUBDIR, pipeline_of
-from .sources import is_hub_id
+from .sources import diffusers_logs_on_success, is_hub_id
 
 # Sampler name -> (diffusers class, config overrides). All are built with `from_config` from the
 # saved (training) scheduler config, so they share its betas and prediction type.
@@ -101,7 +99,7 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
     elif not is_hub_id(model):
         raise UserInputError(f"--model {model}: no such folder (and not a hub id of the form owner/name)")
     try:
-        with _diffusers_logs_on_success():
+        with diffusers_logs_on_success():
             pipe = LatentDDPMPipeline.from_pretrained(model, use_safetensors=True)  # never pickled .bin weights
     except UserInputError as err:  # already one line (the hub, a malformed model_index.json)
         raise UserInputError(f"--model {err}" if str(err).startswith(model) else f"--model {model}: {err}") from None
@@ -119,22 +117,6 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
     torch.nn.Module.to(pipe.unet, DTYPES[mixed_precision])
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@contextmanager
-def _diffusers_logs_on_success():
-    """Hold diffusers' log records while loading: replayed if the load succeeds, dropped if it fails (the one
-    error line then says what went wrong, instead of diffusers' own lines before it)."""
-    root, held = logging.getLogger("diffusers"), []
-    hold = logging.Handler()
-    hold.emit = held.append
-    saved, root.handlers = root.handlers, [hold]
-    try:
-        yield
-    finally:
-        root.handlers = saved
-    for record in held:
-        root.handle(record)
 
 
 def distributed_state() -> PartialState:

@@ -42,3 +42,19 @@ def quiet_hub_retries() -> Iterator[None]:
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
+
+
+@contextmanager
+def diffusers_logs_on_success() -> Iterator[None]:
+    """Hold diffusers' log records while loading: replayed if the load succeeds, dropped if it fails (the one
+    error line then says what went wrong, instead of diffusers' own lines before it)."""
+    root, held = logging.getLogger("diffusers"), []
+    hold = logging.Handler()
+    hold.emit = held.append
+    saved, root.handlers = root.handlers, [hold]
+    try:
+        yield
+    finally:
+        root.handlers = saved
+    for record in held:
+        root.handle(record)

@@ -294,3 +294,19 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr)
     return buf.getvalue()
+
+
+def test_convert_no_labels_leaves_an_original_y_out(tmp_path, capsys):
+    # The original's `y` need not be class ids (train.py ignores it unless --class_conditional); convert refused
+    # such a file, with no way to leave the labels out.
+    from _helpers import exit_status
+
+    from latent_ddpm import data
+
+    np.savez(tmp_path / "orig.npz", X=latents(), y=np.random.default_rng(0).standard_normal(N))
+    assert exit_status(data.main, ["convert", str(tmp_path / "orig.npz"), str(tmp_path / "a")]) == 2
+    assert "labels must be integers" in capsys.readouterr().err
+    assert exit_status(data.main, ["convert", str(tmp_path / "orig.npz"), str(tmp_path / "a"), "--no_labels"]) == 0
+    assert load_latents(tmp_path / "a").column_names == ["latents"]
+    assert exit_status(data.main, ["convert", str(tmp_path / "orig.npz"), str(tmp_path / "b"), "--no_labels",
+                                   "--label_key", "y"]) == 2

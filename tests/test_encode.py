@@ -215,6 +215,27 @@ def test_one_line_errors(vae_dir, images, tmp_path, capsys):
         assert last.startswith("error: ") and message in last and "Traceback" not in err, err
 
 
+def test_autoencoder_and_seed_errors_are_exactly_one_line(vae_dir, images, tmp_path, capsys):
+    # A config.json value of the wrong type was a TypeError traceback; a folder without safetensors weights printed
+    # diffusers' "An error occurred while trying to fetch" line before ours; a negative --seed was a traceback
+    # from numpy after the images were read, leaving OUTPUT.partial/ behind.
+    wrong_type, no_weights = tmp_path / "wrong_type", tmp_path / "no_weights"
+    shutil.copytree(vae_dir, wrong_type)
+    config = json.loads((wrong_type / "config.json").read_text())
+    (wrong_type / "config.json").write_text(json.dumps({**config, "block_out_channels": 8}))
+    no_weights.mkdir()
+    shutil.copy(vae_dir / "config.json", no_weights)
+    cases = [(encode_args(images, wrong_type, tmp_path / "o", tmp_path), "cannot load the AutoencoderKL weights"),
+             (encode_args(images, no_weights, tmp_path / "o", tmp_path), "cannot load the AutoencoderKL weights"),
+             ([*encode_args(images, vae_dir, tmp_path / "o", tmp_path), "--sample_posterior", "--seed", -1],
+              "--seed must be >= 0, got -1")]
+    for argv, message in cases:
+        assert run(encode.main, argv) == 2, message
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
 @pytest.mark.parametrize("where", ["finalize", "write_batch"])
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(vae_dir, images, encoded, tmp_path, capsys, monkeypatch,
                                                        where):

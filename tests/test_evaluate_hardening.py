@@ -239,3 +239,20 @@ def test_evaluate_huge_finite_samples(ev, capsys, recwarn, signed, baseline):
     line = one_error_line(capsys)
     assert "--samples" in line and "cannot be computed" in line, line
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # numpy's lines would precede it
+
+
+def test_reference_labels_a_typo_is_refused_and_no_labels_ignores_them(tmp_path, capsys):
+    # A mistyped --label_key gave no per-class figures with exit status 0; an original project's `y` that is not
+    # class ids (floats) could not be evaluated against at all.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 4, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "ref.npz", X=x, y=rng.integers(0, 3, 64))
+    np.savez(tmp_path / "floaty.npz", X=x, y=rng.standard_normal(64))
+    np.savez(tmp_path / "s.npz", samples=x[:16] + 0.1)
+    base = ["--samples", str(tmp_path / "s.npz"), "--no_baseline"]
+    assert run_evaluate([*base, "--reference", str(tmp_path / "ref.npz"), "--label_key", "nope"]) == 2
+    assert "--label_key nope: " in (line := one_error_line(capsys)) and "has no such array" in line, line
+    assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz")]) == 2
+    assert "labels must be integers" in one_error_line(capsys)
+    assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz"), "--no_labels"]) == 0
+    assert "fd" in json.loads(capsys.readouterr().out)

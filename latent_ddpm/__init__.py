@@ -1,5 +1,6 @@
 """latent-ddpm: train and sample diffusion models on precomputed latents."""
 
+from . import hybrid_solver  # noqa: F401 - a saved pipeline names it: diffusers loads it once imported
 from .pipeline import LatentDDPMPipeline, LatentPipelineOutput, default_scheduler
 from .unet import PRESETS, AdvancedUNet2DModel
 

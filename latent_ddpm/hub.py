@@ -30,9 +30,10 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
 from .errors import UserInputError, first_line
+from .hybrid_solver import HybridDPMSolverMultistepScheduler
 from .paths import remove_path
 from .remote.card import build_model_card, find_run_files
-from .remote.code import PIPELINE_ENTRY, UNET_ENTRY, remote_code_files
+from .remote.code import PIPELINE_ENTRY, SCHEDULER_ENTRY, UNET_ENTRY, remote_code_files
 from .run_folder import pipeline_of
 from .sources import is_hub_id
 from .unet import AdvancedUNet2DModel
@@ -46,6 +47,9 @@ __all__ = ["build_model_card", "check_hub_access", "prepare_upload_folder", "pus
 
 #: model_index.json entry of the UNet as `save_pretrained` writes it (the package's own module).
 PACKAGE_UNET_ENTRY = ["latent_ddpm.unet", "AdvancedUNet2DModel"]
+PACKAGE_SCHEDULER_ENTRY = ["latent_ddpm.hybrid_solver", "HybridDPMSolverMultistepScheduler"]
+#: `vae=` not given to `from_pretrained` (None given means: load none).
+_NOT_GIVEN = object()
 #: Files copied from the saved pipeline's component folders; weights are safetensors only, never pickles.
 COPIED_SUFFIXES = (".json", ".safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -150,10 +154,14 @@ def _build_upload_folder(src: Path, out: Path, index: dict, repo_id: str | None,
         raise UserInputError(f"{src / 'unet'} has no .safetensors weights: save with safe_serialization=True")
 
     # 2. model_index.json pointing at the remote code, and the code itself.
-    index.update(_class_name=PIPELINE_ENTRY, unet=UNET_ENTRY)
+    hybrid = index.get("scheduler") == PACKAGE_SCHEDULER_ENTRY
+    if not hybrid and index.get("scheduler", ["diffusers"])[0] != "diffusers":
+        raise UserInputError(f"{src}: its scheduler {index['scheduler']} is neither a diffusers scheduler nor this "
+                             "package's; set pipe.scheduler to one of those and save it again")
+    index.update(_class_name=PIPELINE_ENTRY, unet=UNET_ENTRY, **({"scheduler": SCHEDULER_ENTRY} if hybrid else {}))
     index.pop("_name_or_path", None)
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    for path, text in remote_code_files(__version__).items():
+    for path, text in remote_code_files(__version__, hybrid_scheduler=hybrid).items():
         (out / path).write_text(text, encoding="utf-8")
 
     # 3. Figures and the model card.
@@ -187,12 +195,14 @@ def push_pipeline_to_hub(
     revision: str | None = None,
     train_dir: str | os.PathLike | None = None,
     images: Mapping[str, str | os.PathLike] | None = None,
+    create_pr: bool = False,
     **card_info: Any,
 ) -> str:
     """Upload a saved pipeline with its model card, figures and remote code; returns the commit URL.
 
     Creates the repo if needed (`private` only applies then). Call it for the final pipeline and, if
-    wanted, for each checkpoint's pipeline (same repo, one commit each: the hub keeps the history).
+    wanted, for each checkpoint's pipeline (same repo, one commit each: the hub keeps the history);
+    `create_pr` opens a pull request instead of committing to the branch.
     Raises `UserInputError` (one line; exit 2 in CLIs) when offline, without token, or refused.
     """
     token = check_hub_access(repo_id, token)
@@ -200,20 +210,20 @@ def push_pipeline_to_hub(
         folder = prepare_upload_folder(pipeline_dir, Path(tmp) / "upload", repo_id=repo_id, train_dir=train_dir,
                                        images=images, **card_info)
         url = _upload(folder, repo_id, private=private, token=token, commit_message=commit_message,
-                      revision=revision)
+                      revision=revision, create_pr=create_pr)
     logger.info(f"uploaded {pipeline_dir} to {url}")
     return url
 
 
 def _upload(folder: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str,
-            revision: str | None = None) -> str:
+            revision: str | None = None, create_pr: bool = False) -> str:
     """Create the repo if needed and upload `folder` as one commit; returns the commit URL. Network and HTTP
     errors become one-line `UserInputError`s."""
     api = HfApi(token=token)
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_url.repo_id, folder_path=folder, commit_message=commit_message,
-                                   revision=revision, repo_type="model")
+                                   revision=revision, repo_type="model", create_pr=create_pr)
     except _NETWORK_ERRORS as err:
         raise UserInputError(f"the hub is unreachable ({type(err).__name__}: {err}); check the network "
                              "or HF_ENDPOINT, or upload later with latent_ddpm.hub.push_pipeline_to_hub") from None
@@ -225,7 +235,7 @@ def _upload(folder: Path, repo_id: str, *, private: bool, token: str | None, com
         raise UserInputError(f"the hub answered the upload to {repo_id} with HTTP {status or '?'} "
                              f"({first_line(err)[:200]}); check HF_ENDPOINT, or try again later with "
                              "latent_ddpm.hub.push_pipeline_to_hub") from None
-    return getattr(commit, "commit_url", None) or str(commit)
+    return getattr(commit, "pr_url", None) or getattr(commit, "commit_url", None) or str(commit)
 
 
 def push_pipeline(pipe: LatentDDPMPipeline, repo_id: str, *, commit_message: str | None = None,
@@ -271,16 +281,21 @@ def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: 
                                  f"{entry!r}; save the pipeline again")
         library, name = entry
         scheduler_cls = getattr(diffusers, name, None) if library == "diffusers" else None
+        if entry in (SCHEDULER_ENTRY, PACKAGE_SCHEDULER_ENTRY):  # its hub copy, or the package's own
+            scheduler_cls = HybridDPMSolverMultistepScheduler
         if scheduler_cls is None:
             raise UserInputError(f"{path}: model_index.json names an unknown scheduler {library}.{name}")
         scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
     stats = {k: kwargs.pop(k, index.get(k)) for k in ("latents_mean", "latents_std")}
-    vae = kwargs.pop("vae", None)
-    if vae is None and isinstance(index.get("vae"), list) and index["vae"][0] == "diffusers":
-        vae_cls = getattr(diffusers, index["vae"][1], None)
-        if vae_cls is None:
-            raise UserInputError(f"{path}: model_index.json names an unknown autoencoder diffusers.{index['vae'][1]}")
-        vae = vae_cls.from_pretrained(folder, subfolder="vae", **model_kwargs)
+    vae = kwargs.pop("vae", _NOT_GIVEN)  # vae=None: none, as diffusers does for an optional component
+    if vae is _NOT_GIVEN:
+        vae = None
+        if isinstance(index.get("vae"), list) and index["vae"][0] == "diffusers":
+            vae_cls = getattr(diffusers, index["vae"][1], None)
+            if vae_cls is None:
+                raise UserInputError(f"{path}: model_index.json names an unknown autoencoder "
+                                     f"diffusers.{index['vae'][1]}")
+            vae = vae_cls.from_pretrained(folder, subfolder="vae", **model_kwargs)
     if kwargs:
         logger.warning(f"Keyword arguments {sorted(kwargs)} are not expected by {cls.__name__} and will be ignored.")
     pipe = cls(unet=unet, scheduler=scheduler, vae=vae, **stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 
@@ -81,8 +82,11 @@ def _check_call(batch_size, num_inference_steps, generator, class_labels, guidan
     """`LatentDDPMPipeline.__call__`'s arguments, checked up front: a ValueError/TypeError naming the argument
     (left to torch and diffusers, -1 steps returned the starting noise undenoised, float labels were
     truncated, and the rest failed deep inside with messages that do not name the argument)."""
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
+    def is_int(v) -> bool:  # numpy's integers too (a sweep over np.arange), never a bool
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
+
+    def is_number(v) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
 
     if latents is None and not (is_int(batch_size) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -99,13 +103,12 @@ def _check_call(batch_size, num_inference_steps, generator, class_labels, guidan
             raise ValueError(f"class_labels must be integer class ids, got {class_labels!r} ({err})") from None
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"class_labels must be integer class ids, got {labels.dtype} values")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
-            guidance_scale):
+    if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if guidance_scale != 1.0 and class_labels is None:
         raise ValueError("guidance_scale needs class_labels (guidance steers each sample towards its class); "
                          "leave it at 1.0 for unconditional sampling")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+    if not is_number(eta) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
     if latents is not None and not (isinstance(latents, torch.Tensor) and latents.ndim == 4
                                     and latents.shape[1] == channels and latents.shape[0] >= 1):
@@ -211,8 +214,9 @@ class LatentDDPMPipeline(DiffusionPipeline):
         c, size = unet.config.in_channels, unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents, c)
-        if latents is not None:
-            batch_size = latents.shape[0]
+        batch_size = latents.shape[0] if latents is not None else int(batch_size)  # numpy's numbers as Python's
+        num_inference_steps = None if num_inference_steps is None else int(num_inference_steps)
+        guidance_scale, eta = float(guidance_scale), float(eta)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
         for name in ("latents_mean", "latents_std"):

@@ -243,6 +243,56 @@ def test_pipeline_push_to_hub_uploads_the_same_folder(run, fake_hub):
     assert "| final_loss | 0.5 |" in upload["card"]
 
 
+def test_push_to_hub_takes_diffusers_create_pr(run, fake_hub):
+    # diffusers' push_to_hub(..., create_pr=True) was a TypeError (build_model_card got it as card information).
+    run["pipe"].push_to_hub(REPO, token="hf_test", create_pr=True)
+    assert fake_hub[1]["create_pr"] is True
+
+
+def test_a_hybrid_solver_pipeline_loads_again_in_a_new_process_and_from_its_upload(run, tmp_path):
+    # Saved as ["latent_ddpm.hybrid_solver", ...], it loaded only where something had imported that module; its
+    # upload folder named the package module, which neither loader (the package's, or diffusers alone) could load.
+    from latent_ddpm.hybrid_solver import HybridDPMSolverMultistepScheduler
+
+    pipe = run["pipe"]
+    hybrid = LatentDDPMPipeline(unet=pipe.unet, scheduler=HybridDPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, sde_below_sigma=4.0), latents_mean=pipe.config.latents_mean,
+        latents_std=pipe.config.latents_std)
+    hybrid.save_pretrained(tmp_path / "saved")
+    check = ("import sys; from latent_ddpm import LatentDDPMPipeline; "
+             "p = LatentDDPMPipeline.from_pretrained(sys.argv[1]); "
+             "assert type(p.scheduler).__name__ == 'HybridDPMSolverMultistepScheduler', p.scheduler; "
+             "assert p.scheduler.config.sde_below_sigma == 4.0")
+    proc = subprocess.run([sys.executable, "-c", check, str(tmp_path / "saved")], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    upload = prepare_upload_folder(tmp_path / "saved", tmp_path / "upload", repo_id=REPO)
+    assert (upload / "scheduler" / "hybrid_solver.py").is_file()
+    loaded = LatentDDPMPipeline.from_pretrained(upload)
+    assert type(loaded.scheduler) is HybridDPMSolverMultistepScheduler and loaded.scheduler.config.sde_below_sigma == 4
+    script = tmp_path / "hub_user.py"
+    script.write_text(textwrap.dedent(DIFFUSERS_ONLY).replace('"user/repo"', "sys.argv[2]").replace(
+        "np.save(sys.argv[1], out)", "assert type(pipe.scheduler).__name__ == 'HybridDPMSolverMultistepScheduler'"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-I", str(script), "-", str(upload)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_from_pretrained_vae_none_loads_no_autoencoder(run, tmp_path):
+    # The upload layout (every hub repo) loaded the saved autoencoder anyway; diffusers skips a component given None.
+    from diffusers import AutoencoderKL
+
+    pipe = run["pipe"]
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
+    LatentDDPMPipeline(unet=pipe.unet, scheduler=pipe.scheduler, vae=vae).save_pretrained(tmp_path / "saved")
+    upload = prepare_upload_folder(tmp_path / "saved", tmp_path / "upload", repo_id=REPO)
+    for folder in (tmp_path / "saved", upload):
+        assert LatentDDPMPipeline.from_pretrained(folder).vae is not None
+        assert LatentDDPMPipeline.from_pretrained(folder, vae=None).vae is None
+
+
 def test_offline_and_missing_token_are_one_line_errors(run, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserInputError, match=r"^the hub is unreachable \(HF_HUB_OFFLINE=1"):

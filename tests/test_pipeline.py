@@ -142,6 +142,18 @@ def test_bad_call_arguments_are_named(make_pipe, kwargs, error, message):
         pipe(**{"batch_size": 2, "num_inference_steps": 2, **kwargs})
 
 
+def test_numpy_numbers_are_accepted_as_pythons(make_pipe):
+    # A sweep over np.arange or a float32 grid was refused ("must be an int >= 1, got np.int64(2)"), as diffusers'
+    # own pipelines accept them; a numpy bool still is not a number.
+    pipe = make_pipe(num_class_embeds=3)
+    kw = dict(class_labels=[0, 1], generator=[gen(0), gen(1)])
+    a = pipe(batch_size=np.int64(2), num_inference_steps=np.int32(3), guidance_scale=np.float32(2.0), **kw).latents
+    kw = dict(class_labels=[0, 1], generator=[gen(0), gen(1)])
+    np.testing.assert_array_equal(a, pipe(batch_size=2, num_inference_steps=3, guidance_scale=2.0, **kw).latents)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        pipe(batch_size=np.bool_(True), num_inference_steps=2)
+
+
 @pytest.mark.parametrize("cls, kw", SCHEDULERS, ids=[c.__name__ + "".join(f"-{v}" for v in k.values())
                                                      for c, k in SCHEDULERS])
 def test_scheduler_swap_via_from_config(make_pipe, cls, kw):

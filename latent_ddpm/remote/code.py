@@ -26,9 +26,12 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 #: model_index.json entries of an upload folder: [module file name (no .py), class name].
 PIPELINE_ENTRY = ["pipeline", "LatentDDPMPipeline"]
 UNET_ENTRY = ["advanced_unet", "AdvancedUNet2DModel"]
+#: The package's own scheduler (opt-in), shipped only when the pipeline uses it.
+SCHEDULER_ENTRY = ["hybrid_solver", "HybridDPMSolverMultistepScheduler"]
 
 #: Generated file (path in the repo) -> source file in the package.
 SOURCES = {f"{PIPELINE_ENTRY[0]}.py": "pipeline.py", f"unet/{UNET_ENTRY[0]}.py": "unet.py"}
+SCHEDULER_SOURCES = {f"scheduler/{SCHEDULER_ENTRY[0]}.py": "hybrid_solver.py"}
 
 #: Top-level relative imports of the sources and their replacement in the hub copy. The pipeline only
 #: needs the UNet class for its type annotation; the loaded UNet (from unet/advanced_unet.py) is a
@@ -46,9 +49,11 @@ REWRITES = {
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:import\s+\.|from\s+\.\S*\s+import)", flags=re.MULTILINE)
 
 
-def remote_code_files(version: str) -> dict[str, str]:
-    """The self-contained hub files, {path in the repo: source text}, generated from the package."""
-    return {target: hub_source(source, version) for target, source in SOURCES.items()}
+def remote_code_files(version: str, hybrid_scheduler: bool = False) -> dict[str, str]:
+    """The self-contained hub files, {path in the repo: source text}, generated from the package (with the
+    scheduler's for a pipeline that uses the package's `HybridDPMSolverMultistepScheduler`)."""
+    sources = {**SOURCES, **(SCHEDULER_SOURCES if hybrid_scheduler else {})}
+    return {target: hub_source(source, version) for target, source in sources.items()}
 
 
 def hub_source(filename: str, version: str) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .config import MAX_TRAIN_TIMESTEPS
 from .errors import ArgumentParser, UserInputError, first_line, run_cli
 from .paths import unwritable_folder
 from .unet import PRESETS, AdvancedUNet2DModel
@@ -283,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is None:
             setattr(args, flag, default)
     if args.pipeline:
-        if args.n_steps < 1:
-            raise UserInputError(f"--n_steps must be >= 1, got {args.n_steps}")
+        if not 2 <= args.n_steps <= MAX_TRAIN_TIMESTEPS:  # train.py's range (1 step leaves samplers 0 to take)
+            raise UserInputError(f"--n_steps must be in 2..{MAX_TRAIN_TIMESTEPS}, got {args.n_steps}")
         if not 0 < args.lbeta < args.ubeta < 1:
             raise UserInputError(f"need 0 < --lbeta < --ubeta < 1, got {args.lbeta} and {args.ubeta}")
     if args.sample_size is not None and len(args.sample_size) > 2:

@@ -44,7 +44,13 @@ def inference_steps_error(scheduler: SchedulerMixin, num_inference_steps: int) -
     UniPC: a `solver_order` in its config) divides by the step size; with as many steps as training
     timesteps, diffusers' linspace spacing repeats a noise level and the zero step turns every sample into
     NaN. The check runs on a copy and looks at the noise levels stepped on (sigmas where the scheduler has
-    them: Karras sigmas may map distinct sigmas to one integer timestep, which is fine)."""
+    them: Karras sigmas may map distinct sigmas to one integer timestep, which is fine). More steps than
+    training timesteps are refused for every scheduler: the model knows that many noise levels, and some
+    schedulers (LMS, SA-Solver, Karras sigmas) give NaN or fail past them, PNDM wrong samples."""
+    limit = scheduler.config.get("num_train_timesteps")
+    if limit and num_inference_steps > limit:
+        return (f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: the model was trained on "
+                f"{limit} timesteps (num_train_timesteps); use at most {limit}")
     if "solver_order" not in scheduler.config:
         return None
     probe = type(scheduler).from_config(scheduler.config)

@@ -215,6 +215,8 @@ CASES = [
      "exists and is not a directory"),
     ("original-beta-order", "convert_original", lambda d: [d / "wrong_keys.pth", d / "out_conv", "--pipeline",
                                                            "--lbeta", "0.5", "--ubeta", "0.1"], "need 0 < --lbeta"),
+    ("original-one-step", "convert_original", lambda d: [d / "wrong_keys.pth", d / "out_conv", "--pipeline",
+                                                         "--n_steps", "1"], "--n_steps must be in 2..100000"),
     ("original-bad-flag", "convert_original", lambda d: [d / "wrong_keys.pth", d / "out_conv", "--down_sample",
                                                          "maybe"], "expected true or false, got 'maybe'"),
     # --- python -m latent_ddpm.evaluate

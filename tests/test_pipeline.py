@@ -10,6 +10,8 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -140,6 +142,17 @@ def test_bad_call_arguments_are_named(make_pipe, kwargs, error, message):
     pipe = make_pipe(num_class_embeds=3)
     with pytest.raises(error, match=message):
         pipe(**{"batch_size": 2, "num_inference_steps": 2, **kwargs})
+
+
+@pytest.mark.parametrize("cls", [LMSDiscreteScheduler, PNDMScheduler, EulerDiscreteScheduler])
+def test_more_steps_than_training_timesteps_are_refused(make_pipe, cls):
+    # LMS gave all-NaN latents, PNDM wrong ones (repeated timesteps), DPM-Solver++ with Karras sigmas an IndexError
+    # deep inside its step; a model trained on T timesteps knows T noise levels.
+    pipe = make_pipe()
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match=f"cannot take {T + 1} steps: the model was trained on {T} timesteps"):
+        pipe(batch_size=1, num_inference_steps=T + 1)
+    assert np.isfinite(pipe(batch_size=1, num_inference_steps=T, generator=gen(0)).latents).all()
 
 
 def test_numpy_numbers_are_accepted_as_pythons(make_pipe):

@@ -209,6 +209,11 @@ class Evaluator:
     def __call__(self, samples: np.ndarray, labels: np.ndarray | None = None) -> dict:
         """Metrics of `samples` (N, C, H, W) in the data's scale, with optional labels (N,)."""
         samples = np.asarray(samples)
+        if samples.ndim != 4 or len(samples) == 0:
+            raise UserInputError(f"samples must be (N, C, H, W) with N >= 1, got shape {samples.shape}")
+        if labels is not None and np.asarray(labels).reshape(-1).shape != (len(samples),):
+            raise UserInputError(f"labels must be one class id per sample ({len(samples)}), got shape "
+                                 f"{np.asarray(labels).shape}")
         finite = np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)
         labels = None if labels is None else np.asarray(labels).reshape(-1)[finite]
         samples = samples[finite]
@@ -227,6 +232,9 @@ class Evaluator:
 
         Each half holds N/2 latents; FD grows as sample sizes shrink, so compare with samples of a similar count.
         """
+        if len(self.features) // 2 <= self.k:
+            raise UserInputError(f"{len(self.features)} reference latents are too few for the real-vs-real baseline "
+                                 f"(two halves of more than k={self.k}); pass more, or baseline=False")
         perm = np.random.default_rng(SPLIT_SEED).permutation(len(self.features))
         a, b = perm[: len(perm) // 2], perm[len(perm) // 2:]
         labels = (None, None) if self.labels is None else (self.labels[a], self.labels[b])

@@ -149,3 +149,21 @@ def test_cli_errors_one_line(tmp_path, capsys, samples, message):
     assert err.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "not a readable" not in lines[0], lines
+
+
+def test_the_python_api_names_bad_inputs():
+    # The command line checked these; evaluate() and Evaluator() raised numpy's IndexError ("boolean index did not
+    # match"), a reshape ValueError for 0 samples, and a k-NN error that did not say it came from the baseline.
+    from latent_ddpm.errors import UserInputError
+    from latent_ddpm.evaluate import evaluate
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((200, 4, 8, 8)).astype(np.float32)
+    samples, labels = ref[:50] + 0.1, rng.integers(0, 3, 200)
+    with pytest.raises(UserInputError, match=r"labels must be one class id per sample \(50\)"):
+        evaluate(samples, ref, labels[:10], labels)
+    with pytest.raises(UserInputError, match="N >= 1"):
+        evaluate(samples[:0], ref)
+    with pytest.raises(UserInputError, match="too few for the real-vs-real baseline.*baseline=False"):
+        evaluate(samples, ref[:7])
+    assert "baseline" not in evaluate(samples, ref[:7], baseline=False)

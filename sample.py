@@ -194,10 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.eta != 0 and "eta" not in inspect.signature(pipe.scheduler.step).parameters:  # refused, not ignored
         raise UserInputError(f"--eta acts only with --scheduler ddim, and {type(pipe.scheduler).__name__} has no "
                              "eta; drop --eta, or pass --scheduler ddim")
-    timesteps = pipe.scheduler.config.num_train_timesteps
-    if args.num_inference_steps is not None and args.num_inference_steps > timesteps:
-        raise UserInputError(f"--num_inference_steps {args.num_inference_steps} exceeds the {timesteps} timesteps "
-                             f"{model} was trained with; use at most {timesteps}")
     steps = args.num_inference_steps or default_inference_steps(pipe.scheduler)
     if error := inference_steps_error(pipe.scheduler, steps):
         raise UserInputError(f"--num_inference_steps: {error}")

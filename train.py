@@ -64,7 +64,13 @@ from latent_ddpm.resume import (
     objective_settings,
     reseed_for_new_layout,
 )
-from latent_ddpm.run_folder import RunLock, default_run_dir, prepare_run_folder, run_folder_conflict
+from latent_ddpm.run_folder import (
+    RunLock,
+    default_run_dir,
+    prepare_run_folder,
+    resumes_here,
+    run_folder_conflict,
+)
 from latent_ddpm.unet import PRESETS, downsample_factor
 
 logger = logging.getLogger("latent_ddpm.train")
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(error)
     if cfg.resume_from_checkpoint == "latest" and resume is None:
         logger.info("no complete checkpoint in %s: starting from scratch", train_dir)
-    if cfg.overwrite_output_dir and resume is not None:
+    if cfg.overwrite_output_dir and resumes_here(run_dir, resume):
         logger.warning("--overwrite_output_dir ignored: resuming %s keeps the run (drop --resume_from_checkpoint to "
                        "start over)", resume)
 
@@ -275,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("non-finite loss at step %d: skipped (%d in a row)", global_step + 1,
                                nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    kept = list_checkpoints(train_dir)
+                    last = list_checkpoints(train_dir)[-1][1] if list_checkpoints(train_dir) else resume
                     raise UserInputError(f"{nonfinite_in_a_row} non-finite losses in a row at step {global_step + 1}; "
                                          f"stopping. Lower --learning_rate, use --mixed_precision bf16 or no, or "
-                                         f"check the data; " + (f"the last good checkpoint is {kept[-1][1]}" if kept
+                                         f"check the data; " + (f"the last good checkpoint is {last}" if last
                                                                 else "no checkpoint was written before it"))
             optimizer.zero_grad(set_to_none=True)
             step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used (logged), before the schedule moves

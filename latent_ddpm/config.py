@@ -27,7 +27,8 @@ MAX_SEED = 2**32 - 1
 #: The longest --ddp_timeout accepted: 30 days is longer than any collective can legitimately wait (and far
 #: inside what Python's timedelta holds).
 MAX_DDP_TIMEOUT_S = 30 * 24 * 3600
-#: The most training steps or epochs accepted: far beyond any run, and small enough for float arithmetic.
+#: The most training steps or epochs accepted, and the largest value of any integer setting: far beyond any
+#: run, and small enough for float arithmetic.
 MAX_STEPS = 10**12
 #: The rate diffusers' "polynomial" schedule decays to (its `lr_end`): the peak rate must lie above it.
 POLYNOMIAL_LR_END = 1e-7
@@ -159,6 +160,8 @@ class TrainConfig:
                 raise UserInputError(f"--{f.name}: {value!r} is not one of {', '.join(choices)}")
             if isinstance(value, float) or "float" in str(f.type) and isinstance(value, int):  # a config file's int
                 need(_finite(value), f.name, f"must be a finite number, got {value!s:.20}")
+            elif isinstance(value, int) and not isinstance(value, bool):  # none is meant to be this large
+                need(abs(value) <= MAX_STEPS, f.name, f"must be at most {MAX_STEPS:.0e}, got {value!s:.20}")
         need(0 <= self.seed <= MAX_SEED, "seed", f"must be in 0..{MAX_SEED} (2**32 - 1), got {self.seed}")
         need(2 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS, "num_train_timesteps",
              f"must be in 2..{MAX_TRAIN_TIMESTEPS}, got {self.num_train_timesteps}")
@@ -275,3 +278,12 @@ def default_learning_rate(preset: str, overrides: dict) -> float:
     except (KeyError, TypeError, ValueError):
         scale = 1.0
     return LR_AT_REFERENCE_WIDTH * scale
+
+
+def __getattr__(name: str):
+    """The flag parsing moved to `latent_ddpm.flags` (fourteenth session); the old imports keep working."""
+    if name in ("parse_train_args", "build_parser", "load_config_file", "NONE_WORDS"):
+        from . import flags
+
+        return getattr(flags, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -333,15 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserInputError(f"--out {args.out}: {problem}; choose another --out")
     if args.no_labels and args.label_key is not None:
         raise UserInputError("--no_labels: it ignores the labels; drop it or --label_key")
-    if args.label_key is not None and str(args.reference).endswith(".npz") and Path(args.reference).is_file():
-        from .npyio import npz_keys  # a typo gave no per-class figures, with exit status 0
-
-        if args.label_key not in (keys := npz_keys(Path(args.reference))):
-            raise UserInputError(f"--label_key {args.label_key}: {args.reference} has no such array (it has {keys}); "
-                                 "name one of those, or leave --label_key out")
     samples, labels = load_samples(args.samples, args.samples_key)
     label_key = None if args.no_labels else args.label_key or "y"
     reference, ref_labels = load_reference(args.reference, args.latent_key, label_key, args.max_reference)
+    if args.label_key is not None and ref_labels is None:  # a typo gave no per-class figures, with exit status 0
+        raise UserInputError(f"--label_key {args.label_key}: {args.reference} has no such labels; name its labels "
+                             "array or column, or leave --label_key out")
     check_inputs(args, samples, labels, reference)
     try:
         with np.errstate(all="ignore"):  # values that overflow the features: the one error line below says it

@@ -154,7 +154,7 @@ def _build_upload_folder(src: Path, out: Path, index: dict, repo_id: str | None,
         raise UserInputError(f"{src / 'unet'} has no .safetensors weights: save with safe_serialization=True")
 
     # 2. model_index.json pointing at the remote code, and the code itself.
-    hybrid = index.get("scheduler") == PACKAGE_SCHEDULER_ENTRY
+    hybrid = index.get("scheduler") in (PACKAGE_SCHEDULER_ENTRY, SCHEDULER_ENTRY)  # saved, or an upload again
     if not hybrid and index.get("scheduler", ["diffusers"])[0] != "diffusers":
         raise UserInputError(f"{src}: its scheduler {index['scheduler']} is neither a diffusers scheduler nor this "
                              "package's; set pipe.scheduler to one of those and save it again")

@@ -59,6 +59,11 @@ def clear_run(run_dir: Path) -> None:
             remove_path(path)
 
 
+def resumes_here(run_dir: Path, resumed: Path | None) -> bool:
+    """Whether `resumed` is one of `run_dir`'s own checkpoints (in train/, or set aside in train/abandoned/)."""
+    return resumed is not None and (run_dir / "train").resolve() in resumed.resolve().parents
+
+
 def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resumed: Path | None = None
                         ) -> str | None:
     """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
@@ -70,7 +75,7 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
     scratch, which an empty or crashed folder allows but a finished run's (its pipeline/ would be replaced)
     does not."""
     train_dir, pipeline = run_dir / "train", run_dir / PIPELINE_SUBDIR
-    resumed_here = resumed is not None and resumed.resolve().parent == train_dir.resolve()
+    resumed_here = resumes_here(run_dir, resumed)
     if not resumed_here and pipeline.exists() and not is_train_run(run_dir):
         return (f"{pipeline} was not written by train.py here (no train/config.json beside it: a "
                 "converted checkpoint, or its train/ was removed) and a run there would replace it; move it "
@@ -84,7 +89,7 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
                 "--overwrite_output_dir, or choose another --output_dir")
     if resumed is not None and not resumed_here and pipeline.exists() and not overwrite:
         return (f"{run_dir} holds a finished run (pipeline/), which resuming another run's checkpoint ({resumed}) "
-                "would replace; choose another --output_dir, or replace it with --overwrite_output_dir")
+                "would replace; choose another --output_dir, or clear it first with --overwrite_output_dir")
     if (old_files := original_run_files(train_dir)) and resumed is None and not overwrite:
         return (f"{run_dir} holds a run of the original project (train/{old_files[0]}); choose another --output_dir "
                 "(convert its weights with python -m latent_ddpm.convert_original), or train beside them with "
@@ -95,15 +100,15 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
 def prepare_run_folder(run_dir: Path, lock: RunLock, resume_spec: str | None, resumed: Path | None, overwrite: bool,
                        files: dict[str, str]) -> str | None:
     """The main process's part of starting a run in `run_dir`: refuse a conflict (`run_folder_conflict`), take
-    `lock`, clear the previous run (`overwrite` with nothing `resumed`), set aside the checkpoints the resumed one
-    does not lead to, and write `files` (name -> text) into train/. Returns the one-line error every rank is to
-    raise (the lock released), or None."""
+    `lock`, clear the previous run (`overwrite`, unless it resumes one of its own checkpoints), set aside the
+    checkpoints the resumed one does not lead to, and write `files` (name -> text) into train/. Returns the one-
+    line error every rank is to raise (the lock released), or None."""
     train_dir = run_dir / "train"
     try:
         if conflict := run_folder_conflict(run_dir, resume_spec, overwrite, resumed):
             raise UserInputError(conflict)
         lock.acquire()
-        if overwrite and resumed is None:
+        if overwrite and not resumes_here(run_dir, resumed):  # a fresh start, or another run's checkpoint
             clear_run(run_dir)
         if resume_spec is not None and (moved := set_aside_newer_checkpoints(train_dir, resumed)):
             logger.warning("resuming %s: moved %d checkpoint(s) it does not lead to (%s) to %s",

@@ -161,12 +161,13 @@ CASES = [
     ("train-config-huge-int", "train", lambda d: ["--config", d / "huge_int_lr.yaml"],
      "--learning_rate: must be a finite number"),
     ("train-huge-max-steps", "train", lambda d: ["--max_train_steps", "1" + "0" * 400],
-     "--max_train_steps: must be in 1..1e+12"),
+     "--max_train_steps: must be at most 1e+12"),
+    ("train-huge-warmup", "train", lambda d: ["--lr_warmup_steps", "9" * 400], "--lr_warmup_steps: must be at most"),
     ("train-polynomial-lr-end", "train", lambda d: ["--lr_scheduler", "polynomial", "--learning_rate", "1e-7"],
      "--learning_rate: must be above 1e-07, the rate --lr_scheduler polynomial decays to"),
     ("train-config-folder", "train", lambda d: ["--config", d / "plain_folder"], "plain_folder is a folder"),
     ("train-resume-a-run-folder", "train", lambda d: ["--resume_from_checkpoint", d / "a_run"],
-     "a_run is a run's folder, not a checkpoint; pass"),  # was "... no COMPLETE marker (the write did not finish)"
+     "a_run holds checkpoints but is not one; pass one of them"),  # was "... (the write did not finish)"
     ("train-model-config-type", "train", lambda d: ["--model_config", '{"down_channels": "wide"}'],
      "--preset/--model_config"),
     # --- sample.py: pipeline folders and flags

@@ -251,7 +251,7 @@ def test_reference_labels_a_typo_is_refused_and_no_labels_ignores_them(tmp_path,
     np.savez(tmp_path / "s.npz", samples=x[:16] + 0.1)
     base = ["--samples", str(tmp_path / "s.npz"), "--no_baseline"]
     assert run_evaluate([*base, "--reference", str(tmp_path / "ref.npz"), "--label_key", "nope"]) == 2
-    assert "--label_key nope: " in (line := one_error_line(capsys)) and "has no such array" in line, line
+    assert "--label_key nope: " in (line := one_error_line(capsys)) and "has no such labels" in line, line
     assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz")]) == 2
     assert "labels must be integers" in one_error_line(capsys)
     assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz"), "--no_labels"]) == 0

@@ -270,6 +270,8 @@ def test_a_hybrid_solver_pipeline_loads_again_in_a_new_process_and_from_its_uplo
     assert (upload / "scheduler" / "hybrid_solver.py").is_file()
     loaded = LatentDDPMPipeline.from_pretrained(upload)
     assert type(loaded.scheduler) is HybridDPMSolverMultistepScheduler and loaded.scheduler.config.sde_below_sigma == 4
+    again = prepare_upload_folder(upload, tmp_path / "again", repo_id=REPO)  # a downloaded repo, uploaded again
+    assert (again / "scheduler" / "hybrid_solver.py").is_file()
     script = tmp_path / "hub_user.py"
     script.write_text(textwrap.dedent(DIFFUSERS_ONLY).replace('"user/repo"', "sys.argv[2]").replace(
         "np.save(sys.argv[1], out)", "assert type(pipe.scheduler).__name__ == 'HybridDPMSolverMultistepScheduler'"))

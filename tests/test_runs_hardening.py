@@ -406,8 +406,31 @@ def test_another_runs_checkpoint_does_not_replace_a_finished_run(demo_x, tmp_pat
     # Its own checkpoint resumes as before, and so does the other's into a folder without a finished run.
     own = ["--output_dir", tmp_path / "b", "--resume_from_checkpoint", "latest"]
     assert cli(train.main, [*base, "--max_train_steps", "3", *own], capfd)[0] == 0
-    foreign[1] = tmp_path / "c"
-    assert cli(train.main, [*base, "--max_train_steps", "3", *foreign], capfd)[0] == 0
+    assert cli(train.main, [*base, "--max_train_steps", "3", *foreign[:1], tmp_path / "c", *foreign[2:]], capfd)[0] == 0
+    # --overwrite_output_dir, as the refusal advises, clears B's old run first (it was "ignored": B's checkpoints
+    # stayed beside the resumed lineage's).
+    code, _, err = cli(train.main, [*base, "--max_train_steps", "3", *foreign, "--overwrite_output_dir"], capfd)
+    assert code == 0 and "ignored" not in err, err[-3000:]
+    assert sorted(p.name for p in (tmp_path / "b" / "train").glob("checkpoint-*")) == ["checkpoint-3"]
+    assert not (tmp_path / "b" / "train" / "abandoned").exists()
+
+
+def test_an_abandoned_checkpoint_of_a_finished_run_resumes_in_place(demo_x, tmp_path, capfd):
+    # A checkpoint set aside in train/abandoned/ counted as another run's, and was refused in its own run.
+    path = tmp_path / "demo.npz"
+    np.savez(path, X=demo_x)
+    run_dir = tmp_path / "run"
+    base = ["--train_data", path, "--output_dir", run_dir, "--checkpointing_steps", "2", *FAST]
+    assert cli(train.main, [*base, "--max_train_steps", "4"], capfd)[0] == 0
+    older = ["--resume_from_checkpoint", run_dir / "train" / "checkpoint-2"]
+    assert cli(train.main, [*base, "--max_train_steps", "3", *older], capfd)[0] == 0  # sets checkpoint-4 aside
+    abandoned = run_dir / "train" / "abandoned" / "checkpoint-4"
+    code, out, err = cli(train.main, [*base, "--max_train_steps", "6", "--resume_from_checkpoint", abandoned,
+                                      "--dry_run"], capfd)
+    assert code == 0 and "dry run, nothing written" in out, err[-3000:]
+    code, _, err = cli(train.main, [*base, "--resume_from_checkpoint", abandoned.parent], capfd)
+    one_line_error(code, err, "holds checkpoints but is not one", str(abandoned))
+    assert "--output_dir" not in err  # the in-place resume is for a run's train/ folder only
 
 
 def test_a_checkpoint_past_the_runs_end_is_refused(demo_x, tmp_path, capfd):

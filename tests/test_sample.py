@@ -199,7 +199,7 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--scheduler", "nope"], "valid names: ddpm, ddim, dpmsolver++"),
     (["--num_samples", "0"], "at least 1"),
-    (["--num_inference_steps", "5000"], "exceeds the 1000 timesteps"),
+    (["--num_inference_steps", "5000"], "cannot take 5000 steps: the model was trained on 1000 timesteps"),
     # T steps repeat a noise level under linspace spacing (the default "trailing" takes them, see
     # test_every_sampler_starts_at_the_last_training_step).
     (["--scheduler", "dpmsolver++", "--num_inference_steps", "1000", "--scheduler_config",

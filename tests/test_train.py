@@ -172,6 +172,11 @@ def test_non_finite_losses_are_skipped_then_stop(data, tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match="3 non-finite losses in a row.*no checkpoint was written before it$"):
         run(["--latent", str(data), "--max_train_steps", "20", "--output_dir", str(tmp_path / "early"), *FAST,
              "--checkpointing_steps", "10", "--max_nonfinite_steps", "3"])
+    # Resumed from another folder's checkpoint, that one is the last good state until this run writes its own.
+    calls["n"] = 0
+    with pytest.raises(UserInputError, match=f"the last good checkpoint is {ckpt}$"):
+        run(["--latent", str(data), "--max_train_steps", "20", "--output_dir", str(tmp_path / "other"), *FAST,
+             "--checkpointing_steps", "10", "--max_nonfinite_steps", "3", "--resume_from_checkpoint", str(ckpt)])
 
 
 def test_skipped_step_leaves_parameters_and_ema_untouched(data, tmp_path, monkeypatch):

@@ -476,3 +476,13 @@ def test_help_lists_each_choice_flags_values():
 
     text = " ".join(build_parser().format_help().split())
     assert f"one of {', '.join(LR_SCHEDULERS)}" in text and f"one of {', '.join(REPORT_TO)}" in text
+
+
+def test_the_flag_parsing_still_imports_from_config():
+    # It moved to latent_ddpm.flags; code importing it from latent_ddpm.config got an ImportError.
+    from latent_ddpm import config, flags
+    from latent_ddpm.config import parse_train_args
+
+    assert parse_train_args is flags.parse_train_args and config.build_parser is flags.build_parser
+    with pytest.raises(AttributeError):
+        config.no_such_name  # noqa: B018

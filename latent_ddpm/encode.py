@@ -283,7 +283,7 @@ def latent_shape(vae, resolution: int) -> tuple[int, ...]:
             raise UserInputError(f"--resolution {resolution}: encoding one image of that size runs out of memory; "
                                  "use a smaller --resolution") from None
         raise UserInputError(f"--resolution {resolution}: the autoencoder cannot encode that size "
-                             f"({first_line(err)}); use a multiple of its downsampling factor") from err
+                             f"({first_line(err)}); use a larger multiple of its downsampling factor") from err
     shape = tuple((probe.mean if hasattr(probe, "mean") else probe).shape[1:])
     blocks = vae.config.get("block_out_channels")  # diffusers pipelines' vae_scale_factor; else measured
     factor = 2 ** (len(blocks) - 1) if isinstance(blocks, (list, tuple)) else max(1, round(resolution / shape[-1]))

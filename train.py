@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     # `model` is what runs (compiled, DDP-wrapped); `unet` stays the plain module that shares its parameters.
     model = torch.compile(unet) if cfg.compile else unet
     model, optimizer = accelerator.prepare(model, optimizer)
+    if world > 1:  # the weights were drawn alike on every rank (step 1); dropout draws a stream per rank
+        set_seed(cfg.seed, device_specific=True)
     noise_gen = torch.Generator(device=accelerator.device).manual_seed(cfg.seed * 1000 + accelerator.process_index)
 
     # 8. Resume: weights, optimizer, RNG, EMA, LR schedule, data position and history.

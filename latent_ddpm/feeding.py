@@ -194,7 +194,8 @@ class LatentFeeder:
         self.has_labels = "labels" in ds.column_names
         if len(self) == 0:
             raise DataError(f"the data's {self.num_samples} samples are fewer than one global batch ({batch_size} x "
-                            f"{world_size} processes); lower --train_batch_size (batch_size=), or use fewer processes")
+                            f"{world_size} process{'es' * (world_size > 1)}); lower --train_batch_size"
+                            + (", or use fewer processes" if world_size > 1 else ""))
         shape = ds.features["latents"].shape
         nbytes = self.num_samples * (4 * int(np.prod(shape)) + 8 * self.has_labels)
         self.in_memory = nbytes <= memory_budget_bytes if in_memory is None else in_memory

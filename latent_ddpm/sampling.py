@@ -122,7 +122,7 @@ def load_pipeline(model: str, mixed_precision: str = "no", device: torch.device 
 def distributed_state() -> PartialState:
     """accelerate's process state, for `accelerate launch` and `torchrun` alike.
 
-    CPU processes are used when ACCELERATE_USE_CPU is set (as `accelerate launch --cpu` does) or when
+    CPU processes are used when ACCELERATE_USE_CPU is set or when
     several processes are launched without CUDA; a launch that accelerate does not pick up is an error
     (each process would otherwise compute every sample).
     """
@@ -130,7 +130,7 @@ def distributed_state() -> PartialState:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (world > 1 and not torch.cuda.is_available()))
     if state.num_processes != world:
         raise UserInputError(f"launched as {world} processes but accelerate sees {state.num_processes}; "
-                             "on CPU set ACCELERATE_USE_CPU=1 (or use accelerate launch --cpu)")
+                             "on CPU launch with ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N")
     return state
 
 

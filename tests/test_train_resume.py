@@ -82,7 +82,7 @@ def torchrun(*args, env=None) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo 2-process run tested on Linux")
 def test_two_process_run_and_resume(data, tmp_path):
     args = ["--latent", str(data), "--max_train_steps", "6", "--checkpointing_steps", "3", *FAST,
-            "--train_batch_size", "4"]
+            "--train_batch_size", "4", "--model_config", '{"dropout": 0.1}']  # per-rank dropout streams resume
     # The main process holds its final report until rank 1 has finished: the other ranks must not wait for it.
     ended = tmp_path / "rank_1_ended"
     full = torchrun(*args, "--output_dir", str(tmp_path / "a"), env={"LATENT_DDPM_HOLD_REPORT": str(ended)})
@@ -97,6 +97,41 @@ def test_two_process_run_and_resume(data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+DROPOUT_MASKS = """
+import hashlib, os, sys
+import torch.nn.functional as F
+sys.path.insert(0, sys.argv.pop(1))
+real = F.dropout
+def recording(x, p=0.5, training=True, inplace=False):
+    out = real(x, p, training, inplace)
+    if training and p > 0:
+        with open(os.path.join(os.environ["MASKS"], os.environ["RANK"]), "a") as f:
+            f.write(hashlib.sha1(((out == 0) & (x != 0)).numpy().tobytes()).hexdigest() + "\\n")
+    return out
+F.dropout = recording
+import train
+from latent_ddpm.errors import run_cli
+run_cli(train.main)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo 2-process run tested on Linux")
+def test_each_rank_draws_its_own_dropout(data, tmp_path):
+    # Every rank was seeded alike for the shared initial weights and then drew the same dropout masks on its own
+    # data shard.
+    script, masks = tmp_path / "record.py", tmp_path / "masks"
+    script.write_text(DROPOUT_MASKS)
+    masks.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(ROOT), "--latent", str(data), "--max_train_steps", "1", *FAST, "--model_config", '{"dropout": 0.1}',
+           "--output_dir", str(tmp_path / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={
+        **os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MASKS": str(masks)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = ((masks / r).read_text().split() for r in ("0", "1"))
+    assert rank0 and len(rank0) == len(rank1) and not set(rank0) & set(rank1)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo 2-process run tested on Linux")

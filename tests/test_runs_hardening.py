@@ -415,13 +415,18 @@ def test_another_runs_checkpoint_does_not_replace_a_finished_run(demo_x, tmp_pat
     assert not (tmp_path / "b" / "train" / "abandoned").exists()
 
 
+def _finished_run(demo_x, tmp_path: Path, capfd) -> tuple[list, Path]:
+    """A finished 4-step run with checkpoints at steps 2 and 4: (its train.py arguments but the steps, its folder)."""
+    np.savez(tmp_path / "demo.npz", X=demo_x)
+    run_dir = tmp_path / "run"
+    base = ["--train_data", tmp_path / "demo.npz", "--output_dir", run_dir, "--checkpointing_steps", "2", *FAST]
+    assert cli(train.main, [*base, "--max_train_steps", "4"], capfd)[0] == 0
+    return base, run_dir
+
+
 def test_an_abandoned_checkpoint_of_a_finished_run_resumes_in_place(demo_x, tmp_path, capfd):
     # A checkpoint set aside in train/abandoned/ counted as another run's, and was refused in its own run.
-    path = tmp_path / "demo.npz"
-    np.savez(path, X=demo_x)
-    run_dir = tmp_path / "run"
-    base = ["--train_data", path, "--output_dir", run_dir, "--checkpointing_steps", "2", *FAST]
-    assert cli(train.main, [*base, "--max_train_steps", "4"], capfd)[0] == 0
+    base, run_dir = _finished_run(demo_x, tmp_path, capfd)
     older = ["--resume_from_checkpoint", run_dir / "train" / "checkpoint-2"]
     assert cli(train.main, [*base, "--max_train_steps", "3", *older], capfd)[0] == 0  # sets checkpoint-4 aside
     abandoned = run_dir / "train" / "abandoned" / "checkpoint-4"
@@ -435,11 +440,7 @@ def test_an_abandoned_checkpoint_of_a_finished_run_resumes_in_place(demo_x, tmp_
 
 def test_a_checkpoint_past_the_runs_end_is_refused(demo_x, tmp_path, capfd):
     # It "finished" without a step and rewrote the pipeline and reports, whose plan named the shorter run.
-    path = tmp_path / "demo.npz"
-    np.savez(path, X=demo_x)
-    run_dir = tmp_path / "run"
-    base = ["--train_data", path, "--output_dir", run_dir, "--checkpointing_steps", "2", *FAST]
-    assert cli(train.main, [*base, "--max_train_steps", "4"], capfd)[0] == 0
+    base, run_dir = _finished_run(demo_x, tmp_path, capfd)
     before = snapshot(run_dir)
     code, _, err = cli(train.main, [*base, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"], capfd)
     one_line_error(code, err, "checkpoint-4 is already at step 4, past this run's end at step 2",

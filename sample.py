@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     images_dir = output.with_name(f"{output.stem}_images")
     latent_grid, image_grid = output.with_suffix(".png"), output.with_name(f"{output.stem}_images.png")
     grids = [] if args.no_grid else [latent_grid] + [image_grid] * args.decode
+    # Never over the data; inside --model is fine (a bare pipeline folder's samples go to its own generated/).
     for path in [output, *([images_dir] if args.decode else []), *grids]:
-        check_replaceable(path, "--output", (args.latent, args.scheduler_config))  # never the data (a pipeline
-        # folder's own generated/ is where a bare pipeline's samples go by default)
+        check_replaceable(path, "--output", (args.latent, args.scheduler_config))
         if os.path.lexists(path) and not args.overwrite:
             raise UserInputError(f"{path} exists; pass --overwrite to replace it, or choose another --output")
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:

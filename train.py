@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("non-finite loss at step %d: skipped (%d in a row)", global_step + 1,
                                nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    last = list_checkpoints(train_dir)[-1][1] if list_checkpoints(train_dir) else resume
+                    kept = list_checkpoints(train_dir)
+                    last = kept[-1][1] if kept else resume
                     raise UserInputError(f"{nonfinite_in_a_row} non-finite losses in a row at step {global_step + 1}; "
                                          f"stopping. Lower --learning_rate, use --mixed_precision bf16 or no, or "
                                          f"check the data; " + (f"the last good checkpoint is {last}" if last

@@ -136,13 +136,13 @@ def resolve_resume(train_dir: Path, spec: str | None) -> Path | None:
         return None
     if spec != "latest":
         path = Path(spec)
-        for folder in (path / "train", path):  # a run folder, its train/ or abandoned/, for one of its checkpoints
-            if (path / COMPLETE_MARKER).exists() or not (found := list_checkpoints(folder)):
-                continue
-            in_place = (f", or resume the run in place with --output_dir {folder.parent} --resume_from_checkpoint "
-                        "latest" if folder.name == "train" else "")
-            raise UserInputError(f"--resume_from_checkpoint: {spec} holds checkpoints but is not one; pass one of "
-                                 f"them, e.g. {found[-1][1]} (its newest){in_place}")
+        # a run folder, its train/ or abandoned/ given for one of its checkpoints
+        for folder in () if (path / COMPLETE_MARKER).exists() else (path / "train", path):
+            if found := list_checkpoints(folder):
+                in_place = (f", or resume the run in place with --output_dir {folder.parent} "
+                            "--resume_from_checkpoint latest" if folder.name == "train" else "")
+                raise UserInputError(f"--resume_from_checkpoint: {spec} holds checkpoints but is not one; pass one "
+                                     f"of them, e.g. {found[-1][1]} (its newest){in_place}")
         problem = checkpoint_problem(path) if path.is_dir() else "no such folder"
         if problem is not None:
             raise UserInputError(f"--resume_from_checkpoint: {spec} is not a complete checkpoint folder "

@@ -211,11 +211,11 @@ class Evaluator:
         samples = np.asarray(samples)
         if samples.ndim != 4 or len(samples) == 0:
             raise UserInputError(f"samples must be (N, C, H, W) with N >= 1, got shape {samples.shape}")
-        if labels is not None and np.asarray(labels).reshape(-1).shape != (len(samples),):
-            raise UserInputError(f"labels must be one class id per sample ({len(samples)}), got shape "
-                                 f"{np.asarray(labels).shape}")
+        labels = None if labels is None else np.asarray(labels)
+        if labels is not None and labels.size != len(samples):
+            raise UserInputError(f"labels must be one class id per sample ({len(samples)}), got shape {labels.shape}")
         finite = np.isfinite(samples.reshape(len(samples), -1)).all(axis=1)
-        labels = None if labels is None else np.asarray(labels).reshape(-1)[finite]
+        labels = None if labels is None else labels.reshape(-1)[finite]
         samples = samples[finite]
         out = {"num_samples": int(len(samples)), "num_nonfinite_samples": int((~finite).sum()),
                "num_reference": int(len(self.reference))}

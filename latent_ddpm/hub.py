@@ -280,9 +280,10 @@ def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: 
             raise UserInputError(f"{path}: model_index.json's scheduler entry must be [library, class name], got "
                                  f"{entry!r}; save the pipeline again")
         library, name = entry
-        scheduler_cls = getattr(diffusers, name, None) if library == "diffusers" else None
         if entry in (SCHEDULER_ENTRY, PACKAGE_SCHEDULER_ENTRY):  # its hub copy, or the package's own
             scheduler_cls = HybridDPMSolverMultistepScheduler
+        else:
+            scheduler_cls = getattr(diffusers, name, None) if library == "diffusers" else None
         if scheduler_cls is None:
             raise UserInputError(f"{path}: model_index.json names an unknown scheduler {library}.{name}")
         scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")

@@ -32,7 +32,7 @@ from .data import DataError, latent_features
 from .errors import UserInputError, first_line, run_cli
 from .image_data import open_image_dataset, pick_columns
 from .images import prepare_image, to_model_range
-from .paths import check_replaceable, remove_path, replace_with, unwritable_folder
+from .paths import check_replaceable, remove_path, replace_with, unwritable_folder, write_text_atomically
 from .sampling import DTYPES, ArgParser, distributed_state, first_error, sample_seed
 
 #: Version of the encoding.json layout.
@@ -122,22 +122,13 @@ def encode_shard(vae, ds, image_column: str, labels: np.ndarray | None, rows: ra
         writer.finalize()
         os.replace(tmp, out)
         marker = {"images": len(rows), "counts": tally.counts, "skipped": tally.skipped}
-        _write_atomically(out.with_name(out.name + ".done.json"), json.dumps(marker))  # a half one would read as done
+        # atomic: a half marker would read as done
+        write_text_atomically(out.with_name(out.name + ".done.json"), json.dumps(marker))
     except BaseException:
         with contextlib.suppress(Exception):
             writer.close()  # its file handle, before the file goes
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename: a kill or a full disk never leaves half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _describe(entry, index: int) -> str:
@@ -253,7 +244,7 @@ def _prepare_work_folder(partial: Path, settings: dict, overwrite: bool) -> None
         raise UserInputError(f"{partial} holds an interrupted encode with other settings ({diff}); rerun with "
                              "the same flags to resume, or pass --overwrite to start again")
     partial.mkdir(parents=True, exist_ok=True)
-    _write_atomically(partial / "settings.json", json.dumps(settings, indent=2))  # a rerun must be able to read it
+    write_text_atomically(partial / "settings.json", json.dumps(settings, indent=2))  # a rerun must be able to read it
 
 
 def _interrupted_settings(partial: Path, overwrite: bool) -> dict | None:

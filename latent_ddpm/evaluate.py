@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import zipfile
 import zlib
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ArgumentParser, UserInputError, first_line, run_cli
-from .paths import check_replaceable, replace_with, unwritable_folder
+from .paths import check_replaceable, unwritable_folder, write_text_atomically
 
 # Width of the random projection of the flattened standardised latent.
 NUM_PROJECTIONS = 256
@@ -353,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_name(f".{Path(args.out).name}.tmp{os.getpid()}")
-        tmp.write_text(text + "\n")
-        replace_with(tmp, args.out)
+        write_text_atomically(args.out, text + "\n")
     sys.stdout.write(text + "\n")
     return 0
 

@@ -63,6 +63,18 @@ def remove_path(path: str | os.PathLike) -> None:
         path.unlink()
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write `path` through a hidden temporary file beside it and a rename: a kill or a full disk never leaves
+    half of it, and a failed write leaves no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def replace_with(new: str | os.PathLike, out: str | os.PathLike) -> None:
     """Move the finished `new` (file or folder) to `out`. An existing `out` is first renamed aside in the same
     folder and deleted only after the move, so an interruption leaves the old or the new one, never neither."""

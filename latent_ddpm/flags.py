@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -78,6 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A YAML 1.1 integer with a leading zero, which PyYAML reads as octal (`seed: 042` is 34).
+_OCTAL_INT = re.compile(r"[-+]?0[0-7_]+")
+
+
+class _OctalInt(ValueError):
+    """A config file's integer written with a leading zero (see `_OCTAL_INT`)."""
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, refusing a leading-zero integer that it would silently read as another number."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_yaml_int(self, node):
+            value = super().construct_yaml_int(node)
+            if _OCTAL_INT.fullmatch(node.value) and value != (meant := int(node.value.replace("_", ""), 10)):
+                raise _OctalInt(f"line {node.start_mark.line + 1}: YAML reads {node.value} as the octal number "
+                                f"{value}; write {meant} (no leading zero)")
+            return value
+
+    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+    return Loader
+
+
 def load_config_file(path: str) -> dict:
     """Read a YAML or JSON config file of `TrainConfig` keys."""
     import yaml
@@ -88,7 +113,9 @@ def load_config_file(path: str) -> dict:
     if not file.exists():
         raise UserInputError(f"--config: {path} does not exist")
     try:
-        data = yaml.safe_load(file.read_text())  # YAML is a superset of JSON; a pipe (<(...)) reads too
+        data = yaml.load(file.read_text(), Loader=_yaml_loader())  # YAML is a superset of JSON; pipes read too
+    except _OctalInt as err:
+        raise UserInputError(f"--config: {path} {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserInputError(f"--config: {path} is not valid YAML/JSON ({first_line(err)})") from None
     except OSError as err:
@@ -137,4 +164,7 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         if value is None or isinstance(value, tp) or (tp is float and isinstance(value, int)):
             continue
         raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}")
+    if values.get("lr_warmup_steps") and values.get("lr_scheduler") == "constant":  # given, not the default
+        raise UserInputError(f"--lr_warmup_steps {values['lr_warmup_steps']}: --lr_scheduler constant has no "
+                             "warm-up; use --lr_scheduler constant_with_warmup, or drop --lr_warmup_steps")
     return TrainConfig(**values).validate()

@@ -67,7 +67,7 @@ def files(tmp_path_factory) -> Path:
                "zero_t": "num_train_timesteps: 0\n", "a_list": "- preset\n- tiny\n", "unknown": "learnin_rate: 1\n",
                "wrong_type": "learning_rate: fast\n", "bad_yaml": "preset: [tiny\n",
                "mixed_keys": "1: 2\nfoo: 3\n", "model_config_date": "model_config: {dropout: 0.1, when: 2024-01-01}\n",
-               "huge_int_lr": f"learning_rate: {10**400}\n"}
+               "huge_int_lr": f"learning_rate: {10**400}\n", "octal_seed": "preset: tiny\nseed: 042\n"}
     for name, text in configs.items():
         (d / f"{name}.yaml").write_text(text)
     (d / "a_file").write_text("a regular file where a folder is expected")
@@ -170,6 +170,11 @@ CASES = [
      "a_run holds checkpoints but is not one; pass one of them"),  # was "... (the write did not finish)"
     ("train-model-config-type", "train", lambda d: ["--model_config", '{"down_channels": "wide"}'],
      "--preset/--model_config"),
+    # (silently another setting until the fifteenth session:)
+    ("train-config-octal-int", "train", lambda d: ["--config", d / "octal_seed.yaml"],
+     "octal_seed.yaml line 2: YAML reads 042 as the octal number 34; write 42 (no leading zero)"),
+    ("train-constant-lr-with-warmup", "train", lambda d: ["--lr_scheduler", "constant", "--lr_warmup_steps", "50"],
+     "--lr_warmup_steps 50: --lr_scheduler constant has no warm-up; use --lr_scheduler constant_with_warmup"),
     # --- sample.py: pipeline folders and flags
     ("sample-unknown-class", "sample", lambda d: ["--model", d / "pipe_badclass"],
      "not a LatentDDPMPipeline with an AdvancedUNet2DModel"),

@@ -39,6 +39,8 @@ from latent_ddpm.paths import (
     OutputLock,
     check_replaceable,
     partial_path,
+    remove_abandoned_partials,
+    remove_path,
     replace_with,
     unwritable_folder,
     write_npz,
@@ -87,7 +89,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance weight (1 = off)")
     p.add_argument("--mixed_precision", choices=tuple(DTYPES), default="no", help="UNet weights dtype")
     p.add_argument("--output", help="output .npz (default: <run>/generated/seed_<seed>/samples_<seed>_<n>.npz)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output: the .npz, and the grids and decoded images beside it")
     p.add_argument("--no_grid", action="store_true", help="do not write the PNG preview grid")
     p.add_argument("--decode", action="store_true", help="also decode to PNG images with --vae, else the "
                    "pipeline's vae, else the autoencoder named in the training data's encoding.json")
@@ -173,8 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     images_dir = output.with_name(f"{output.stem}_images")
     latent_grid, image_grid = output.with_suffix(".png"), output.with_name(f"{output.stem}_images.png")
     grids = [] if args.no_grid else [latent_grid] + [image_grid] * args.decode
+    writes = [output, *grids, *([images_dir] if args.decode else [])]
+    # --overwrite replaces the whole set: what this run does not rewrite (an earlier grid under --no_grid, earlier
+    # decoded images) goes too, so that nothing stale sits beside the new samples. Without it, that is left alone.
+    earlier = (latent_grid, image_grid, images_dir) if args.overwrite else ()
+    stale = [path for path in earlier if path not in writes and os.path.lexists(path)]
     # Never over the data; inside --model is fine (a bare pipeline folder's samples go to its own generated/).
-    for path in [output, *([images_dir] if args.decode else []), *grids]:
+    for path in writes + stale:
         check_replaceable(path, "--output", (args.latent, args.scheduler_config))
         if os.path.lexists(path) and not args.overwrite:
             raise UserInputError(f"{path} exists; pass --overwrite to replace it, or choose another --output")
@@ -224,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
             lock.acquire()
+            for other in remove_abandoned_partials(output.parent):
+                stderr_line(f"note: removed the unfinished samples of an interrupted run writing {other.name}")
             NpyRowWriter(partial, shape, create=True)
             if args.decode:  # decoded into a work folder, swapped in at the end: a failed run keeps the old one
                 shutil.rmtree(images_work, ignore_errors=True)
@@ -264,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.decode:
                 replace_with(images_work, images_dir)
             written = True
+            for path in stale:
+                remove_path(path)
             elapsed = time.perf_counter() - start_time
             if not args.no_grid:
                 preview = np.load(partial, mmap_mode="r", allow_pickle=False)[:GRID_SAMPLES]

@@ -165,6 +165,28 @@ def partial_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.partial.npy")
 
 
+def remove_abandoned_partials(folder: Path) -> list[Path]:
+    """Delete the hidden gathering files (`partial_path`) in `folder` that killed runs left behind, and their
+    decoded-image work folders, so that they do not pile up beside other outputs. One is abandoned when its
+    lock is gone or stale; it is taken (`OutputLock`) while deleted, so a run starting on it is never touched.
+    Returns the outputs whose leftovers went."""
+    removed = []
+    for partial in sorted(folder.glob(".*.npz.partial.npy")):
+        output = folder / partial.name[1:-len(".partial.npy")]
+        lock = OutputLock(partial.with_suffix(".lock"), "", "")
+        try:
+            lock.acquire()
+        except UserInputError:  # a live run writes it
+            continue
+        try:
+            partial.unlink(missing_ok=True)
+            shutil.rmtree(folder / f".{output.stem}_images.partial", ignore_errors=True)
+            removed.append(output)
+        finally:
+            lock.release()
+    return removed
+
+
 class NpyRowWriter:
     """A `.npy` file of a known shape filled row-range by row-range with seek + write (no memory map).
 

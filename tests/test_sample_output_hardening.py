@@ -165,6 +165,13 @@ def test_output_never_replaces_the_data(pipes, tmp_path, capsys, no_loading):
 # --- 4. the output lock -----------------------------------------------------------------------------------------
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def lock_of(out: Path) -> Path:
     return paths.partial_path(out).with_suffix(".lock")
 
@@ -184,9 +191,7 @@ def test_live_lock_refuses(pipes, tmp_path, capsys):
 def test_stale_lock_is_taken_over_and_released(pipes, tmp_path):
     out = tmp_path / "x.npz"
     lock = lock_of(out)
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    lock.write_text(f"{socket.gethostname()} {proc.pid}")  # a process that has exited
+    lock.write_text(f"{socket.gethostname()} {dead_pid()}")  # a process that has exited
     assert run(["--model", pipes / "uncond", "--output", out, "--no_grid", *FAST]) == 0
     assert load_npz(out)["samples"].shape == (2, 4, 8, 8)
     assert not os.path.lexists(lock)
@@ -198,6 +203,48 @@ def test_no_lock_remains_after_a_run(pipes, tmp_path):
     assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 0
     assert not os.path.lexists(lock_of(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz", "x.png"]
+
+
+
+def test_another_outputs_abandoned_partial_is_removed_a_live_one_kept(pipes, tmp_path, capsys):
+    # A run killed while writing old.npz left its hidden gathering file, work folder and (stale) lock; a run
+    # writing busy.npz is alive. A run with another --output removes only the abandoned leftovers.
+    old, busy = tmp_path / "old.npz", tmp_path / "busy.npz"
+    for out, pid in ((old, dead_pid()), (busy, os.getpid())):
+        paths.partial_path(out).write_bytes(b"\0" * 1000)
+        lock_of(out).write_text(f"{socket.gethostname()} {pid}")
+    (tmp_path / ".old_images.partial").mkdir()
+    (tmp_path / ".old_images.partial" / "000000.png").write_bytes(b"png")
+    assert run(["--model", pipes / "uncond", "--output", tmp_path / "x.npz", "--no_grid", *FAST]) == 0
+    assert "removed the unfinished samples of an interrupted run writing old.npz" in capsys.readouterr().err
+    assert not paths.partial_path(old).exists() and not (tmp_path / ".old_images.partial").exists()
+    assert not os.path.lexists(lock_of(old))  # taken to delete, then released
+    assert paths.partial_path(busy).read_bytes() == b"\0" * 1000  # a live run's file is never touched
+    assert lock_of(busy).read_text() == f"{socket.gethostname()} {os.getpid()}"
+
+
+@pytest.mark.parametrize("rerun", [["--no_grid"], []], ids=["no-grid", "grid-without-decode"])
+def test_overwrite_removes_what_the_new_run_does_not_rewrite(pipes, tmp_path, rerun):
+    # An earlier run's grid and decoded images would sit beside other samples: --overwrite replaces the whole set.
+    out = tmp_path / "x.npz"
+    assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 0
+    (tmp_path / "x_images").mkdir()  # as --decode writes them
+    (tmp_path / "x_images" / "000000.png").write_bytes(b"png")
+    (tmp_path / "x_images.png").write_bytes(b"png")
+    assert run(["--model", pipes / "uncond", "--output", out, "--overwrite", *rerun, *FAST]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["x.npz"] if rerun else ["x.npz", "x.png"])
+
+
+def test_overwrite_never_removes_the_data_as_a_stale_output(pipes, tmp_path, capsys, no_loading):
+    data = tmp_path / "x_images"  # a saved-dataset folder named like --output's decoded images
+    data.mkdir()
+    (data / "dataset_info.json").write_text("{}")
+    (tmp_path / "runs" / "x_images_ddpm_4_1000_0.0001_0.02").mkdir(parents=True)  # the run --latent finds
+    (tmp_path / "runs" / "x_images_ddpm_4_1000_0.0001_0.02" / "pipeline").symlink_to(pipes / "uncond")
+    argv = ["--latent", data, "--runs_dir", tmp_path / "runs", "--output", tmp_path / "x.npz", "--overwrite", *FAST]
+    assert run(argv) == 2
+    assert "would replace the input" in one_error_line(capsys)
+    assert (data / "dataset_info.json").read_text() == "{}"
 
 
 # --- 7. the split of samples between processes ---------------------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import types
+import typing
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -201,6 +203,11 @@ def configure_scheduler(scheduler: SchedulerMixin, overrides: dict, num_inferenc
     if str(overrides.get("variance_type", "")).startswith("learned"):
         raise UserInputError("--scheduler_config: a learned variance_type needs a UNet that predicts the variance; "
                              "this one does not (use fixed_small or fixed_large)")
+    for key, value in overrides.items():  # diffusers types its string options as Literal[...]; some fall back silently
+        if (allowed := literal_values(cls, key)) is not None and value not in allowed:
+            usable = [json.dumps(v) for v in allowed if not str(v).startswith("learned")]  # see the check above
+            raise UserInputError(f"--scheduler_config: {key} must be one of {', '.join(usable)} for {cls.__name__}, "
+                                 f"got {json.dumps(value)}")
     if overrides.get("steps_offset", 0) < 0:
         raise UserInputError(f"--scheduler_config: steps_offset must be >= 0, got {overrides['steps_offset']}")
     try:
@@ -212,6 +219,25 @@ def configure_scheduler(scheduler: SchedulerMixin, overrides: dict, num_inferenc
     if failure := scheduler_problem(configured, num_inference_steps, channels):
         raise UserInputError(f"{flag}: {cls.__name__} cannot sample {num_inference_steps} steps with it ({failure})")
     return configured
+
+
+def literal_values(cls: type, key: str) -> tuple | None:
+    """The values `cls.__init__` allows for `key` when its annotation lists them (`Literal[...]`, maybe
+    `| None`), else None (no list to check against: an older diffusers, or a free-form option)."""
+    try:
+        hint = typing.get_type_hints(cls.__init__).get(key)
+    except Exception:  # noqa: BLE001 - an annotation this Python cannot resolve: nothing to check against
+        return None
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    values: list = []
+    for part in typing.get_args(hint) if union else (hint,):
+        if typing.get_origin(part) is typing.Literal:
+            values += typing.get_args(part)
+        elif part is type(None):
+            values.append(None)
+        else:
+            return None
+    return tuple(values) if values and values != [None] else None
 
 
 def scheduler_problem(scheduler: SchedulerMixin, num_inference_steps: int, channels: int = 4) -> str | None:

@@ -196,6 +196,11 @@ CASES = [
     ("sample-scheduler-config-fixed", "sample", lambda d: ["--model", d / "pipe", "--scheduler_config",
                                                            '{"prediction_type": "epsilon"}', "--output", d / "s.npz"],
      "prediction_type is fixed by the model's training"),
+    ("sample-scheduler-config-typo", "sample", lambda d: ["--model", d / "pipe", "--scheduler", "ddpm",
+                                                          "--scheduler_config", '{"variance_type": "fixed_larg"}',
+                                                          "--output", d / "s.npz"],
+     'variance_type must be one of "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log" for '
+     'DDPMScheduler, got "fixed_larg"'),  # was silently fixed_small, until the fifteenth session
     ("sample-scheduler-config-missing-file", "sample", lambda d: ["--model", d / "pipe", "--scheduler_config",
                                                                   d / "missing.json", "--output", d / "s.npz"],
      "neither a JSON object nor a readable .json file"),

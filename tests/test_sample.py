@@ -229,9 +229,10 @@ def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     (["--scheduler", "dpmsolver++", "--scheduler_config", '{"use_flow_sigmas": true}'], "use_flow_sigmas is fixed"),
     (["--scheduler", "euler", "--scheduler_config", '{"timestep_type": "continuous"}'], "timestep_type is fixed"),
     (["--scheduler", "ddim", "--scheduler_config", '{"timestep_spacing": "bogus"}'],
-     "DDIMScheduler cannot sample 50 steps with it (ValueError"),
+     'timestep_spacing must be one of "leading", "trailing", "linspace" for DDIMScheduler, got "bogus"'),
     (["--scheduler", "dpmsolver++", "--scheduler_config", '{"algorithm_type": "nope"}'],
-     "DPMSolverMultistepScheduler refuses it"),
+     'algorithm_type must be one of "dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++" for '
+     'DPMSolverMultistepScheduler, got "nope"'),
     (["--scheduler", "dpmsolver++", "--scheduler_config", '{"variance_type": "learned_range"}'],
      "needs a UNet that predicts the variance"),
     (["--scheduler", "ddim", "--scheduler_config", '{"clip_sample": "false"}'],

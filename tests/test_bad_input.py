@@ -8,6 +8,7 @@ The commands run in this process through `run_cli` (what their `__main__` does),
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,20 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(files, capfd, case_id,
 
 def test_there_are_enough_cases():
     assert len(CASES) >= 25 and {c[1] for c in CASES} == set(COMMANDS)
+
+
+def test_the_docs_count_the_cases_right():
+    # docs/reliability.md and the README quote the table's size; they drifted by one (seventy-something) before.
+    root = Path(__file__).resolve().parents[1]
+    per_command = {name: sum(c[1] == name for c in CASES) for name in COMMANDS}
+    text = " ".join((root / "docs" / "reliability.md").read_text().split())
+    quoted = re.search(r"one table of (\d+) inputs over the five commands \(train\.py (\d+), sample\.py (\d+), "
+                       r"`python -m latent_ddpm\.data convert` (\d+), `python -m latent_ddpm\.convert_original` (\d+), "
+                       r"`python -m latent_ddpm\.evaluate` (\d+)\)", text)
+    assert quoted, "docs/reliability.md no longer quotes the table's size in the expected words"
+    order = ("train", "sample", "data", "convert_original", "evaluate")
+    assert [int(n) for n in quoted.groups()] == [len(CASES), *(per_command[name] for name in order)]
+    assert f"| {len(CASES)} table-driven cases over" in (root / "README.md").read_text()
 
 
 @pytest.mark.parametrize("command, argv, message", [

@@ -8,6 +8,8 @@ The public entry points live here; `.npy`/`.npz` reading is in `npyio`, the shar
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -66,9 +68,9 @@ def _innermost_dtype(feature) -> str | None:
     return "int64" if isinstance(feature, datasets.ClassLabel) else getattr(feature, "dtype", None)
 
 
-def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: str, verify: bool = True
-                 ) -> datasets.Dataset:
-    """Rename the latent/label columns to `latents`/`labels`, cast to the project schema and check it."""
+def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: str, verify: bool = True,
+                 cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """Rename the latent/label columns to `latents`/`labels`, cast to the project schema (`_cast`) and check it."""
     names = ds.column_names
     lat = next((c for c in (latent_key, *LATENT_COLUMNS) if c in names), None)
     if lat is None:
@@ -113,7 +115,7 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
     bad_shape = f"{where}: latents cannot be read as one (C, H, W) float32 array per sample"
     if ds.features != want:
         try:
-            ds = ds.cast(want)
+            ds = _cast(ds, want, Path(cache_dir or DEFAULT_CACHE_DIR), (where, lat, lab))
         except (ValueError, TypeError, pa.ArrowException) as err:
             raise DataError(f"{bad_shape} ({first_line(err)}); all samples must have the same shape") from err
     nan = NaNCounter(where)
@@ -125,6 +127,24 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
                         "values") from err
     nan.check()
     return ds
+
+
+def _cast(ds: datasets.Dataset, want: datasets.Features, cache_dir: Path, what: tuple) -> datasets.Dataset:
+    """`ds.cast(want)`. For a dataset backed by files (a saved folder, Parquet, Arrow), datasets writes the cast
+    copy beside those files: into the user's data folder, which may be read-only or shared. It goes under
+    `cache_dir`/casts instead, named by the files' paths, sizes and modification times and `what` was read."""
+    files = [Path(f["filename"]) for f in ds.cache_files]
+    if not files:  # in memory: nothing is written
+        return ds.cast(want)
+    stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = json.dumps([stamps, list(what), str(want), CACHE_VERSION])
+    target = cache_dir / "casts" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return ds.cast(want, cache_file_name=str(target))
+    except OSError as err:
+        raise DataError(f"{what[0]}: cannot write its float32 copy under {target.parent} ({err.strerror or err}); "
+                        "free space there or set LATENT_DDPM_CACHE to a writable folder") from None
 
 
 def _numpy_dtype(name: str | None) -> np.dtype | None:
@@ -173,7 +193,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
             if split not in ds:
                 raise DataError(f"{path}: no split '{split}'; the splits are {list(ds)}; pass split=")
             ds = ds[split]
-        return _standardize(ds, str(path), latent_key, label_key, verify)
+        return _standardize(ds, str(path), latent_key, label_key, verify, cache_dir)
     suffix = path.suffix.lower()
     known = NUMPY_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
     if not path.exists():
@@ -203,7 +223,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     except (OSError, ValueError, pa.ArrowException, DatasetGenerationError) as err:
         raise DataError(f"{path}: not a readable {suffix} file, or one with no rows ({first_line(err)}); re-export "
                         "it") from err
-    return _standardize(ds, str(path), latent_key, label_key, verify)
+    return _standardize(ds, str(path), latent_key, label_key, verify, cache_dir)
 
 
 def _read_arrow(path: Path) -> datasets.Dataset:

@@ -47,7 +47,15 @@ from latent_ddpm.paths import (
 )
 from latent_ddpm.pipeline import default_inference_steps, inference_steps_error
 from latent_ddpm.plots import save_latent_grid
-from latent_ddpm.run_folder import PIPELINE_SUBDIR, checkpoint_of, default_output, locate_run, pipeline_of, run_dir_of
+from latent_ddpm.run_folder import (
+    PIPELINE_SUBDIR,
+    checkpoint_of,
+    default_output,
+    locate_run,
+    pipeline_of,
+    recorded_train_data,
+    run_dir_of,
+)
 from latent_ddpm.sampling import (
     DTYPES,
     SCHEDULERS,
@@ -182,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     earlier = (latent_grid, image_grid, images_dir) if args.overwrite else ()
     stale = [path for path in earlier if path not in writes and os.path.lexists(path)]
     # Never over the data; inside --model is fine (a bare pipeline folder's samples go to its own generated/).
+    inputs = (args.latent, args.scheduler_config, recorded_train_data(run_dir_of(model)))  # the run's data too
     for path in writes + stale:
-        check_replaceable(path, "--output", (args.latent, args.scheduler_config))
+        check_replaceable(path, "--output", inputs)
         if os.path.lexists(path) and not args.overwrite:
             raise UserInputError(f"{path} exists; pass --overwrite to replace it, or choose another --output")
     if args.scheduler is not None and args.scheduler not in SCHEDULERS:

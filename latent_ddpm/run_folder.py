@@ -5,6 +5,7 @@ flags and where its samples go. Checkpoints inside it are `checkpointing`'s."""
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -207,6 +208,16 @@ def run_dir_of(model: str) -> Path:
     if path.is_dir():
         return path.parent if path.name == PIPELINE_SUBDIR else path
     return Path("runs") / model.replace("/", "--")
+
+
+def recorded_train_data(run_dir: Path) -> str | None:
+    """The `--train_data` that train.py recorded in `run_dir`/train/config.json (as it was given, so a relative
+    path is relative to where that run started), or None (no such file, the demo set, unreadable)."""
+    try:
+        value = json.loads((run_dir / "train" / "config.json").read_text()).get("train_data")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def default_output(run_dir: Path, seed: int, num_samples: int, checkpoint: str | None = None) -> Path:

@@ -9,6 +9,7 @@ pipelines (4x8x8 latents, 2 denoising steps).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -233,6 +234,24 @@ def test_overwrite_removes_what_the_new_run_does_not_rewrite(pipes, tmp_path, re
     (tmp_path / "x_images.png").write_bytes(b"png")
     assert run(["--model", pipes / "uncond", "--output", out, "--overwrite", *rerun, *FAST]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == (["x.npz"] if rerun else ["x.npz", "x.png"])
+
+
+@pytest.mark.parametrize("recorded", ["absolute", "relative"])
+def test_output_never_replaces_the_runs_training_data(pipes, tmp_path, capsys, no_loading, monkeypatch, recorded):
+    # With --model RUN (not --latent), --output on the data that RUN was trained on replaced it under --overwrite:
+    # the run's train/config.json names that data.
+    data = tmp_path / "x.npz"
+    np.savez(data, X=np.zeros((4, 4, 8, 8), np.float32))
+    before = data.read_bytes()
+    run_dir = tmp_path / "run"
+    (run_dir / "train").mkdir(parents=True)
+    (run_dir / "pipeline").symlink_to(pipes / "uncond")
+    monkeypatch.chdir(tmp_path)  # a relative path is recorded as given, relative to where train.py ran
+    (run_dir / "train" / "config.json").write_text(json.dumps({"train_data": str(data if recorded == "absolute"
+                                                                                 else "x.npz")}))
+    assert run(["--model", run_dir, "--output", data, "--overwrite", *FAST]) == 2
+    assert f"would replace the input {data if recorded == 'absolute' else 'x.npz'}" in one_error_line(capsys)
+    assert data.read_bytes() == before
 
 
 def test_overwrite_never_removes_the_data_as_a_stale_output(pipes, tmp_path, capsys, no_loading):

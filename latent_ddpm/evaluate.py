@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ArgumentParser, UserInputError, first_line, run_cli
+from .errors import ArgumentParser, UserInputError, first_line, run_cli, stderr_line
 from .paths import check_replaceable, unwritable_folder, write_text_atomically
 
 # Width of the random projection of the flattened standardised latent.
@@ -51,7 +51,8 @@ MAX_PR_SAMPLES = 5000
 MAX_REFERENCE = 10_000
 # Rows per chunk when computing features and distances (bounds memory).
 CHUNK_ROWS = 512
-# Floor for the reference's per-channel std, so constant channels do not divide by zero.
+# A reference channel with a std at or below this is constant: it is compared in its own units (std 1), as dividing
+# by a floor would blow any deviation of the samples up to ~1e16 in the Frechet distance.
 STD_FLOOR = 1e-8
 # Seed of every subsampling and of the baseline's split.
 SPLIT_SEED = 0
@@ -76,7 +77,7 @@ class FeatureSpace:
         self.shape = tuple(reference.shape[1:])
         c, h, w = self.shape
         self.mean, std = channel_stats(reference)
-        self.std = np.maximum(std, STD_FLOOR)
+        self.std = np.where(std > STD_FLOOR, std, 1.0)
         d = c * h * w
         rng = np.random.Generator(np.random.PCG64(PROJECTION_SEED))
         projection = rng.standard_normal((d, num_projections)) / math.sqrt(d)
@@ -282,12 +283,21 @@ def load_samples(path: str | Path, key: str = "samples",
                              "sample.py") from err
 
 
-def load_reference(source: str, latent_key: str = "X", label_key: str | None = "y",
-                   limit: int = MAX_REFERENCE) -> tuple[np.ndarray, np.ndarray | None]:
-    """Reference latents from any source `latent_ddpm.data.load_latents` reads, subsampled (seeded) to `limit`."""
-    from .data import load_latents
+def load_reference(source: str, latent_key: str = "X", label_key: str | None = "y", limit: int = MAX_REFERENCE,
+                   optional_labels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reference latents from any source `latent_ddpm.data.load_latents` reads, subsampled (seeded) to `limit`.
+    With `optional_labels`, labels that are not class ids (the original's `y` need not be) are left out with a
+    note instead of refused."""
+    from .data import DataError, load_latents
 
-    ds = load_latents(source, latent_key=latent_key, label_key=label_key)
+    try:
+        ds = load_latents(source, latent_key=latent_key, label_key=label_key)
+    except DataError:
+        if not optional_labels or label_key is None:
+            raise
+        ds = load_latents(source, latent_key=latent_key, label_key=None)  # a problem of the latents raises again
+        stderr_line(f"note: {source}: its '{label_key}' labels are not class ids, so there are no per-class figures; "
+                    "pass --no_labels to skip them, or --label_key to name the class ids")
     rows = ds.select(_subsample(len(ds), limit)).with_format("numpy")[:]
     return np.asarray(rows["latents"], dtype=np.float32), rows.get("labels")
 
@@ -334,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError("--no_labels: it ignores the labels; drop it or --label_key")
     samples, labels = load_samples(args.samples, args.samples_key)
     label_key = None if args.no_labels else args.label_key or "y"
-    reference, ref_labels = load_reference(args.reference, args.latent_key, label_key, args.max_reference)
+    reference, ref_labels = load_reference(args.reference, args.latent_key, label_key, args.max_reference,
+                                           optional_labels=args.label_key is None)
     if args.label_key is not None and ref_labels is None:  # a typo gave no per-class figures, with exit status 0
         raise UserInputError(f"--label_key {args.label_key}: {args.reference} has no such labels; name its labels "
                              "array or column, or leave --label_key out")
@@ -374,13 +385,13 @@ def check_inputs(args: argparse.Namespace, samples: np.ndarray, labels: np.ndarr
         dropped = f" ({len(samples) - usable} with NaN/Inf left out)" if usable < len(samples) else ""
         raise UserInputError(f"--samples {args.samples}: {usable} usable samples{dropped}; the metrics need more than "
                              f"--k {args.k}; sample more")
+    if len(reference) <= args.k:  # first: --no_baseline would not help
+        raise UserInputError(f"--reference {args.reference}: {len(reference)} latents; the metrics need more than "
+                             f"--k {args.k}; pass a larger reference")
     if not args.no_baseline and len(reference) // 2 <= args.k:
         raise UserInputError(f"--reference {args.reference}: {len(reference)} latents are too few for the "
                              f"real-vs-real baseline (two halves of more than --k {args.k}); pass a larger reference "
                              "or --no_baseline")
-    if len(reference) <= args.k:
-        raise UserInputError(f"--reference {args.reference}: {len(reference)} latents; the metrics need more than "
-                             f"--k {args.k}")
 
 
 if __name__ == "__main__":

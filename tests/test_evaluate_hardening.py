@@ -221,9 +221,10 @@ def test_evaluate_small_reference_needs_no_baseline(ev, capsys):
     assert "baseline" not in report and np.isfinite(report["fd"])
     # Too few even without the baseline: 3 latents and --k 3.
     np.savez(ev.dir / "ref3.npz", X=_latents(3, seed=9))
-    assert run_evaluate([*argv[:3], ev.dir / "ref3.npz", *argv[4:], "--no_baseline"]) == 2
-    line = one_error_line(capsys)
-    assert "--reference" in line and "--k" in line, line
+    for extra in ([], ["--no_baseline"]):  # first said "or --no_baseline", which then failed on --k
+        assert run_evaluate([*argv[:3], ev.dir / "ref3.npz", *argv[4:], *extra]) == 2
+        line = one_error_line(capsys)
+        assert "--reference" in line and "--k 3" in line and "--no_baseline" not in line, line
 
 
 @pytest.mark.parametrize("signed", [False, True], ids=["positive", "signed"])
@@ -252,7 +253,29 @@ def test_reference_labels_a_typo_is_refused_and_no_labels_ignores_them(tmp_path,
     base = ["--samples", str(tmp_path / "s.npz"), "--no_baseline"]
     assert run_evaluate([*base, "--reference", str(tmp_path / "ref.npz"), "--label_key", "nope"]) == 2
     assert "--label_key nope: " in (line := one_error_line(capsys)) and "has no such labels" in line, line
-    assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz")]) == 2
+    # The default `y` that is not class ids: no per-class figures, with a note (it was refused, naming the wrong
+    # fix); named with --label_key, it is still refused.
+    assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz")]) == 0
+    out, err = capsys.readouterr()
+    assert "per_class" not in json.loads(out) and "'y' labels are not class ids" in err and "--no_labels" in err
+    assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz"), "--label_key", "y"]) == 2
     assert "labels must be integers" in one_error_line(capsys)
     assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz"), "--no_labels"]) == 0
-    assert "fd" in json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    assert "fd" in json.loads(out) and not err
+
+
+def test_a_constant_reference_channel_keeps_the_distance_finite_and_small(tmp_path, capsys):
+    # A reference channel of zeros (padding) was standardised by the 1e-8 floor: any deviation of the samples
+    # there became ~1e8 per value, and the Frechet distance ~1e17.
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((64, 4, 8, 8)).astype(np.float32)
+    ref[:, 2] = 0.0
+    samples = rng.standard_normal((32, 4, 8, 8)).astype(np.float32)
+    samples[:, 2] = 0.01 * rng.standard_normal((32, 8, 8))
+    np.savez(tmp_path / "ref.npz", X=ref)
+    np.savez(tmp_path / "s.npz", samples=samples)
+    argv = ["--samples", tmp_path / "s.npz", "--reference", tmp_path / "ref.npz", "--num_projections", "16"]
+    assert run_evaluate(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 <= report["fd"] < 10 * max(report["baseline"]["fd"], 1.0), report

@@ -279,3 +279,4 @@ def test_a_constant_reference_channel_keeps_the_distance_finite_and_small(tmp_pa
     assert run_evaluate(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0 <= report["fd"] < 10 * max(report["baseline"]["fd"], 1.0), report
+    assert abs(report["channel"]["std_error"][2] - 0.01) < 0.003  # in the data's units: the samples' spread there

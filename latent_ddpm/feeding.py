@@ -9,6 +9,7 @@ either from a copy of the whole set on the device or through a DataLoader over t
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,7 +114,7 @@ def compute_stats(ds: datasets.Dataset, mode: str = "channel", scaling_factor: f
     """Per-channel (or global) mean and std of `ds["latents"]` in one streaming float64 pass.
 
     `scaling_factor=s` skips the pass and gives mean 0, std 1/s (Stable Diffusion VAE convention).
-    Raises `DataError` if a channel (or, for "global", the whole set) is constant (std 0), naming it.
+    A constant channel (std 0) keeps std 1, with a warning; a set whose every value is the same is a `DataError`.
     """
     channels = ds.features["latents"].shape[0]
     if scaling_factor is not None:
@@ -136,11 +137,13 @@ def compute_stats(ds: datasets.Dataset, mode: str = "channel", scaling_factor: f
             gn, gmean, gm2 = _chan_merge(gn, gmean, gm2, n, mean[c:c + 1], m2[c:c + 1])
         n, mean, m2 = gn, np.repeat(gmean, channels), np.repeat(gm2, channels)
     std = np.sqrt(m2 / n)
-    if (std == 0).any():
-        which = "all channels" if mode == "global" else f"channel(s) {np.flatnonzero(std == 0).tolist()}"
-        raise DataError(f"{source}: {which} of the latents are constant (std 0), so they cannot be normalised; "
-                        "drop those channels, or do not normalise (train.py --normalization none, or "
-                        "--scaling_factor; mode='none' in Python)")
+    if (std == 0).all():
+        raise DataError(f"{source}: every value of the latents is the same ({mean[0]:g}); there is nothing to learn: "
+                        "check the data (the right file, the right --latent_key)")
+    if constant := np.flatnonzero(std == 0).tolist():  # e.g. a padding channel: kept, centred, not scaled
+        warnings.warn(f"{source}: channel(s) {constant} of the latents are constant (std 0): they are centred but "
+                      "not scaled (std 1), and the model learns them as constant", stacklevel=2)
+        std[constant] = 1.0
     return LatentStats(mode, mean.tolist(), std.tolist())
 
 

@@ -44,9 +44,7 @@ def files(tmp_path_factory) -> Path:
     np.savez(d / "good.npz", X=x, y=y)
     np.savez(d / "unlabelled.npz", X=x)
     np.save(d / "unlabelled.npy", x)
-    const = x.copy()
-    const[:, 2] = 1.5
-    np.savez(d / "constant_channel.npz", X=const)
+    np.savez(d / "constant.npz", X=np.full_like(x, 1.5))
     np.savez(d / "int8.npz", X=(x * 10).astype(np.int8), y=y)  # 4-D, the right shape, but int8
     np.savez(d / "labels_n_plus_1.npz", X=x, y=np.append(y, 0))
     np.savez(d / "x3d.npz", X=x[:, 0], y=y)
@@ -132,8 +130,8 @@ CASES = [
      "--class_conditional needs labels"),
     ("train-labels-needed-npy", "train", lambda d: ["--latent", d / "unlabelled.npy", "--class_conditional"],
      "a .npy holds no labels: join them with python -m latent_ddpm.data convert"),  # was: pass --label_key
-    ("train-constant-channel", "train", lambda d: ["--latent", d / "constant_channel.npz"],
-     "constant_channel.npz: channel(s) [2] of the latents are constant"),  # was "dataset: channel(s) ..."
+    ("train-constant-latents", "train", lambda d: ["--latent", d / "constant.npz"],
+     "constant.npz: every value of the latents is the same (1.5)"),  # one constant channel is kept (std 1)
     # --- train.py: configs and flags
     ("train-config-negative-lr", "train", lambda d: ["--config", d / "neg_lr.yaml"],
      "--learning_rate: must be > 0, got -0.001"),

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from _helpers import C, H, N, W, latents, read_back
 
 from latent_ddpm.data import DataError, dataset_from_arrays, load_latents
@@ -227,14 +228,25 @@ def test_cache_key_covers_the_labels_file(tmp_path):
 # ============================================================================ 13. constant channels
 
 
-def test_constant_channel_names_the_train_flag():
+def test_a_constant_channel_is_kept_unscaled_with_a_warning():
+    # A padding channel (all zeros) was refused, and the suggested fix (--normalization none) gave up the
+    # normalisation of every other channel. It keeps std 1 (centred, not scaled); the others are standardised.
     x = latents()
     x[:, 2] = 3.0
     ds = dataset_from_arrays(x)
-    with pytest.raises(DataError, match=r"channel\(s\) \[2\] of the latents are constant") as info:
-        compute_stats(ds, mode="channel")
-    assert "--normalization none" in str(info.value)
-    assert compute_stats(ds, mode="none").mode == "none"
+    with pytest.warns(UserWarning, match=r"channel\(s\) \[2\] of the latents are constant .* not scaled"):
+        stats = compute_stats(ds, mode="channel")
+    assert stats.mean[2] == 3.0 and stats.std[2] == 1.0
+    z = stats.normalize(torch.from_numpy(x))
+    assert torch.all(z[:, 2] == 0) and torch.allclose(z[:, [0, 1, 3]].std(dim=(0, 2, 3), unbiased=False),
+                                                      torch.ones(3), atol=1e-5)
+    assert torch.allclose(stats.denormalize(z), torch.from_numpy(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["channel", "global"])
+def test_all_constant_latents_are_an_error(mode):
+    with pytest.raises(DataError, match=r"every value of the latents is the same \(1\.5\)"):
+        compute_stats(dataset_from_arrays(np.full((N, C, H, W), 1.5, np.float32)), mode=mode)
 
 
 def test_in_memory_datasets_are_named_by_their_file_not_hashed(tmp_path):

@@ -59,7 +59,8 @@ class TrainConfig:
     """Everything `train.py` needs; saved as `train/config.json` beside each run."""
 
     # --- Data -------------------------------------------------------------------------------------
-    train_data: str | None = _f(None, "latents: .npz/.npy file, Arrow/Parquet file or folder, or hub dataset id; "
+    train_data: str | None = _f(None, "latents: .npz/.npy/.safetensors file, Arrow/Parquet file, saved dataset "
+                                      "folder or folder of .parquet shards (its train split), or hub dataset id; "
                                       "none = the built-in demo latents", alias="--latent")
     latent_key: str = _f("X", "array key / column of the latents")
     label_key: str = _f("y", "array key / column of the integer labels (optional)")

@@ -1,9 +1,11 @@
 """Latent datasets: load any source as one Arrow `datasets.Dataset` (column `latents`: Array3D (C, H, W)
-float32; optional `labels`: int64), check it, and convert big `.npy`/`.npz` in bounded memory. docs/data.md.
+float32; optional `labels`: int64), check it, and convert big `.npy`/`.npz`/`.safetensors` in bounded memory.
+docs/data.md.
 
     python -m latent_ddpm.data convert latents.npz latents_arrow/
 
-The public entry points live here; `.npy`/`.npz` reading is in `npyio`, the shared checks in `validation`.
+The public entry points live here; `.npy`/`.npz` reading is in `npyio`, `.safetensors` in `safetensorsio`, the
+shared checks in `validation`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 from datasets.exceptions import DatasetGenerationError
 
 from .errors import ArgumentParser, first_line, run_cli
@@ -37,9 +40,12 @@ from .npyio import (
     write_numpy,
 )
 from .paths import check_replaceable, replace_with
+from .safetensorsio import SAFETENSORS_SUFFIXES, safetensors_keys
 from .sources import is_hub_id, quiet_hub_retries
 from .validation import (
     CHUNK_BYTES,
+    LABEL_COLUMNS,
+    LATENT_COLUMNS,
     DataError,
     NaNCounter,
     check_label_max,
@@ -51,13 +57,16 @@ from .validation import (
 # Re-exported for `from latent_ddpm.data import ...`. CHUNK_BYTES is read from `latent_ddpm.validation`:
 # patch it there (rebinding `data.CHUNK_BYTES` changes nothing).
 __all__ = ["ARROW_SUFFIXES", "CACHE_VERSION", "CHUNK_BYTES", "DEFAULT_CACHE_DIR", "DataError", "IN_MEMORY_MAX_BYTES",
-           "LABEL_COLUMNS", "LATENT_COLUMNS", "NUMPY_SUFFIXES", "PARQUET_SUFFIXES", "check_compatible", "convert",
-           "dataset_from_arrays", "iter_chunks", "latent_features", "load_latents", "main"]
+           "LABEL_COLUMNS", "LATENT_COLUMNS", "NUMPY_SUFFIXES", "PARQUET_SUFFIXES", "SAFETENSORS_SUFFIXES",
+           "TENSOR_SUFFIXES", "check_compatible", "convert", "dataset_from_arrays", "iter_chunks", "latent_features",
+           "load_latents", "main"]
 
-#: Accepted column names for latents and labels in Arrow/Parquet/hub sources (besides the keys given).
-LATENT_COLUMNS, LABEL_COLUMNS = ("latents", "X"), ("labels", "y")
-#: File suffixes read as numpy, Parquet and Arrow.
+#: File suffixes read as numpy, Parquet and Arrow (`.safetensors`: SAFETENSORS_SUFFIXES, from `safetensorsio`).
 NUMPY_SUFFIXES, PARQUET_SUFFIXES, ARROW_SUFFIXES = (".npz", ".npy"), (".parquet",), (".arrow",)
+#: Files of whole (N, C, H, W) arrays: small ones are loaded in memory, big ones converted once to the Arrow cache.
+TENSOR_SUFFIXES = NUMPY_SUFFIXES + SAFETENSORS_SUFFIXES
+#: The formats, as error messages and help texts list them.
+FORMATS = ".npz, .npy, .safetensors, .parquet, .arrow, a saved dataset folder or a folder of .parquet shards"
 
 
 # ----------------------------------------------------------------------------- Arrow sources
@@ -170,11 +179,12 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
                  labels_file: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                  in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES, verify: bool = True, **hub_kwargs
                  ) -> datasets.Dataset:
-    """Load latents from `.npz`, `.npy`, a `save_to_disk` folder, Parquet/Arrow files or a hub dataset id.
+    """Load latents from `.npz`, `.npy`, `.safetensors`, a `save_to_disk` folder, Parquet/Arrow files, a folder of
+    Parquet shards (`split` picks `train-*`, `test-*`, ...) or a hub dataset id.
 
     Returns an Arrow `Dataset` with `latents` (C, H, W) float32 and, if present, `labels` int64, after
-    checking it (shape, dtype, NaN/Inf, labels). `.npy`/`.npz` files bigger than `in_memory_max_bytes`
-    are converted once, in bounded memory, to an Arrow file under `cache_dir` (default
+    checking it (shape, dtype, NaN/Inf, labels). `.npy`/`.npz`/`.safetensors` files bigger than
+    `in_memory_max_bytes` are converted once, in bounded memory, to an Arrow file under `cache_dir` (default
     ~/.cache/latent_ddpm or $LATENT_DDPM_CACHE) keyed by path, size and mtime, and memory-mapped.
     `labels_file` gives labels for a `.npy`. `verify=False` skips the full NaN/Inf scan of Arrow/Parquet/hub
     sources (shape, dtype and labels are still checked). Hub ids (owner/name) go to
@@ -183,8 +193,8 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     path = Path(source)
     if path.is_dir():
         if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            raise DataError(f"{path}: a folder but not a saved dataset (no state.json); pass a folder written by "
-                            "Dataset.save_to_disk or `python -m latent_ddpm.data convert`")
+            ds = _load_parquet_shards(path, split, Path(cache_dir or DEFAULT_CACHE_DIR))
+            return _standardize(ds, str(path), latent_key, label_key, verify, cache_dir)
         try:
             ds = datasets.load_from_disk(str(path))
         except (OSError, ValueError, FileNotFoundError) as err:
@@ -195,17 +205,16 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
             ds = ds[split]
         return _standardize(ds, str(path), latent_key, label_key, verify, cache_dir)
     suffix = path.suffix.lower()
-    known = NUMPY_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
+    known = TENSOR_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
     if not path.exists():
         if suffix in known or not is_hub_id(str(source)):
             raise DataError(f"{source}: no such file or folder; check the path")
         return _load_hub(str(source), split, latent_key, label_key, verify, hub_kwargs)
     if suffix not in known:
-        raise DataError(f"{path}: unknown format '{suffix}'; use .npz, .npy, .parquet, .arrow or a saved dataset "
-                        "folder")
+        raise DataError(f"{path}: unknown format '{suffix}'; use {FORMATS}")
     if not os.access(path, os.R_OK):
         raise DataError(f"{path}: the file is not readable (permissions); check them")
-    if suffix in NUMPY_SUFFIXES:
+    if suffix in TENSOR_SUFFIXES:
         if latent_nbytes(path, latent_key) <= in_memory_max_bytes:
             return in_memory(lambda kw: write_numpy(path, kw, latent_key, label_key, labels_file),
                              fingerprint=source_key(path, latent_key, label_key, labels_file))
@@ -232,6 +241,47 @@ def _read_arrow(path: Path) -> datasets.Dataset:
         return datasets.Dataset.from_file(str(path))
     except (OSError, ValueError, pa.ArrowException):
         return datasets.Dataset(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+
+
+def _parquet_splits(path: Path) -> dict[str, list[str]]:
+    """The Parquet files of a folder per split, as `datasets` resolves a hub dataset's files (`train-*`, `test-*`,
+    `data/train-*`, ...; one `train` split when no file names one). Empty when the folder holds no Parquet file."""
+    base = str(path.resolve())
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base, allowed_extensions=[".parquet"])
+    except (EmptyDatasetError, FileNotFoundError):  # no file at all, or none of the split's files is Parquet
+        return {}
+    return {str(split): list(names) for split, names in files.items() if names}
+
+
+def _load_parquet_shards(path: Path, split: str, cache_dir: Path) -> datasets.Dataset:
+    """A folder of Parquet shards (a downloaded hub dataset's layout) read with `datasets.load_dataset("parquet")`,
+    only `split`'s files; its Arrow copy goes under `cache_dir`/parquet (keyed by `datasets` on the files' paths
+    and modification times), never into the data folder."""
+    splits = _parquet_splits(path)
+    if not splits:
+        raise DataError(f"{path}: a folder but not a saved dataset (no state.json) and no .parquet files in it; "
+                        "pass a folder written by Dataset.save_to_disk or `python -m latent_ddpm.data convert`, "
+                        "or a folder of .parquet shards")
+    if split not in splits:
+        raise DataError(f"{path}: no split '{split}' among its .parquet files; the splits are {list(splits)}; pass "
+                        f"split= (train.py reads 'train'), or name the shards {split}-00000-of-00001.parquet, ...")
+    if unreadable := [name for name in splits[split] if not os.access(name, os.R_OK)]:
+        raise DataError(f"{unreadable[0]}: the file is not readable (permissions); check them")
+    parquet_log = logging.getLogger("datasets.packaged_modules.parquet.parquet")
+    parquet_log.disabled, was = True, parquet_log.disabled  # its own line for a bad file: ours says it all
+    try:
+        return datasets.load_dataset("parquet", data_files={split: splits[split]}, split=split,
+                                     cache_dir=str(cache_dir / "parquet"))
+    except OSError as err:  # the shards are readable: writing the Arrow copy failed
+        raise DataError(f"{path}: cannot write its Arrow copy under {cache_dir / 'parquet'} ({err.strerror or err}); "
+                        "free space there or set LATENT_DDPM_CACHE to a writable folder") from None
+    except (ValueError, pa.ArrowException, DatasetGenerationError) as err:  # the cause says which and why
+        detail = first_line(err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err)
+        raise DataError(f"{path}: the '{split}' .parquet shards cannot be read as one table ({detail}); "
+                        "check that every shard is a readable Parquet file with the same columns") from err
+    finally:
+        parquet_log.disabled = was
 
 
 def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify: bool, kwargs: dict
@@ -262,7 +312,7 @@ def check_compatible(ds: datasets.Dataset, in_channels: int | None = None, downs
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, latent_key: str = "X", label_key: str | None = "y",
             labels_file: str | os.PathLike | None = None, overwrite: bool = False) -> datasets.Dataset:
-    """Convert a `.npz`/`.npy` file to a `save_to_disk` Arrow folder, streaming chunk by chunk.
+    """Convert a `.npz`/`.npy`/`.safetensors` file to a `save_to_disk` Arrow folder, streaming chunk by chunk.
 
     Memory stays around a few `CHUNK_BYTES` chunks whatever the file size; the disk needs twice the
     output size while it runs. Everything is written to a temporary folder beside `out` and renamed at
@@ -271,8 +321,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, latent_key: str =
     src = Path(src)
     if not src.is_file():
         raise DataError(f"{src}: no such file; check the path")
-    if src.suffix.lower() not in NUMPY_SUFFIXES:
-        raise DataError(f"{src}: unknown format '{src.suffix}'; convert takes .npz or .npy files")
+    if src.suffix.lower() not in TENSOR_SUFFIXES:
+        raise DataError(f"{src}: unknown format '{src.suffix}'; convert takes .npz, .npy or .safetensors files")
     out = check_replaceable(out, "output", (src, labels_file))
     if os.path.lexists(out) and not overwrite:
         raise DataError(f"{out}: already exists; pass --overwrite or choose another output path")
@@ -301,12 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m latent_ddpm.data convert IN OUT`: see `convert`."""
     parser = ArgumentParser(prog="python -m latent_ddpm.data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    conv = sub.add_parser("convert", help=".npz/.npy -> Arrow dataset folder (save_to_disk layout), bounded memory")
-    conv.add_argument("input", help="a .npz (arrays X, y) or .npy (N, C, H, W) file")
+    conv = sub.add_parser("convert", help=".npz/.npy/.safetensors -> Arrow dataset folder (save_to_disk layout), "
+                          "bounded memory")
+    conv.add_argument("input", help="a .npz (arrays X, y), .npy (N, C, H, W) or .safetensors (tensors X, y) file")
     conv.add_argument("output", help="folder to create (load it with load_latents or datasets.load_from_disk)")
-    conv.add_argument("--latent_key", default="X", help="array name of the latents in a .npz (default X)")
-    conv.add_argument("--label_key", default=None, help="array name of the labels in a .npz (default: y, when "
-                      "the file has it)")
+    conv.add_argument("--latent_key", default="X", help="array name of the latents in a .npz or .safetensors "
+                      "(default X; a .safetensors may also name them latents)")
+    conv.add_argument("--label_key", default=None, help="array name of the labels in a .npz or .safetensors "
+                      "(default: y, when the file has it; labels in a .safetensors)")
     conv.add_argument("--labels_file", default=None, help="a .npy of int labels for a .npy input")
     conv.add_argument("--no_labels", action="store_true", help="leave the labels out (an original project's y "
                       "that is not class ids, which its training never used)")
@@ -316,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_labels and (args.label_key is not None or args.labels_file is not None):
         raise DataError("--no_labels: it leaves the labels out; drop it, or drop --label_key/--labels_file")
     if args.label_key is not None and src.suffix.lower() == ".npy":
-        raise DataError(f"--label_key {args.label_key}: it names an array in a .npz input; for a .npy, give the "
-                        "labels with --labels_file")
+        raise DataError(f"--label_key {args.label_key}: it names an array in a .npz or .safetensors input; for a "
+                        ".npy, give the labels with --labels_file")
     if args.label_key is not None and src.is_file():  # a typo had converted without labels, with exit status 0
-        if args.label_key not in (keys := npz_keys(src)):
+        keys = safetensors_keys(src) if src.suffix.lower() in SAFETENSORS_SUFFIXES else npz_keys(src)
+        if args.label_key not in keys:
             raise DataError(f"--label_key {args.label_key}: {src} has no such array (it has {keys}); name one of "
                             "those, or leave --label_key out")
     datasets.disable_progress_bars()

@@ -1,5 +1,6 @@
 """Reading `.npy`/`.npz` latents in bounded memory: headers without unpickling, chunked members, Arrow writing
-with streaming checks, `dataset_from_arrays`, and the Arrow cache for big files. Entry points: `latent_ddpm.data`.
+with streaming checks, `dataset_from_arrays`, and the Arrow cache for big files (`.safetensors` too, read by
+`safetensorsio`). Entry points: `latent_ddpm.data`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 
 from .errors import first_line
+from .safetensorsio import SAFETENSORS_SUFFIXES, open_safetensors
 from .validation import (
     DataError,
     NaNCounter,
@@ -33,9 +35,10 @@ from .validation import (
     latent_features,
 )
 
-#: `.npy`/`.npz` files up to this size load straight into memory; bigger ones go to the Arrow cache.
+#: `.npy`/`.npz`/`.safetensors` files whose latents take up to this size as float32 load straight into memory;
+#: bigger ones go to the Arrow cache.
 IN_MEMORY_MAX_BYTES = 256 * 2**20
-#: Where `load_latents` caches big `.npy`/`.npz` files as Arrow (override with $LATENT_DDPM_CACHE).
+#: Where `load_latents` caches big `.npy`/`.npz`/`.safetensors` files as Arrow (override with $LATENT_DDPM_CACHE).
 DEFAULT_CACHE_DIR = Path(os.environ.get("LATENT_DDPM_CACHE", Path.home() / ".cache" / "latent_ddpm"))
 #: Bump when the cached Arrow layout changes, so that old cache files are not reused.
 CACHE_VERSION = 1
@@ -70,9 +73,9 @@ def _header(path: Path, member: str | None, where: str) -> tuple[tuple[int, ...]
 
 
 def latent_nbytes(path: Path, latent_key: str) -> int:
-    """Size of a `.npy`/`.npz` file's latents as float32, from the header alone (a compressed `.npz` can hold
-    far more than its file size)."""
-    shape, _, _ = _open_numpy(path, latent_key, None, None)
+    """Size of a `.npy`/`.npz`/`.safetensors` file's latents as float32, from the header alone (a compressed `.npz`
+    can hold far more than its file size, a float16 `.safetensors` half)."""
+    _, shape, _, _ = _open_numpy(path, latent_key, None, None)
     return 4 * math.prod(shape)
 
 
@@ -138,30 +141,35 @@ def npz_keys(path: str | Path) -> list[str]:
 
 
 def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file: str | Path | None):
-    """(shape, chunk iterator, labels or None) for a `.npy`/`.npz` file; `label_key` None reads no labels."""
+    """(where, shape, chunk iterator, labels or None) for a `.npy`/`.npz`/`.safetensors` file; `label_key` None
+    reads no labels. `where` names the file (and the array read) in error messages."""
     labels = None
-    if path.suffix.lower() == ".npy":
-        shape, chunks = _numpy_chunks(path, None, str(path))
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        where, shape, chunks, labels = open_safetensors(path, latent_key, label_key)
+    elif path.suffix.lower() == ".npy":
+        where = str(path)
+        shape, chunks = _numpy_chunks(path, None, where)
     else:
         keys = npz_keys(path)
         if latent_key not in keys:
             raise DataError(f"{path}: no array named '{latent_key}'; the file has {keys}; "
                             "pass the right one with --latent_key / latent_key=")
-        shape, chunks = _numpy_chunks(path, latent_key + ".npy", f"{path}[{latent_key}]")
+        where = f"{path}[{latent_key}]"
+        shape, chunks = _numpy_chunks(path, latent_key + ".npy", where)
         if label_key is not None and label_key in keys:
             read = lambda: np.load(path, allow_pickle=False)[label_key]
-            where = f"{path}[{label_key}]"
-            labels = _read_labels(where, read, shape[0], lambda: _header(path, label_key + ".npy", where))
+            lwhere = f"{path}[{label_key}]"
+            labels = _read_labels(lwhere, read, shape[0], lambda: _header(path, label_key + ".npy", lwhere))
     if labels_file is not None:
         if labels is not None:  # silently preferring either would train on labels the user did not mean
             raise DataError(f"{path}: it holds its own labels '{label_key}' and a labels file "
-                            f"{labels_file} was given too; use one: drop the labels file, or re-save the .npz without "
-                            f"'{label_key}'")
+                            f"{labels_file} was given too; use one: drop the labels file, or re-save the "
+                            f"{path.suffix.lower()} without '{label_key}'")
         if not Path(labels_file).is_file():
             raise DataError(f"{labels_file}: no such labels file; check the path")
         labels = _read_labels(str(labels_file), lambda: np.load(labels_file, allow_pickle=False), shape[0],
                               lambda: _header(Path(labels_file), None, f"--labels_file {labels_file}"))
-    return shape, chunks, labels
+    return where, shape, chunks, labels
 
 
 def _write(writer_kwargs: dict, shape: tuple[int, ...], chunks, labels: np.ndarray | None, where: str) -> None:
@@ -181,9 +189,9 @@ def _write(writer_kwargs: dict, shape: tuple[int, ...], chunks, labels: np.ndarr
 
 
 def write_numpy(path: Path, writer_kwargs: dict, latent_key: str, label_key: str, labels_file) -> None:
-    """Check and write a `.npy`/`.npz` file to an ArrowWriter made with `writer_kwargs` (path= or stream=)."""
-    shape, chunks, labels = _open_numpy(path, latent_key, label_key, labels_file)
-    where = f"{path}[{latent_key}]" if path.suffix.lower() == ".npz" else str(path)
+    """Check and write a `.npy`/`.npz`/`.safetensors` file to an ArrowWriter made with `writer_kwargs` (path= or
+    stream=)."""
+    where, shape, chunks, labels = _open_numpy(path, latent_key, label_key, labels_file)
     _write(writer_kwargs, shape, chunks, labels, where)
 
 
@@ -197,8 +205,8 @@ def in_memory(write, fingerprint: str | None = None) -> datasets.Dataset:
 
 
 def source_key(path: Path, latent_key: str, label_key: str | None, labels_file) -> str:
-    """A hash naming what a `.npy`/`.npz` file holds: its path, size and modification time (and the labels
-    file's), the keys read and `CACHE_VERSION`. Names the Arrow cache file and the in-memory fingerprint."""
+    """A hash naming what a `.npy`/`.npz`/`.safetensors` file holds: its path, size and modification time (and the
+    labels file's), the keys read and `CACHE_VERSION`. Names the Arrow cache file and the in-memory fingerprint."""
     files = [path] if labels_file is None or not Path(labels_file).is_file() else [path, Path(labels_file)]
     stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = json.dumps([stamps, latent_key, label_key, str(labels_file), CACHE_VERSION])
@@ -217,7 +225,7 @@ def dataset_from_arrays(latents: np.ndarray, labels: np.ndarray | None = None, s
 
 
 def cached_numpy(path: Path, cache_dir: Path, latent_key: str, label_key: str, labels_file) -> datasets.Dataset:
-    """Arrow copy of a big `.npy`/`.npz` under cache_dir, keyed by path, size, mtime and keys."""
+    """Arrow copy of a big `.npy`/`.npz`/`.safetensors` under cache_dir, keyed by path, size, mtime and keys."""
     target = cache_dir / f"{path.stem}-{source_key(path, latent_key, label_key, labels_file)}.arrow"
     if not target.exists():
         try:

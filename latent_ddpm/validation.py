@@ -11,6 +11,8 @@ import numpy as np
 
 from .errors import UserInputError
 
+#: Accepted names of the latents and labels in Arrow/Parquet/hub/safetensors sources (besides the keys given).
+LATENT_COLUMNS, LABEL_COLUMNS = ("latents", "X"), ("labels", "y")
 #: Bytes of latents read per step when streaming (conversion, checks, statistics): bounds memory.
 CHUNK_BYTES = 32 * 2**20
 #: The largest accepted class id. A class-conditional model has one embedding row per id up to the largest, so

@@ -14,10 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from _helpers import reset_accelerate, snapshot
+from safetensors.torch import save_file
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, convert_original, data, default_scheduler, evaluate
 from latent_ddpm.demo import make_demo_latents
@@ -41,6 +43,9 @@ def files(tmp_path_factory) -> Path:
     """Every input, good and bad, in one folder."""
     d = tmp_path_factory.mktemp("inputs")
     x, y = make_demo_latents(num_samples=64, seed=0, size=8)
+    nan = x.copy()
+    nan[5, 1, 2, 3] = np.nan
+    np.save(d / "nan.npy", nan)
     np.savez(d / "good.npz", X=x, y=y)
     np.savez(d / "unlabelled.npz", X=x)
     np.save(d / "unlabelled.npy", x)
@@ -51,14 +56,20 @@ def files(tmp_path_factory) -> Path:
     np.savez(d / "other_key.npz", Z=x)
     raw = (d / "good.npz").read_bytes()
     (d / "truncated.npz").write_bytes(raw[: len(raw) // 2])
-    nan = x.copy()
-    nan[5, 1, 2, 3] = np.nan
-    np.save(d / "nan.npy", nan)
     np.savez(d / "empty.npz", X=x[:0], y=y[:0])
     np.savez(d / "negative_labels.npz", X=x, y=np.where(np.arange(64) == 7, -1, y))
     np.savez(d / "float_labels.npz", X=x, y=y.astype(np.float32) + 0.5)
     np.savez(d / "odd7.npz", X=np.zeros((8, 4, 7, 7), np.float32))
     (d / "latents.txt").write_text("1 2 3\n")
+    save_file({"Z": torch.from_numpy(x)}, d / "other_key.safetensors")
+    save_file({"X": torch.from_numpy(x)}, d / "truncated.safetensors")
+    raw = (d / "truncated.safetensors").read_bytes()
+    (d / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    save_file({"X": torch.from_numpy(nan).to(torch.bfloat16)}, d / "nan_bf16.safetensors")
+    save_file({"X": torch.from_numpy(x * 10).to(torch.int16)}, d / "int16.safetensors")
+    (d / "test_shards_only").mkdir()  # a hub dataset's layout, with no train split
+    test_shard = d / "test_shards_only" / "test-00000-of-00001.parquet"
+    datasets.Dataset.from_dict({"X": x[:8].tolist()}).to_parquet(str(test_shard))
     (d / "garbage.parquet").write_bytes(os.urandom(1000))
     (d / "plain_folder").mkdir()
     (d / "plain_folder" / "a.txt").write_text("not a dataset")
@@ -132,6 +143,17 @@ CASES = [
      "a .npy holds no labels: join them with python -m latent_ddpm.data convert"),  # was: pass --label_key
     ("train-constant-latents", "train", lambda d: ["--latent", d / "constant.npz"],
      "constant.npz: every value of the latents is the same (1.5)"),  # one constant channel is kept (std 1)
+    # (.safetensors and Parquet shard folders: read since the fifteenth session)
+    ("train-safetensors-wrong-key", "train", lambda d: ["--latent", d / "other_key.safetensors"],
+     "no tensor named 'X' (nor 'latents'); the file has ['Z']"),
+    ("train-safetensors-truncated", "train", lambda d: ["--latent", d / "truncated.safetensors"],
+     "truncated.safetensors: not a readable .safetensors file"),
+    ("train-safetensors-nan-bf16", "train", lambda d: ["--latent", d / "nan_bf16.safetensors"],
+     "nan_bf16.safetensors[X]: 1 NaN/Inf values in the latents, the first in sample 5"),
+    ("train-safetensors-int-latents", "train", lambda d: ["--latent", d / "int16.safetensors"],
+     "latents must be floating point (float16, bfloat16, float32 or float64), got dtype int16"),
+    ("train-shards-without-train-split", "train", lambda d: ["--latent", d / "test_shards_only"],
+     "no split 'train' among its .parquet files; the splits are ['test']"),
     # --- train.py: configs and flags
     ("train-config-negative-lr", "train", lambda d: ["--config", d / "neg_lr.yaml"],
      "--learning_rate: must be > 0, got -0.001"),

@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (ddim only)")
     p.add_argument("--seed", type=int, default=42, help="base seed; sample i uses (seed, i) (default 42)")
     p.add_argument("--class_labels", nargs="+", default=None,
-                   help="labels to cycle through (sample i gets labels[i %% len]), or 'all' for 0..K-1")
+                   help="labels to cycle through (sample i gets labels[i %% len]), or 'all' for every class id "
+                        "in the training data")
     p.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance weight (1 = off)")
     p.add_argument("--mixed_precision", choices=tuple(DTYPES), default="no", help="UNet weights dtype")
     p.add_argument("--output", help="output .npz (default: <run>/generated/seed_<seed>/samples_<seed>_<n>.npz)")
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode:
         attach_vae(pipe, args, model, state.device)
     unet = pipe.unet.config
-    cycle = parse_class_labels(args.class_labels, unet.num_class_embeds)
+    cycle = parse_class_labels(args.class_labels, pipe.trained_class_ids())
     size = unet.sample_size
     shape = (args.num_samples, unet.in_channels, *((size, size) if isinstance(size, int) else size))
 

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. Data: load and check (the normalisation statistics follow in step 3, once the model's needs are checked).
     data = load_training_data(cfg.train_data, latent_key=cfg.latent_key, label_key=cfg.label_key,
                               class_conditional=cfg.class_conditional, n_dim=cfg.n_dim)
-    dataset, data_name, num_classes = data.dataset, data.name, data.num_classes
+    dataset, data_name, num_classes, class_ids = data.dataset, data.name, data.num_classes, data.class_ids
     channels, height, width = dataset.features["latents"].shape
 
     # 3. Model: preset + overrides, sized to the data; then the statistics (one streaming float64 pass).
@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 if global_step == max_steps:  # uploaded (with --push_checkpoints) after the ranks part, in 11.
                     last_checkpoint = ckpt
                 elif uploader is not None:  # uploaded in the background while training goes on
-                    push_checkpoint(build_pipeline(unet, ema, noise_scheduler, stats, vae), ckpt, uploader)
+                    push_checkpoint(build_pipeline(unet, ema, noise_scheduler, stats, vae, class_ids), ckpt,
+                                    uploader)
             if global_step >= max_steps:
                 break
 
@@ -348,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             epoch += 1
             if (accelerator.is_main_process and cfg.save_images_epochs and epoch % cfg.save_images_epochs == 0
                     and global_step < max_steps):
-                preview_grid(build_pipeline(unet, ema, noise_scheduler, stats, vae), cfg,
-                             train_dir / f"samples_epoch_{epoch}.png", num_classes)
+                preview_grid(build_pipeline(unet, ema, noise_scheduler, stats, vae, class_ids), cfg,
+                             train_dir / f"samples_epoch_{epoch}.png")
     progress.close()
 
     # 10. The ranks part. DDP keeps their weights identical; the checksums check it (an error is logged if they
@@ -372,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(checksums)) > 1:
             logger.error("the ranks' weights differ at the end (checksums %s): DDP did not keep them in sync; "
                          "the saved pipeline holds rank 0's", checksums)
-        pipe = build_pipeline(unet, ema, noise_scheduler, stats, vae)
-        final_report(pipe, cfg, dataset, run_dir, history, num_classes, plan)
+        pipe = build_pipeline(unet, ema, noise_scheduler, stats, vae, class_ids)
+        final_report(pipe, cfg, dataset, run_dir, history, plan)
         if uploader is not None:  # the last checkpoint, then every checkpoint upload has finished
             if last_checkpoint is not None:
                 push_checkpoint(pipe, last_checkpoint, uploader)

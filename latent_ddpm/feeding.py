@@ -38,6 +38,7 @@ class TrainingData:
     name: str  # the data file's stem ("demo" for the built-in set): the default run folder's prefix
     source: str  # what error messages call it: the path or hub id, or "demo"
     num_classes: int | None  # labels' maximum + 1 for a class-conditional model, else None
+    class_ids: list[int] | None = None  # the distinct labels, sorted (need not be 0..K-1), saved with the pipeline
 
 
 def load_training_data(train_data: str | None, latent_key: str = "X", label_key: str = "y",
@@ -60,8 +61,12 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
                "LABELS.npy" if str(train_data).endswith(".npy") else "pass --label_key")
         raise UserInputError(f"--class_conditional needs labels, but {train_data} has no '{label_key}' labels; "
                              f"{fix}, or drop --class_conditional")
-    num_classes = int(pc.max(dataset.data.column("labels")).as_py()) + 1 if class_conditional else None
-    return TrainingData(dataset, name, source, num_classes)
+    if not class_conditional:
+        return TrainingData(dataset, name, source, None)
+    # Ids are kept as given (sample.py takes the user's own ids): the UNet embeds 0..max, the pipeline records
+    # which of them the data has, so that sampling and the run's evaluation stay on trained classes.
+    class_ids = sorted(pc.unique(dataset.data.column("labels")).to_pylist())
+    return TrainingData(dataset, name, source, class_ids[-1] + 1, class_ids)
 
 
 @dataclass

@@ -287,7 +287,7 @@ def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: 
         if scheduler_cls is None:
             raise UserInputError(f"{path}: model_index.json names an unknown scheduler {library}.{name}")
         scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
-    stats = {k: kwargs.pop(k, index.get(k)) for k in ("latents_mean", "latents_std")}
+    stats = {k: kwargs.pop(k, index.get(k)) for k in ("latents_mean", "latents_std", "class_ids")}
     vae = kwargs.pop("vae", _NOT_GIVEN)  # vae=None: none, as diffusers does for an optional component
     if vae is _NOT_GIVEN:
         vae = None

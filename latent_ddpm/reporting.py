@@ -66,11 +66,12 @@ class DivergenceWatch:
                 f"or restart with a lower --learning_rate")
 
 
-def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMScheduler, stats, vae=None
-                   ) -> LatentDDPMPipeline:
+def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMScheduler, stats, vae=None,
+                   class_ids: list[int] | None = None) -> LatentDDPMPipeline:
     """A CPU/device copy of the model with the EMA weights (when EMA is on), paired with the training
-    schedule, the data's normalisation and, if given, the autoencoder that decodes the latents (the
-    data's encoding.json names it: `latent_ddpm.autoencoder.read_encoding_info` + `load_vae`). The global random state
+    schedule, the data's normalisation, the class ids in the data (a class-conditional model) and, if given, the
+    autoencoder that decodes the latents (the data's encoding.json names it:
+    `latent_ddpm.autoencoder.read_encoding_info` + `load_vae`). The global random state
     is left as it was (the copy's initialisation draws from it), so a run that builds one at a checkpoint or an
     epoch's end trains on exactly as one resumed from there does."""
     with keep_random_state(next(unet.parameters()).device):
@@ -81,7 +82,7 @@ def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMSchedule
         ema.copy_to(model.parameters())
     scheduler = DDPMScheduler.from_config(noise_scheduler.config)
     pipe = LatentDDPMPipeline(unet=model.eval(), scheduler=scheduler, latents_mean=stats.mean, latents_std=stats.std,
-                              vae=vae)
+                              vae=vae, class_ids=class_ids)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -114,13 +115,14 @@ def schedule_error(scheduler: DDPMScheduler, cfg, channels: int) -> str | None:
             "is 1000 linear steps from 1e-4 to 0.02")
 
 
-def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int, num_classes: int | None,
-                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int, batch_size: int = 64
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
     """`num` samples with `PREVIEW_SAMPLER` (`steps` steps), one generator per sample (batch-size independent);
-    class labels cycle through the classes when the model is conditional."""
+    class labels cycle through the trained class ids (`pipe.trained_class_ids()`) when the model is conditional."""
     scheduler = pipe.scheduler
     pipe.scheduler = make_scheduler(PREVIEW_SAMPLER, scheduler.config)
-    labels = np.arange(num) % num_classes if num_classes else None
+    ids = pipe.trained_class_ids()
+    labels = np.array(ids, dtype=np.int64)[np.arange(num) % len(ids)] if ids else None
     out = []
     try:
         for start in range(0, num, batch_size):
@@ -133,12 +135,11 @@ def sample_for_preview(pipe: LatentDDPMPipeline, num: int, steps: int, seed: int
     return np.concatenate(out), labels
 
 
-def preview_grid(pipe: LatentDDPMPipeline, cfg, path: Path, num_classes: int | None) -> None:
+def preview_grid(pipe: LatentDDPMPipeline, cfg, path: Path) -> None:
     """Write a grid of `cfg.num_preview_samples` samples of `pipe` (from `build_pipeline`) to `path`; when the
     pipeline has a vae, also the decoded images to `<path stem>_images.png`."""
     with keep_random_state(pipe.unet.device):  # samplers may draw from it: the run must not notice
-        latents, labels = sample_for_preview(pipe, cfg.num_preview_samples, cfg.preview_inference_steps, cfg.seed,
-                                             num_classes)
+        latents, labels = sample_for_preview(pipe, cfg.num_preview_samples, cfg.preview_inference_steps, cfg.seed)
     save_latent_grid(path, latents, labels=labels, title=path.stem)
     save_decoded_grid(pipe, latents, path.with_name(f"{path.stem}_images.png"))
 
@@ -178,22 +179,20 @@ def push_checkpoint(pipe: LatentDDPMPipeline, ckpt: Path, uploader: CheckpointUp
     uploader.submit(ckpt / "pipeline", f"checkpoint {ckpt.name}", train_dir=ckpt.parent)
 
 
-def final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history: dict, num_classes: int | None,
-                 plan: str) -> dict:
+def final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history: dict, plan: str) -> dict:
     """Save `pipe` (from `build_pipeline`) as `run_dir/pipeline`, and under `run_dir/train`: loss_curve.png,
     samples.png (and decoded samples_images.png when it has a vae), metrics.json. A write that fails (a full
     disk) raises `UserInputError` saying how to write them from the last checkpoint."""
     from .errors import UserInputError
 
     try:
-        return _write_final_report(pipe, cfg, dataset, run_dir, history, num_classes, plan)
+        return _write_final_report(pipe, cfg, dataset, run_dir, history, plan)
     except OSError as err:
         raise UserInputError(f"cannot write the final report in {run_dir} ({err.strerror or err}"
                              f"{': ' + str(err.filename) if err.filename else ''}); {RECOVER_HINT}") from None
 
 
-def _write_final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history: dict,
-                        num_classes: int | None, plan: str) -> dict:
+def _write_final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, history: dict, plan: str) -> dict:
     train_dir = run_dir / "train"
     save_pipeline_atomically(pipe, run_dir / "pipeline")
     if history["steps"]:
@@ -204,7 +203,7 @@ def _write_final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, h
                      "rank_weight_checksums": history.get("rank_weight_checksums")}
     n_eval = max(cfg.num_eval_samples, cfg.num_preview_samples)
     if cfg.num_eval_samples or cfg.num_preview_samples:
-        samples, labels = sample_for_preview(pipe, n_eval, cfg.preview_inference_steps, cfg.seed, num_classes)
+        samples, labels = sample_for_preview(pipe, n_eval, cfg.preview_inference_steps, cfg.seed)
         metrics.update(sampler=PREVIEW_SAMPLER, inference_steps=cfg.preview_inference_steps)
         save_latent_grid(train_dir / "samples.png", samples[: cfg.num_preview_samples],
                          labels=None if labels is None else labels[: cfg.num_preview_samples], title="samples")

@@ -34,7 +34,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import ArgumentParser, UserInputError, first_line
 from .hybrid_solver import HybridDPMSolverMultistepScheduler
-from .pipeline import DEFAULT_SCHEDULER_CONFIG, LatentDDPMPipeline, inference_steps_error
+from .pipeline import DEFAULT_SCHEDULER_CONFIG, LatentDDPMPipeline, format_class_ids, inference_steps_error
 from .run_folder import PIPELINE_SUBDIR, pipeline_of
 from .sources import diffusers_logs_on_success, is_hub_id
 
@@ -295,25 +295,28 @@ def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator
     return [torch.Generator("cpu").manual_seed(sample_seed(seed, int(i))) for i in indices]
 
 
-def parse_class_labels(spec: Sequence[str] | None, num_classes: int | None) -> list[int] | None:
+def parse_class_labels(spec: Sequence[str] | None, class_ids: list[int] | None) -> list[int] | None:
     """`--class_labels` values -> a list of labels to cycle through (None: unconditional).
 
-    `all` cycles through 0..num_classes-1. Labels must be integers in range; a model without class
-    embeddings accepts none.
+    `class_ids` are the model's classes (`LatentDDPMPipeline.trained_class_ids`: the ids in its training data, or
+    0..num_class_embeds-1 for a pipeline that does not record them; None for an unconditional model). `all`
+    cycles through them; other labels must be integers among them; a model without class embeddings accepts none.
     """
     if not spec:
         return None
-    if num_classes is None:
+    if class_ids is None:
         raise UserInputError("--class_labels given, but the model is unconditional (num_class_embeds=None)")
     if list(spec) == ["all"]:
-        return list(range(num_classes))
+        return list(class_ids)
     try:
         labels = [int(v) for v in spec]
     except ValueError:
         raise UserInputError(f"--class_labels takes integers or 'all', got {' '.join(spec)}") from None
-    bad = [v for v in labels if not 0 <= v < num_classes]
+    known = set(class_ids)
+    bad = list(dict.fromkeys(v for v in labels if v not in known))
     if bad:
-        raise UserInputError(f"--class_labels {bad} out of range: this model has classes 0..{num_classes - 1}")
+        raise UserInputError(f"--class_labels {', '.join(map(str, bad))}: not a class this model was trained on; "
+                             f"its classes are {format_class_ids(class_ids)}")
     return labels
 
 

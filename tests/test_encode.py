@@ -452,7 +452,7 @@ def test_previews_decode_with_a_vae(pipe_with_vae, tmp_path):
     stats = LatentStats("channel", [0.0] * 4, [1.0] * 4)
     cfg = SimpleNamespace(num_preview_samples=3, preview_inference_steps=2, seed=0)
     pipe = build_pipeline(pipe_with_vae.unet, None, pipe_with_vae.scheduler, stats, vae=pipe_with_vae.vae)
-    preview_grid(pipe, cfg, tmp_path / "step_1.png", None)
+    preview_grid(pipe, cfg, tmp_path / "step_1.png")
     assert (tmp_path / "step_1.png").is_file()
     grid = Image.open(tmp_path / "step_1_images.png")
     assert grid.size == (2 * (RES + 2) + 2,) * 2  # 3 images on a 2x2 grid with 2-pixel gaps

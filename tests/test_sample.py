@@ -333,7 +333,7 @@ def test_bad_models_and_labels(models, tmp_path, capsys):
                           (["--model", models / "cond" / "nothing"], "no such folder"),
                           (["--model", tmp_path / "run_without_index"], "an unfinished run?"),
                           ([], "--model DIR_OR_HUB_ID"),
-                          (["--model", cond, "--class_labels", "3"], "out of range"),
+                          (["--model", cond, "--class_labels", "3"], "its classes are 0, 1, 2"),
                           (["--model", cond, "--class_labels", "a"], "integers or 'all'")]:
         assert run([*argv, "--output", tmp_path / "o.npz"]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -142,11 +142,15 @@ def _model_summary(folder: Path) -> str:
             for key in f.keys():
                 shape = f.get_slice(key).get_shape()
                 n_params += math.prod(shape)
-    classes = unet.get("num_class_embeds")
+    classes, ids = unet.get("num_class_embeds"), index.get("class_ids")
+    conditioning = f"{classes} classes, classifier-free guidance" if classes else "unconditional"
+    if classes and isinstance(ids, list) and ids != list(range(classes)):  # ids other than 0..K-1: say which
+        shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
+        conditioning = f"{len(ids)} classes (ids {shown}), classifier-free guidance"
     lines = [
         f"- latents: {unet['in_channels']} x {h} x {w} (C x H x W)",
         f"- denoiser: `AdvancedUNet2DModel`, {n_params:,} parameters, widths {unet.get('down_channels')}",
-        f"- conditioning: {f'{classes} classes, classifier-free guidance' if classes else 'unconditional'}",
+        f"- conditioning: {conditioning}",
         f"- scheduler: `{index['scheduler'][1]}`",
         f"- normalisation: mean {index.get('latents_mean')}, std {index.get('latents_std')}",
     ]

@@ -1,0 +1,58 @@
+"""Folders of Parquet shards, the layout of a downloaded hub dataset (`train-00000-of-00003.parquet`, ...,
+`data/test-*`): split as `datasets` splits a hub dataset's files, read with `datasets.load_dataset("parquet")`.
+`data.load_latents` then checks them like any other source."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+from datasets.exceptions import DatasetGenerationError
+
+from .errors import first_line
+from .validation import DataError
+
+
+def parquet_splits(path: Path) -> dict[str, list[str]]:
+    """The Parquet files of a folder per split, as `datasets` resolves a hub dataset's files (`train-*`, `test-*`,
+    `data/train-*`, ...; one `train` split when no file names one). Empty when the folder holds no Parquet file."""
+    base = str(path.resolve())
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base, allowed_extensions=[".parquet"])
+    except (EmptyDatasetError, FileNotFoundError):  # no file at all, or none of the split's files is Parquet
+        return {}
+    return {str(split): list(names) for split, names in files.items() if names}
+
+
+def load_parquet_shards(path: Path, split: str, cache_dir: Path) -> datasets.Dataset:
+    """A folder of Parquet shards (a downloaded hub dataset's layout) read with `datasets.load_dataset("parquet")`,
+    only `split`'s files; its Arrow copy goes under `cache_dir`/parquet (keyed by `datasets` on the files' paths
+    and modification times), never into the data folder."""
+    splits = parquet_splits(path)
+    if not splits:
+        raise DataError(f"{path}: a folder but not a saved dataset (no state.json) and no .parquet files in it; "
+                        "pass a folder written by Dataset.save_to_disk or `python -m latent_ddpm.data convert`, "
+                        "or a folder of .parquet shards")
+    if split not in splits:
+        raise DataError(f"{path}: no split '{split}' among its .parquet files; the splits are {list(splits)}; pass "
+                        f"split= (train.py reads 'train'), or name the shards {split}-00000-of-00001.parquet, ...")
+    if unreadable := [name for name in splits[split] if not os.access(name, os.R_OK)]:
+        raise DataError(f"{unreadable[0]}: the file is not readable (permissions); check them")
+    parquet_log = logging.getLogger("datasets.packaged_modules.parquet.parquet")
+    parquet_log.disabled, was = True, parquet_log.disabled  # its own line for a bad file: ours says it all
+    try:
+        return datasets.load_dataset("parquet", data_files={split: splits[split]}, split=split,
+                                     cache_dir=str(cache_dir / "parquet"))
+    except OSError as err:  # the shards are readable: writing the Arrow copy failed
+        raise DataError(f"{path}: cannot write its Arrow copy under {cache_dir / 'parquet'} ({err.strerror or err}); "
+                        "free space there or set LATENT_DDPM_CACHE to a writable folder") from None
+    except (ValueError, pa.ArrowException, DatasetGenerationError) as err:  # the cause says which and why
+        detail = first_line(err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err)
+        raise DataError(f"{path}: the '{split}' .parquet shards cannot be read as one table ({detail}); "
+                        "check that every shard is a readable Parquet file with the same columns") from err
+    finally:
+        parquet_log.disabled = was

@@ -23,6 +23,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet  # noqa: F401 - pa.parquet
 from datasets.exceptions import DatasetGenerationError
 
 from .errors import ArgumentParser, first_line, run_cli
@@ -59,7 +60,7 @@ from .validation import (
 __all__ = ["ARROW_SUFFIXES", "CACHE_VERSION", "CHUNK_BYTES", "DEFAULT_CACHE_DIR", "DataError", "IN_MEMORY_MAX_BYTES",
            "LABEL_COLUMNS", "LATENT_COLUMNS", "NUMPY_SUFFIXES", "PARQUET_SUFFIXES", "SAFETENSORS_SUFFIXES",
            "TENSOR_SUFFIXES", "check_compatible", "convert", "dataset_from_arrays", "iter_chunks", "latent_features",
-           "load_latents", "main"]
+           "load_latents", "main", "source_names"]
 
 #: File suffixes read as numpy, Parquet and Arrow (`.safetensors`: SAFETENSORS_SUFFIXES, from `safetensorsio`).
 NUMPY_SUFFIXES, PARQUET_SUFFIXES, ARROW_SUFFIXES = (".npz", ".npy"), (".parquet",), (".arrow",)
@@ -233,6 +234,24 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
         raise DataError(f"{path}: not a readable {suffix} file, or one with no rows ({first_line(err)}); re-export "
                         "it") from err
     return _standardize(ds, str(path), latent_key, label_key, verify, cache_dir)
+
+
+def source_names(source: str | os.PathLike) -> list[str] | None:
+    """The array or column names of a local `.npz`, `.safetensors`, `.parquet` or saved-dataset folder, read from
+    its header or schema (for messages that name what is there); None for other sources or an unreadable one."""
+    path = Path(source)
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            return list(ds.column_names if isinstance(ds, datasets.Dataset) else next(iter(ds.values())).column_names)
+        suffix = path.suffix.lower()
+        if suffix in SAFETENSORS_SUFFIXES:
+            return safetensors_keys(path)
+        if suffix in PARQUET_SUFFIXES:
+            return pa.parquet.read_schema(str(path)).names
+        return npz_keys(path) if suffix == ".npz" else None
+    except Exception:  # noqa: BLE001 - only a hint in a message: without it the message still stands
+        return None
 
 
 def _read_arrow(path: Path) -> datasets.Dataset:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader
 
-from .data import DataError, iter_chunks, load_latents
+from .data import DataError, iter_chunks, load_latents, source_names
 from .demo import demo_dataset
 from .errors import UserInputError
 
@@ -57,9 +57,11 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
         raise UserInputError(f"--n_dim {n_dim} does not match the data: {source} has {channels} channels; "
                              f"drop --n_dim or pass --n_dim {channels}")
     if class_conditional and "labels" not in dataset.column_names:
+        names = source_names(train_data) if train_data is not None else None
+        holds = f" (it holds {', '.join(map(repr, names))})" if names else ""
         fix = ("a .npy holds no labels: join them with python -m latent_ddpm.data convert IN.npy OUT --labels_file "
-               "LABELS.npy" if str(train_data).endswith(".npy") else "pass --label_key")
-        raise UserInputError(f"--class_conditional needs labels, but {train_data} has no '{label_key}' labels; "
+               "LABELS.npy" if str(train_data).endswith(".npy") else "name the labels with --label_key")
+        raise UserInputError(f"--class_conditional needs labels, but {train_data} has no '{label_key}' labels{holds}; "
                              f"{fix}, or drop --class_conditional")
     if not class_conditional:
         return TrainingData(dataset, name, source, None)

@@ -48,6 +48,7 @@ def files(tmp_path_factory) -> Path:
     np.save(d / "nan.npy", nan)
     np.savez(d / "good.npz", X=x, y=y)
     np.savez(d / "unlabelled.npz", X=x)
+    np.savez(d / "other_label_key.npz", X=x, classes=y)
     np.save(d / "unlabelled.npy", x)
     np.savez(d / "constant.npz", X=np.full_like(x, 1.5))
     np.savez(d / "int8.npz", X=(x * 10).astype(np.int8), y=y)  # 4-D, the right shape, but int8
@@ -139,6 +140,9 @@ CASES = [
     ("train-plain-folder", "train", lambda d: ["--latent", d / "plain_folder"], "not a saved dataset"),
     ("train-labels-needed", "train", lambda d: ["--latent", d / "unlabelled.npz", "--class_conditional"],
      "--class_conditional needs labels"),
+    ("train-labels-other-key", "train", lambda d: ["--latent", d / "other_label_key.npz", "--class_conditional",
+                                                    "--label_key", "labelz"],
+     "has no 'labelz' labels (it holds 'X', 'classes'); name the labels with --label_key"),  # named neither
     ("train-labels-needed-npy", "train", lambda d: ["--latent", d / "unlabelled.npy", "--class_conditional"],
      "a .npy holds no labels: join them with python -m latent_ddpm.data convert"),  # was: pass --label_key
     ("train-constant-latents", "train", lambda d: ["--latent", d / "constant.npz"],

@@ -239,9 +239,12 @@ class TrainConfig:
         return json_object(self.model_config, "--model_config", "AdvancedUNet2DModel arguments")
 
     def to_dict(self) -> dict:
-        """JSON-able dict of every field (the hub token is never written)."""
+        """JSON-able dict of every field (the hub token is never written; a local `train_data` is made absolute, so
+        that the record names the data wherever it is read from: sample.py never writes over it)."""
         out = dataclasses.asdict(self)
         out["hub_token"] = None
+        if self.train_data is not None and os.path.exists(self.train_data):
+            out["train_data"] = os.path.abspath(self.train_data)
         return out
 
 

@@ -364,3 +364,14 @@ def test_pickled_weights_are_refused(run, tmp_path):
     with pytest.raises(UserInputError, match="pickled weights"):
         prepare_upload_folder(saved, tmp_path / "upload")
 
+
+
+def test_the_card_shows_local_paths_by_their_name_only():
+    # train.py records train_data absolute (so that sample.py never writes over it from another folder): the
+    # public card must not carry the user's folders.
+    from latent_ddpm.remote.card import build_model_card
+
+    config = {"train_data": "/home/alice/secret_project/latents.npz", "output_dir": "/home/alice/runs/a",
+              "learning_rate": 1e-4}
+    text = build_model_card(REPO, train_config=config).text
+    assert "train_data: latents.npz" in text and "output_dir: a" in text and "/home/alice" not in text

@@ -25,6 +25,7 @@ from _helpers import run_sample as run
 from accelerate.state import PartialState
 
 from latent_ddpm import paths
+from latent_ddpm.config import TrainConfig
 
 
 @pytest.fixture
@@ -236,21 +237,24 @@ def test_overwrite_removes_what_the_new_run_does_not_rewrite(pipes, tmp_path, re
     assert sorted(p.name for p in tmp_path.iterdir()) == (["x.npz"] if rerun else ["x.npz", "x.png"])
 
 
-@pytest.mark.parametrize("recorded", ["absolute", "relative"])
-def test_output_never_replaces_the_runs_training_data(pipes, tmp_path, capsys, no_loading, monkeypatch, recorded):
+@pytest.mark.parametrize("given", ["absolute", "relative"])
+def test_output_never_replaces_the_runs_training_data(pipes, tmp_path, capsys, no_loading, monkeypatch, given):
     # With --model RUN (not --latent), --output on the data that RUN was trained on replaced it under --overwrite:
-    # the run's train/config.json names that data.
+    # the run's train/config.json names that data, absolute even when train.py was given a relative path, so
+    # that sample.py run from another folder still finds it.
     data = tmp_path / "x.npz"
     np.savez(data, X=np.zeros((4, 4, 8, 8), np.float32))
     before = data.read_bytes()
     run_dir = tmp_path / "run"
     (run_dir / "train").mkdir(parents=True)
     (run_dir / "pipeline").symlink_to(pipes / "uncond")
-    monkeypatch.chdir(tmp_path)  # a relative path is recorded as given, relative to where train.py ran
-    (run_dir / "train" / "config.json").write_text(json.dumps({"train_data": str(data if recorded == "absolute"
-                                                                                 else "x.npz")}))
+    monkeypatch.chdir(tmp_path)  # where train.py ran
+    config = TrainConfig(train_data=str(data) if given == "absolute" else "x.npz").to_dict()
+    (run_dir / "train" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where sample.py runs
     assert run(["--model", run_dir, "--output", data, "--overwrite", *FAST]) == 2
-    assert f"would replace the input {data if recorded == 'absolute' else 'x.npz'}" in one_error_line(capsys)
+    assert f"would replace the input {data}" in one_error_line(capsys)
     assert data.read_bytes() == before
 
 

@@ -46,6 +46,9 @@ def build_model_card(
         description: a paragraph under the title.
     """
     train_config = {k: v for k, v in (train_config or {}).items() if "token" not in k.lower()}
+    for key in LOCAL_PATH_KEYS:  # an absolute local path tells the hub about the user's machine: its name only
+        if isinstance(train_config.get(key), str) and os.path.isabs(train_config[key]):
+            train_config[key] = Path(train_config[key]).name
     if datasets is None and _looks_like_dataset_id(train_config.get("train_data")):
         datasets = train_config["train_data"]
     datasets = [datasets] if isinstance(datasets, str) else datasets
@@ -69,6 +72,9 @@ def build_model_card(
         parts.append(f"## Training configuration\n\n```yaml\n{yaml.safe_dump(plain, sort_keys=False).strip()}\n```")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(parts) + "\n")
 
+
+#: Training settings that may hold a local path (train.py records `train_data` absolute).
+LOCAL_PATH_KEYS = ("train_data", "output_dir", "resume_from_checkpoint", "model_config")
 
 #: Tags every card gets.
 CARD_TAGS = ["diffusers", "latent-diffusion", "ddpm", "latent-ddpm"]

@@ -19,6 +19,7 @@ import errno
 import inspect
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -73,6 +74,8 @@ from latent_ddpm.sampling import (
     steps_taken,
 )
 
+# The first bytes of every PNG file.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Most samples shown in the PNG preview grid.
 GRID_SAMPLES = 64
 
@@ -186,10 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     latent_grid, image_grid = output.with_suffix(".png"), output.with_name(f"{output.stem}_images.png")
     grids = [] if args.no_grid else [latent_grid] + [image_grid] * args.decode
     writes = [output, *grids, *([images_dir] if args.decode else [])]
-    # --overwrite replaces the whole set: what this run does not rewrite (an earlier grid under --no_grid, earlier
-    # decoded images) goes too, so that nothing stale sits beside the new samples. Without it, that is left alone.
-    earlier = (latent_grid, image_grid, images_dir) if args.overwrite else ()
-    stale = [path for path in earlier if path not in writes and os.path.lexists(path)]
+    # --overwrite over an earlier output replaces its whole set: what this run does not rewrite (its grid under
+    # --no_grid, its decoded images) goes too, so that nothing stale sits beside the new samples; only what looks
+    # like sample.py's own files (`written_by_sample_py`). Without --overwrite, or a new output, all is left alone.
+    earlier = (latent_grid, image_grid, images_dir) if args.overwrite and output.is_file() else ()
+    stale = [path for path in earlier if path not in writes and written_by_sample_py(path)]
     # Never over the data; inside --model is fine (a bare pipeline folder's samples go to its own generated/).
     inputs = (args.latent, args.scheduler_config, recorded_train_data(run_dir_of(model)))  # the run's data too
     for path in writes + stale:
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             written = True
             for path in stale:
                 remove_path(path)
+                stderr_line(f"note: removed {path}, from an earlier run writing {output.name}")
             elapsed = time.perf_counter() - start_time
             if not args.no_grid:
                 preview = np.load(partial, mmap_mode="r", allow_pickle=False)[:GRID_SAMPLES]
@@ -308,6 +313,17 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(images_work, ignore_errors=True)
             lock.release()
     return 0
+
+
+def written_by_sample_py(path: Path) -> bool:
+    """Whether `path` looks like what sample.py writes beside an output: a PNG file (a grid) or a folder of
+    nothing but `NNNNNN.png` files (decoded images). Anything else there is the user's, never removed."""
+    if path.is_symlink() or not path.exists():
+        return False
+    if path.is_file():
+        with open(path, "rb") as f:
+            return f.read(8) == PNG_SIGNATURE
+    return all(child.is_file() and re.fullmatch(r"\d{6}\.png", child.name) for child in path.iterdir())
 
 
 def write_error(output: Path, err: OSError, note: str = "") -> str:

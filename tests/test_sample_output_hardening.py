@@ -225,16 +225,35 @@ def test_another_outputs_abandoned_partial_is_removed_a_live_one_kept(pipes, tmp
     assert lock_of(busy).read_text() == f"{socket.gethostname()} {os.getpid()}"
 
 
+PNG = b"\x89PNG\r\n\x1a\n and the rest"
+
+
 @pytest.mark.parametrize("rerun", [["--no_grid"], []], ids=["no-grid", "grid-without-decode"])
-def test_overwrite_removes_what_the_new_run_does_not_rewrite(pipes, tmp_path, rerun):
+def test_overwrite_removes_what_the_new_run_does_not_rewrite(pipes, tmp_path, capsys, rerun):
     # An earlier run's grid and decoded images would sit beside other samples: --overwrite replaces the whole set.
     out = tmp_path / "x.npz"
     assert run(["--model", pipes / "uncond", "--output", out, *FAST]) == 0
     (tmp_path / "x_images").mkdir()  # as --decode writes them
-    (tmp_path / "x_images" / "000000.png").write_bytes(b"png")
-    (tmp_path / "x_images.png").write_bytes(b"png")
+    (tmp_path / "x_images" / "000000.png").write_bytes(PNG)
+    (tmp_path / "x_images.png").write_bytes(PNG)
+    capsys.readouterr()
     assert run(["--model", pipes / "uncond", "--output", out, "--overwrite", *rerun, *FAST]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == (["x.npz"] if rerun else ["x.npz", "x.png"])
+    assert f"note: removed {tmp_path / 'x_images'}, from an earlier run writing x.npz" in capsys.readouterr().err
+
+
+def test_overwrite_never_removes_files_sample_py_did_not_write(pipes, tmp_path):
+    # The first version removed <stem>.png and <stem>_images/ under --overwrite whatever they held, even with no
+    # earlier output: a user's photos went with no word.
+    (tmp_path / "cat_images").mkdir()
+    (tmp_path / "cat_images" / "photo.jpg").write_bytes(b"precious")
+    (tmp_path / "cat.png").write_bytes(PNG)
+    (tmp_path / "cat_images.png").write_bytes(b"not a PNG")
+    argv = ["--model", pipes / "uncond", "--output", tmp_path / "cat.npz", "--overwrite", "--no_grid", *FAST]
+    assert run(argv) == 0  # no earlier cat.npz: nothing beside it is this command's
+    assert run(argv) == 0  # an earlier cat.npz: still, a folder holding a .jpg and a non-PNG file are not its own
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.npz", "cat_images", "cat_images.png"]
+    assert (tmp_path / "cat_images" / "photo.jpg").read_bytes() == b"precious"
 
 
 @pytest.mark.parametrize("given", ["absolute", "relative"])
@@ -258,15 +277,14 @@ def test_output_never_replaces_the_runs_training_data(pipes, tmp_path, capsys, n
     assert data.read_bytes() == before
 
 
-def test_overwrite_never_removes_the_data_as_a_stale_output(pipes, tmp_path, capsys, no_loading):
+def test_overwrite_never_removes_the_data_as_a_stale_output(pipes, tmp_path):
     data = tmp_path / "x_images"  # a saved-dataset folder named like --output's decoded images
     data.mkdir()
     (data / "dataset_info.json").write_text("{}")
     (tmp_path / "runs" / "x_images_ddpm_4_1000_0.0001_0.02").mkdir(parents=True)  # the run --latent finds
     (tmp_path / "runs" / "x_images_ddpm_4_1000_0.0001_0.02" / "pipeline").symlink_to(pipes / "uncond")
     argv = ["--latent", data, "--runs_dir", tmp_path / "runs", "--output", tmp_path / "x.npz", "--overwrite", *FAST]
-    assert run(argv) == 2
-    assert "would replace the input" in one_error_line(capsys)
+    assert run(argv) == 0 and run(argv) == 0  # the second over an earlier x.npz
     assert (data / "dataset_info.json").read_text() == "{}"
 
 

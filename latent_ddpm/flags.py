@@ -164,7 +164,9 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         if value is None or isinstance(value, tp) or (tp is float and isinstance(value, int)):
             continue
         raise UserInputError(f"--{name}: expected {tp.__name__}, got {value!r}")
-    if values.get("lr_warmup_steps") and values.get("lr_scheduler") == "constant":  # given, not the default
+    # Given (on the command line, or a file's own value: a saved train/config.json holds the default), not the default.
+    warmup_given = "lr_warmup_steps" in args or values.get("lr_warmup_steps") != TrainConfig.lr_warmup_steps
+    if warmup_given and values.get("lr_warmup_steps") and values.get("lr_scheduler") == "constant":
         raise UserInputError(f"--lr_warmup_steps {values['lr_warmup_steps']}: --lr_scheduler constant has no "
                              "warm-up; use --lr_scheduler constant_with_warmup, or drop --lr_warmup_steps")
     return TrainConfig(**values).validate()

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from latent_ddpm.checkpointing import checkpoint_problem, list_checkpoints, save_checkpoint
 from latent_ddpm.demo import make_demo_latents
 from latent_ddpm.errors import UserInputError
+from latent_ddpm.flags import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -486,3 +487,15 @@ def test_the_flag_parsing_still_imports_from_config():
     assert parse_train_args is flags.parse_train_args and config.build_parser is flags.build_parser
     with pytest.raises(AttributeError):
         config.no_such_name  # noqa: B018
+
+
+def test_a_saved_config_of_a_constant_lr_run_reads_back(tmp_path):
+    # train/config.json holds the resolved --lr_warmup_steps (the default 200) also for --lr_scheduler constant:
+    # fed back with --config it was refused as a warm-up "given" with constant. A value given is still refused.
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(parse_train_args(["--lr_scheduler", "constant"]).to_dict()))
+    assert parse_train_args(["--config", str(saved)]).lr_scheduler == "constant"
+    for argv in (["--config", str(saved), "--lr_warmup_steps", "200"], ["--lr_scheduler", "constant",
+                                                                         "--lr_warmup_steps", "7"]):
+        with pytest.raises(UserInputError, match="--lr_scheduler constant has no warm-up"):
+            parse_train_args(argv)

@@ -10,19 +10,38 @@ from pathlib import Path
 
 import datasets
 import pyarrow as pa
-from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
 from datasets.exceptions import DatasetGenerationError
 
 from .errors import first_line
 from .validation import DataError
 
 
-def parquet_splits(path: Path) -> dict[str, list[str]]:
-    """The Parquet files of a folder per split, as `datasets` resolves a hub dataset's files (`train-*`, `test-*`,
-    `data/train-*`, ...; one `train` split when no file names one). Empty when the folder holds no Parquet file."""
-    base = str(path.resolve())
+def card_configs(path: Path) -> list[dict]:
+    """The subsets (`configs:`) a hub dataset's README.md declares in its YAML header; [] when there is none."""
+    from huggingface_hub.repocard import metadata_load
+
     try:
-        files = DataFilesDict.from_patterns(get_data_patterns(base), base_path=base, allowed_extensions=[".parquet"])
+        configs = (metadata_load(path / "README.md") or {}).get("configs") if (path / "README.md").is_file() else []
+    except Exception:  # noqa: BLE001 - an unreadable card declares nothing: the files' names decide, as datasets does
+        return []
+    return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
+
+
+def parquet_splits(path: Path) -> dict[str, list[str]]:
+    """The Parquet files of a folder per split, as `datasets` resolves a hub dataset's files: the `data_files` of
+    the one subset its README.md declares, else by name (`train-*`, `test-*`, `data/train-*`, ...; one `train`
+    split when no file names one). Empty when the folder holds no Parquet file. Several subsets are refused."""
+    base = str(path.resolve())
+    configs = card_configs(path)
+    if len(configs) > 1:  # merging them would mix, e.g., latents of two autoencoders
+        names = ", ".join(str(c.get("config_name")) for c in configs)
+        raise DataError(f"{path}: its README.md declares {len(configs)} subsets ({names}); pass the folder of one "
+                        "subset's shards")
+    declared = configs[0].get("data_files") if configs else None
+    patterns = sanitize_patterns(declared) if declared else get_data_patterns(base)
+    try:
+        files = DataFilesDict.from_patterns(patterns, base_path=base, allowed_extensions=[".parquet"])
     except (EmptyDatasetError, FileNotFoundError):  # no file at all, or none of the split's files is Parquet
         return {}
     return {str(split): list(names) for split, names in files.items() if names}

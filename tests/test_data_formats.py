@@ -97,6 +97,24 @@ def test_shards_in_a_nested_data_folder(tmp_path):
     np.testing.assert_array_equal(got_x, x[6:])
 
 
+def test_the_subsets_a_dataset_card_declares(tmp_path):
+    # Two subsets (say, latents of two autoencoders) in subfolders were merged into one set; datasets itself
+    # refuses to choose. Several are refused; one declared subset's data_files are what it reads.
+    x = latents(8, seed=4)
+    folder = tmp_path / "hub"
+    write_shard(folder / "vae_a" / "train-00000-of-00001.parquet", x[:4])
+    write_shard(folder / "vae_b" / "train-00000-of-00001.parquet", x[4:])
+    card = "---\nconfigs:\n- config_name: vae_a\n  data_files: vae_a/train-*\n{}---\n"
+    (folder / "README.md").write_text(card.format("- config_name: vae_b\n  data_files: vae_b/train-*\n"))
+    expect_error(folder, r"its README.md declares 2 subsets \(vae_a, vae_b\); pass the folder of one subset's shards",
+                 cache_dir=tmp_path / "cache")
+    got_x, _ = arrays(load_latents(folder / "vae_b", label_key=None, cache_dir=tmp_path / "cache"))
+    np.testing.assert_array_equal(got_x, x[4:])
+    (folder / "README.md").write_text(card.format(""))
+    got_x, _ = arrays(load_latents(folder, label_key=None, cache_dir=tmp_path / "cache"))
+    np.testing.assert_array_equal(got_x, x[:4])
+
+
 def test_shards_that_name_no_split_are_the_train_split(tmp_path):
     x = latents(6, seed=3)
     write_shard(tmp_path / "d" / "part0.parquet", x[:4])

@@ -210,7 +210,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     if not path.exists():
         if suffix in known or not is_hub_id(str(source)):
             raise DataError(f"{source}: no such file or folder; check the path")
-        return _load_hub(str(source), split, latent_key, label_key, verify, hub_kwargs)
+        return _load_hub(str(source), split, latent_key, label_key, verify, hub_kwargs, cache_dir)
     if suffix not in known:
         raise DataError(f"{path}: unknown format '{suffix}'; use {FORMATS}")
     if not os.access(path, os.R_OK):
@@ -262,8 +262,8 @@ def _read_arrow(path: Path) -> datasets.Dataset:
         return datasets.Dataset(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
 
 
-def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify: bool, kwargs: dict
-              ) -> datasets.Dataset:
+def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify: bool, kwargs: dict,
+              cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
     """A hub dataset via `datasets.load_dataset` (network; not exercised by the tests)."""
     try:
         with quiet_hub_retries():
@@ -271,7 +271,7 @@ def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify:
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
         raise DataError(f"{repo_id}: not a local file and cannot be loaded from the hub ({err}); "
                         "check the path or the dataset id") from err
-    return _standardize(ds, f"hub:{repo_id}", latent_key, label_key, verify)
+    return _standardize(ds, f"hub:{repo_id}", latent_key, label_key, verify, cache_dir)
 
 
 def check_compatible(ds: datasets.Dataset, in_channels: int | None = None, downsample_factor: int | None = None,

@@ -145,8 +145,10 @@ def compute_stats(ds: datasets.Dataset, mode: str = "channel", scaling_factor: f
         n, mean, m2 = gn, np.repeat(gmean, channels), np.repeat(gm2, channels)
     std = np.sqrt(m2 / n)
     if (std == 0).all():
-        raise DataError(f"{source}: every value of the latents is the same ({mean[0]:g}); there is nothing to learn: "
-                        "check the data (the right file, the right --latent_key)")
+        what = (f"every value of the latents is the same ({mean[0]:g})" if (mean == mean[0]).all() else
+                f"every channel of the latents is constant (values {', '.join(f'{m:g}' for m in mean)})")
+        raise DataError(f"{source}: {what}; there is nothing to learn: check the data (the right file, the right "
+                        "--latent_key)")
     if constant := np.flatnonzero(std == 0).tolist():  # e.g. a padding channel: kept, centred, not scaled
         warnings.warn(f"{source}: channel(s) {constant} of the latents are constant (std 0): they are centred but "
                       "not scaled (std 1), and the model learns them as constant", stacklevel=2)

@@ -96,7 +96,8 @@ def _yaml_loader():
             value = super().construct_yaml_int(node)
             if _OCTAL_INT.fullmatch(node.value) and value != (meant := int(node.value.replace("_", ""), 10)):
                 raise _OctalInt(f"line {node.start_mark.line + 1}: YAML reads {node.value} as the octal number "
-                                f"{value}; write {meant} (no leading zero)")
+                                f"{value}; write {meant} (no leading zero), or \"{node.value}\" in quotes for a "
+                                "text setting")
             return value
 
     Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)

@@ -355,3 +355,13 @@ def test_an_unwritable_cast_cache_is_one_line(tmp_path):
     (tmp_path / "cache").write_text("a file where the cache folder goes")
     with pytest.raises(DataError, match=r"cannot write its float32 copy under .*cache/casts .*LATENT_DDPM_CACHE"):
         load_latents(data, cache_dir=tmp_path / "cache")
+
+
+def test_a_hub_source_casts_into_the_given_cache(tmp_path, monkeypatch):
+    import datasets
+
+    saved = tmp_path / "hub_copy"  # what load_dataset returns: file-backed, float64 lists
+    datasets.Dataset.from_dict({"X": latents(seed=5).astype(np.float64).tolist()}).save_to_disk(str(saved))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.load_from_disk(str(saved)))
+    ds = load_latents("owner/latents", cache_dir=tmp_path / "mycache")
+    assert ds.features["latents"].dtype == "float32" and len(list((tmp_path / "mycache" / "casts").iterdir())) == 1

@@ -39,8 +39,8 @@ def parquet_splits(path: Path) -> dict[str, list[str]]:
         raise DataError(f"{path}: its README.md declares {len(configs)} subsets ({names}); pass the folder of one "
                         "subset's shards")
     declared = configs[0].get("data_files") if configs else None
-    patterns = sanitize_patterns(declared) if declared else get_data_patterns(base)
     try:
+        patterns = sanitize_patterns(declared) if declared else get_data_patterns(base)
         files = DataFilesDict.from_patterns(patterns, base_path=base, allowed_extensions=[".parquet"])
     except (EmptyDatasetError, FileNotFoundError):  # no file at all, or none of the split's files is Parquet
         return {}

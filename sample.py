@@ -318,12 +318,20 @@ def main(argv: list[str] | None = None) -> int:
 def written_by_sample_py(path: Path) -> bool:
     """Whether `path` looks like what sample.py writes beside an output: a PNG file (a grid) or a folder of
     nothing but `NNNNNN.png` files (decoded images). Anything else there is the user's, never removed."""
-    if path.is_symlink() or not path.exists():
-        return False
-    if path.is_file():
-        with open(path, "rb") as f:
+    def is_png(file: Path) -> bool:
+        with open(file, "rb") as f:
             return f.read(8) == PNG_SIGNATURE
-    return all(child.is_file() and re.fullmatch(r"\d{6}\.png", child.name) for child in path.iterdir())
+
+    try:
+        if path.is_symlink() or not path.exists():
+            return False
+        if path.is_file():
+            return is_png(path)
+        children = list(path.iterdir()) if path.name.endswith("_images") else []
+        return bool(children) and all(not c.is_symlink() and c.is_file() and re.fullmatch(r"\d{6}\.png", c.name)
+                                      and is_png(c) for c in children)
+    except OSError:  # unreadable: not known to be ours
+        return False
 
 
 def write_error(output: Path, err: OSError, note: str = "") -> str:

@@ -211,8 +211,9 @@ def run_dir_of(model: str) -> Path:
 
 
 def recorded_train_data(run_dir: Path) -> str | None:
-    """The `--train_data` that train.py recorded in `run_dir`/train/config.json (as it was given, so a relative
-    path is relative to where that run started), or None (no such file, the demo set, unreadable)."""
+    """The `--train_data` that train.py recorded in `run_dir`/train/config.json (absolute for local data since the
+    fifteenth session; an older run's relative path is relative to where it started), or None (no such file,
+    the demo set, unreadable)."""
     try:
         value = json.loads((run_dir / "train" / "config.json").read_text()).get("train_data")
     except (OSError, ValueError, AttributeError):

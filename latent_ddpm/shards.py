@@ -28,23 +28,41 @@ def card_configs(path: Path) -> list[dict]:
     return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
 
 
-def parquet_splits(path: Path) -> dict[str, list[str]]:
-    """The Parquet files of a folder per split, as `datasets` resolves a hub dataset's files: the `data_files` of
-    the one subset its README.md declares, else by name (`train-*`, `test-*`, `data/train-*`, ...; one `train`
-    split when no file names one). Empty when the folder holds no Parquet file. Several subsets are refused."""
-    base = str(path.resolve())
+def chosen_config(path: Path) -> dict | None:
+    """The subset of a folder's README.md to read, as `datasets` chooses it: the only one, or among several the one
+    marked `default: true` (or named "default"); None when none is declared. Several without a default are refused:
+    merging them would mix, e.g., latents of two autoencoders."""
     configs = card_configs(path)
-    if len(configs) > 1:  # merging them would mix, e.g., latents of two autoencoders
-        names = ", ".join(str(c.get("config_name")) for c in configs)
-        raise DataError(f"{path}: its README.md declares {len(configs)} subsets ({names}); pass the folder of one "
-                        "subset's shards")
-    declared = configs[0].get("data_files") if configs else None
+    if len(configs) > 1:
+        defaults = [c for c in configs if c.get("default") is True] or [
+            c for c in configs if c.get("config_name") == "default"]
+        if len(defaults) != 1:
+            names = ", ".join(str(c.get("config_name")) for c in configs)
+            raise DataError(f"{path}: its README.md declares {len(configs)} subsets ({names}) and no default; pass "
+                            "the folder of one subset's shards")
+        configs = defaults
+    return configs[0] if configs else None
+
+
+def parquet_splits(path: Path) -> dict[str, list[str]]:
+    """The Parquet files of a folder per split, as `datasets` resolves a hub dataset's files: those of the subset
+    its README.md declares (`chosen_config`: its `data_files`, under its `data_dir`), else by name (`train-*`,
+    `test-*`, `data/train-*`, ...; one `train` split when no file names one). Empty when the folder holds no
+    Parquet file; a subset whose `data_files` match none is refused."""
+    config = chosen_config(path) or {}
+    base = str((path / config["data_dir"]).resolve() if isinstance(config.get("data_dir"), str) else path.resolve())
+    declared = config.get("data_files")
     try:
         patterns = sanitize_patterns(declared) if declared else get_data_patterns(base)
         files = DataFilesDict.from_patterns(patterns, base_path=base, allowed_extensions=[".parquet"])
+        splits = {str(split): list(names) for split, names in files.items() if names}
     except (EmptyDatasetError, FileNotFoundError):  # no file at all, or none of the split's files is Parquet
-        return {}
-    return {str(split): list(names) for split, names in files.items() if names}
+        splits = {}
+    if not splits and config:
+        raise DataError(f"{path}: the subset its README.md declares ({config.get('config_name')}: data_dir "
+                        f"{config.get('data_dir')}, data_files {declared}) matches no .parquet file; fix the card "
+                        "or pass the shards' folder")
+    return splits
 
 
 def load_parquet_shards(path: Path, split: str, cache_dir: Path) -> datasets.Dataset:

@@ -106,13 +106,31 @@ def test_the_subsets_a_dataset_card_declares(tmp_path):
     write_shard(folder / "vae_b" / "train-00000-of-00001.parquet", x[4:])
     card = "---\nconfigs:\n- config_name: vae_a\n  data_files: vae_a/train-*\n{}---\n"
     (folder / "README.md").write_text(card.format("- config_name: vae_b\n  data_files: vae_b/train-*\n"))
-    expect_error(folder, r"its README.md declares 2 subsets \(vae_a, vae_b\); pass the folder of one subset's shards",
+    expect_error(folder, r"its README.md declares 2 subsets \(vae_a, vae_b\) and no default; pass the folder of one",
                  cache_dir=tmp_path / "cache")
     got_x, _ = arrays(load_latents(folder / "vae_b", label_key=None, cache_dir=tmp_path / "cache"))
     np.testing.assert_array_equal(got_x, x[4:])
     (folder / "README.md").write_text(card.format(""))
     got_x, _ = arrays(load_latents(folder, label_key=None, cache_dir=tmp_path / "cache"))
     np.testing.assert_array_equal(got_x, x[:4])
+
+
+def test_a_subset_by_data_dir_a_default_subset_and_patterns_matching_nothing(tmp_path):
+    # What datasets does with a card's subsets: `data_dir` scopes the files (they were all merged), a `default: true`
+    # subset among several is the one read (it was refused), declared files matching nothing are named as such.
+    x = latents(8, seed=6)
+    folder = tmp_path / "hub"
+    write_shard(folder / "a" / "train-00000-of-00001.parquet", x[:4])
+    write_shard(folder / "b" / "train-00000-of-00001.parquet", x[4:])
+    cache = tmp_path / "cache"
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: vae_a\n  data_dir: a\n---\n")
+    np.testing.assert_array_equal(arrays(load_latents(folder, label_key=None, cache_dir=cache))[0], x[:4])
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: vae_a\n  data_files: a/*.parquet\n"
+                                      "- config_name: vae_b\n  data_files: b/*.parquet\n  default: true\n---\n")
+    np.testing.assert_array_equal(arrays(load_latents(folder, label_key=None, cache_dir=cache))[0], x[4:])
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: c\n  data_files:\n  - split: train\n"
+                                      "    path: data/train-*\n---\n")
+    expect_error(folder, r"the subset its README.md declares \(c: .*\) matches no .parquet file", cache_dir=cache)
 
 
 def test_shards_that_name_no_split_are_the_train_split(tmp_path):

@@ -256,6 +256,22 @@ def test_overwrite_never_removes_files_sample_py_did_not_write(pipes, tmp_path):
     assert (tmp_path / "cat_images" / "photo.jpg").read_bytes() == b"precious"
 
 
+def test_only_sample_pys_own_files_count_as_an_earlier_output(tmp_path):
+    ours = sample_script.written_by_sample_py
+    (tmp_path / "x.png").write_bytes(PNG)
+    (tmp_path / "x_images").mkdir()
+    (tmp_path / "x_images" / "000000.png").write_bytes(PNG)
+    assert ours(tmp_path / "x.png") and ours(tmp_path / "x_images")
+    (tmp_path / "empty_images").mkdir()  # an empty folder, a folder named like a grid, PNG names without PNGs
+    (tmp_path / "d.png").mkdir()
+    (tmp_path / "d.png" / "000000.png").write_bytes(PNG)
+    (tmp_path / "fake_images").mkdir()
+    (tmp_path / "fake_images" / "000000.png").write_bytes(b"my notes")
+    (tmp_path / "link_images").symlink_to(tmp_path / "x_images")
+    for name in ("empty_images", "d.png", "fake_images", "link_images", "missing.png"):
+        assert not ours(tmp_path / name), name
+
+
 @pytest.mark.parametrize("given", ["absolute", "relative"])
 def test_output_never_replaces_the_runs_training_data(pipes, tmp_path, capsys, no_loading, monkeypatch, given):
     # With --model RUN (not --latent), --output on the data that RUN was trained on replaced it under --overwrite:

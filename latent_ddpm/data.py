@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from .npyio import (
     IN_MEMORY_MAX_BYTES,
     cached_numpy,
     dataset_from_arrays,
+    file_stamps,
     in_memory,
     latent_nbytes,
     npz_keys,
@@ -42,7 +42,7 @@ from .npyio import (
 from .paths import check_replaceable, replace_with
 from .safetensorsio import SAFETENSORS_SUFFIXES, safetensors_keys
 from .shards import load_parquet_shards
-from .sources import is_hub_id, quiet_hub_retries
+from .sources import is_hub_id, quiet_hub_retries, quiet_parquet_reads
 from .validation import (
     CHUNK_BYTES,
     LABEL_COLUMNS,
@@ -146,8 +146,7 @@ def _cast(ds: datasets.Dataset, want: datasets.Features, cache_dir: Path, what: 
     files = [Path(f["filename"]) for f in ds.cache_files]
     if not files:  # in memory: nothing is written
         return ds.cast(want)
-    stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = json.dumps([stamps, list(what), str(want), CACHE_VERSION])
+    key = json.dumps([file_stamps(files), list(what), str(want), CACHE_VERSION])
     target = cache_dir / "casts" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.arrow"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -221,13 +220,9 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
                              fingerprint=source_key(path, latent_key, label_key, labels_file))
         return cached_numpy(path, Path(cache_dir or DEFAULT_CACHE_DIR), latent_key, label_key, labels_file)
     try:
-        if suffix in PARQUET_SUFFIXES:  # datasets logs its own line for a bad file: ours says it all
-            parquet_log = logging.getLogger("datasets.packaged_modules.parquet.parquet")
-            parquet_log.disabled, was = True, parquet_log.disabled
-            try:
+        if suffix in PARQUET_SUFFIXES:
+            with quiet_parquet_reads():
                 ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir) if cache_dir else None)
-            finally:
-                parquet_log.disabled = was
         else:
             ds = _read_arrow(path)
     except (OSError, ValueError, pa.ArrowException, DatasetGenerationError) as err:

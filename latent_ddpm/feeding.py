@@ -37,8 +37,12 @@ class TrainingData:
     dataset: datasets.Dataset
     name: str  # the data file's stem ("demo" for the built-in set): the default run folder's prefix
     source: str  # what error messages call it: the path or hub id, or "demo"
-    num_classes: int | None  # labels' maximum + 1 for a class-conditional model, else None
-    class_ids: list[int] | None = None  # the distinct labels, sorted (need not be 0..K-1), saved with the pipeline
+    class_ids: list[int] | None  # a class-conditional model's distinct labels, sorted (need not be 0..K-1), else None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class embeddings the UNet needs: the largest id + 1 (None: unconditional)."""
+        return self.class_ids[-1] + 1 if self.class_ids else None
 
 
 def load_training_data(train_data: str | None, latent_key: str = "X", label_key: str = "y",
@@ -68,7 +72,7 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
     # Ids are kept as given (sample.py takes the user's own ids): the UNet embeds 0..max, the pipeline records
     # which of them the data has, so that sampling and the run's evaluation stay on trained classes.
     class_ids = sorted(pc.unique(dataset.data.column("labels")).to_pylist())
-    return TrainingData(dataset, name, source, class_ids[-1] + 1, class_ids)
+    return TrainingData(dataset, name, source, class_ids)
 
 
 @dataclass

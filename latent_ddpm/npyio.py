@@ -204,12 +204,16 @@ def in_memory(write, fingerprint: str | None = None) -> datasets.Dataset:
     return datasets.Dataset(pa.ipc.open_stream(buf.getvalue()).read_all(), fingerprint=fingerprint or uuid.uuid4().hex)
 
 
+def file_stamps(files: list[Path]) -> list[tuple[str, int, int]]:
+    """(absolute path, size, modification time in ns) of each file: what names a cache of their contents."""
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def source_key(path: Path, latent_key: str, label_key: str | None, labels_file) -> str:
     """A hash naming what a `.npy`/`.npz`/`.safetensors` file holds: its path, size and modification time (and the
     labels file's), the keys read and `CACHE_VERSION`. Names the Arrow cache file and the in-memory fingerprint."""
     files = [path] if labels_file is None or not Path(labels_file).is_file() else [path, Path(labels_file)]
-    stamps = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    key = json.dumps([stamps, latent_key, label_key, str(labels_file), CACHE_VERSION])
+    key = json.dumps([file_stamps(files), latent_key, label_key, str(labels_file), CACHE_VERSION])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patte
 from datasets.exceptions import DatasetGenerationError
 
 from .errors import first_line
+from .sources import quiet_parquet_reads
 from .validation import DataError
 
 
@@ -79,11 +79,10 @@ def load_parquet_shards(path: Path, split: str, cache_dir: Path) -> datasets.Dat
                         f"split= (train.py reads 'train'), or name the shards {split}-00000-of-00001.parquet, ...")
     if unreadable := [name for name in splits[split] if not os.access(name, os.R_OK)]:
         raise DataError(f"{unreadable[0]}: the file is not readable (permissions); check them")
-    parquet_log = logging.getLogger("datasets.packaged_modules.parquet.parquet")
-    parquet_log.disabled, was = True, parquet_log.disabled  # its own line for a bad file: ours says it all
     try:
-        return datasets.load_dataset("parquet", data_files={split: splits[split]}, split=split,
-                                     cache_dir=str(cache_dir / "parquet"))
+        with quiet_parquet_reads():
+            return datasets.load_dataset("parquet", data_files={split: splits[split]}, split=split,
+                                         cache_dir=str(cache_dir / "parquet"))
     except OSError as err:  # the shards are readable: writing the Arrow copy failed
         raise DataError(f"{path}: cannot write its Arrow copy under {cache_dir / 'parquet'} ({err.strerror or err}); "
                         "free space there or set LATENT_DDPM_CACHE to a writable folder") from None
@@ -91,5 +90,3 @@ def load_parquet_shards(path: Path, split: str, cache_dir: Path) -> datasets.Dat
         detail = first_line(err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ else err)
         raise DataError(f"{path}: the '{split}' .parquet shards cannot be read as one table ({detail}); "
                         "check that every shard is a readable Parquet file with the same columns") from err
-    finally:
-        parquet_log.disabled = was

@@ -58,3 +58,14 @@ def diffusers_logs_on_success() -> Iterator[None]:
         root.handlers = saved
     for record in held:
         root.handle(record)
+
+
+@contextmanager
+def quiet_parquet_reads() -> Iterator[None]:
+    """Silence the line datasets' Parquet reader logs for a bad file: the caller's one error line says it all."""
+    log = logging.getLogger("datasets.packaged_modules.parquet.parquet")
+    log.disabled, was = True, log.disabled
+    try:
+        yield
+    finally:
+        log.disabled = was

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 
 from ..errors import UserInputError
+from ..pipeline import format_class_ids
 from ..sources import is_hub_id
 
 
@@ -151,8 +152,7 @@ def _model_summary(folder: Path) -> str:
     classes, ids = unet.get("num_class_embeds"), index.get("class_ids")
     conditioning = f"{classes} classes, classifier-free guidance" if classes else "unconditional"
     if classes and isinstance(ids, list) and ids != list(range(classes)):  # ids other than 0..K-1: say which
-        shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
-        conditioning = f"{len(ids)} classes (ids {shown}), classifier-free guidance"
+        conditioning = f"{len(ids)} classes (ids {format_class_ids(ids)}), classifier-free guidance"
     lines = [
         f"- latents: {unet['in_channels']} x {h} x {w} (C x H x W)",
         f"- denoiser: `AdvancedUNet2DModel`, {n_params:,} parameters, widths {unet.get('down_channels')}",

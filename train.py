@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     # A resume continues the same run: the same model, data, objective and global batch (`check_resume_compatible`).
     run_settings = {"world_size": world, "train_batch_size": cfg.train_batch_size, "seed": cfg.seed,
                     "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-                    "num_latents": len(dataset), "data_stats": stats.fingerprint(), **objective_settings(cfg)}
+                    "num_latents": len(dataset), "data_stats": stats.fingerprint(), "class_ids": class_ids,
+                    **objective_settings(cfg)}
     new_layout = (check_resume_compatible(resume, dict(unet.config), run_settings, max_steps)
                   if resume is not None else None)
     if new_layout:

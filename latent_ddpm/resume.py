@@ -71,7 +71,8 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
                             max_steps: int | None = None) -> str | None:
     """Refuse to resume `path` past the run's end (`max_steps`), with a model of another shape (e.g. data with
     another channel count), or with other run settings: those that fix the data order and noise streams
-    (processes, batch size, accumulation, seed) and the objective (`OBJECTIVE_SETTINGS`). A setting the
+    (processes, batch size, accumulation, seed), the data (count, statistics, class ids) and the objective
+    (`OBJECTIVE_SETTINGS`). A setting the
     checkpoint does not record (an older one) is not compared. The processes, batch size and accumulation may
     change together when the global batch stays the same (another number of GPUs): the data order is kept, the
     random streams are not, and the returned note says so (None when nothing changed)."""
@@ -100,7 +101,7 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
     # is recorded as None: not named beside the change that caused it.
     inert = {k for k in changed if None in (settings[k], current[k]) and set(DERIVED_FROM.get(k, ())) & set(changed)}
     named = [k for k in changed if k not in inert] or changed
-    details = ", ".join(f"{k}={settings[k]} there vs {current[k]} now" for k in named)
+    details = ", ".join(f"{k}={_shown(settings[k])} there vs {_shown(current[k])} now" for k in named)
     batch = global_batch(settings)
     if changed and batch is not None and batch == global_batch(current) and set(changed) <= set(BATCH_LAYOUT):
         return (f"resuming {path} with another batch layout ({details}) and the same global batch of {batch}: the "
@@ -114,6 +115,13 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
                              f"with the same ones{layout} (a resumed run continues the same data order, noise and "
                              f"objective), or start a new --output_dir")
     return None
+
+
+def _shown(value) -> str:
+    """A run setting for a message: a long list (a data set's class ids) as its first ids and its length."""
+    if isinstance(value, list) and len(value) > 10:
+        return f"[{', '.join(map(str, value[:10]))}, ... ({len(value)} in all)]"
+    return str(value)
 
 
 def apply_resumed_settings(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,

@@ -221,6 +221,31 @@ def test_resume_with_other_run_settings_is_refused(data, tmp_path):
                  "--train_batch_size", "4", "--resume_from_checkpoint", "latest", *dry_run])
 
 
+def test_resume_with_other_class_ids_is_refused(tmp_path):
+    # The same latents (count and statistics) and the same largest label, so the same model: only the set of class
+    # ids differs. It resumed, and the new pipeline recorded the new ids beside weights trained on the old ones.
+    x, y = make_demo_latents(num_samples=64, seed=0, size=8, channels=4)
+    first, other = tmp_path / "first.npz", tmp_path / "other.npz"
+    np.savez(first, X=x, y=y)  # ids 0..3
+    np.savez(other, X=x, y=np.where(y == 1, 3, y))  # ids 0, 2, 3
+    out = tmp_path / "run"
+    args = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out), "--class_conditional",
+            *FAST]
+    assert cli("--latent", str(first), *args, env={"LATENT_DDPM_EXIT_AFTER_CHECKPOINT": "2"}).returncode == 3
+    with pytest.raises(UserInputError, match=r"class_ids=\[0, 1, 2, 3\] there vs \[0, 2, 3\] now"):
+        run(["--latent", str(other), *args, "--resume_from_checkpoint", "latest"])
+    assert run(["--latent", str(first), *args, "--resume_from_checkpoint", "latest"]) == 0
+
+
+def test_a_long_list_of_class_ids_is_shortened_in_the_message(tmp_path):
+    from latent_ddpm.resume import check_resume_compatible
+
+    ckpt = _checkpoint_with_settings(tmp_path / "checkpoint-2", {"class_ids": list(range(100))})
+    with pytest.raises(UserInputError, match=r"class_ids=\[0, 1, .*, 9, \.\.\. \(100 in all\)\] there vs "
+                                             r"\[0, 1, .*, 9, \.\.\. \(99 in all\)\] now"):
+        check_resume_compatible(ckpt, {}, {"class_ids": list(range(99))})
+
+
 def _checkpoint_with_settings(folder: Path, run_settings: dict) -> Path:
     """A checkpoint folder holding only the trainer state that `check_resume_compatible` reads."""
     folder.mkdir(parents=True)

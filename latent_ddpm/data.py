@@ -48,6 +48,7 @@ from .validation import (
     LABEL_COLUMNS,
     LATENT_COLUMNS,
     DataError,
+    LabelsError,
     NaNCounter,
     check_label_max,
     check_latent_meta,
@@ -349,9 +350,14 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"--label_key {args.label_key}: {src} has no such array (it has {keys}); name one of "
                             "those, or leave --label_key out")
     datasets.disable_progress_bars()
-    ds = convert(args.input, args.output, latent_key=args.latent_key,
-                 label_key=None if args.no_labels else args.label_key or "y",
-                 labels_file=args.labels_file, overwrite=args.overwrite)
+    try:
+        ds = convert(args.input, args.output, latent_key=args.latent_key,
+                     label_key=None if args.no_labels else args.label_key or "y",
+                     labels_file=args.labels_file, overwrite=args.overwrite)
+    except LabelsError as err:
+        if args.label_key is not None or args.labels_file is not None:
+            raise
+        raise LabelsError(f"{err}; or pass --no_labels to convert the latents without them") from None
     print(f"wrote {args.output}: {len(ds)} samples of shape {tuple(ds.features['latents'].shape)}"
           + (", with labels" if "labels" in ds.column_names else ", no labels"))
     return 0

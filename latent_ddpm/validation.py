@@ -28,6 +28,11 @@ class DataError(UserInputError):
     """A data source is missing, unreadable or invalid; the message names the file, the problem and the fix."""
 
 
+class LabelsError(DataError):
+    """Labels that are not class ids (not integers, negative, too large): a command that read them only because the
+    file has them (`data convert`'s default y) adds how to leave them out."""
+
+
 def latent_features(shape: tuple[int, int, int], labels: bool) -> datasets.Features:
     """The project's Arrow schema: `latents` Array3D float32 (C, H, W), optional `labels` int64."""
     feats = {"latents": datasets.Array3D(shape=tuple(int(s) for s in shape), dtype="float32")}
@@ -64,7 +69,7 @@ def check_latent_meta(where: str, shape: tuple[int, ...], dtype: np.dtype) -> No
 def check_labels_meta(where: str, shape: tuple[int, ...], dtype: np.dtype, n: int) -> None:
     """The checks of `check_labels` that need only the shape and dtype (a .npy header): run before reading."""
     if dtype.hasobject or dtype.kind not in "iu":
-        raise DataError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {dtype}; "
+        raise LabelsError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {dtype}; "
                         "map class names to ids, e.g. np.unique(y, return_inverse=True)[1]")
     if tuple(shape) != (n,):
         raise DataError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(shape)}")
@@ -74,7 +79,7 @@ def check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:
     """Labels must be a 1-D non-negative integer array of length n; returns them as int64."""
     check_labels_meta(where, y.shape, y.dtype, n)
     if n and y.min() < 0:
-        raise DataError(f"{where}: labels must be >= 0, found {int(y.min())} at index {int(np.argmin(y))}; "
+        raise LabelsError(f"{where}: labels must be >= 0, found {int(y.min())} at index {int(np.argmin(y))}; "
                         "use class ids 0..K-1")
     if n:
         check_label_max(where, int(y.max()), int(np.argmax(y)))
@@ -85,7 +90,7 @@ def check_label_max(where: str, largest: int, index: int) -> None:
     """Raise `DataError` if the largest class id is above MAX_CLASS_ID (the model would need that many + 1
     class embeddings)."""
     if largest > MAX_CLASS_ID:
-        raise DataError(f"{where}: label {largest} at index {index} is not a class id (the largest allowed is "
+        raise LabelsError(f"{where}: label {largest} at index {index} is not a class id (the largest allowed is "
                         f"{MAX_CLASS_ID}; the model needs one embedding per id up to it); map the labels to ids "
                         "0..K-1, e.g. np.unique(y, return_inverse=True)[1]")
 

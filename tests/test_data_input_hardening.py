@@ -317,7 +317,15 @@ def test_convert_no_labels_leaves_an_original_y_out(tmp_path, capsys):
 
     np.savez(tmp_path / "orig.npz", X=latents(), y=np.random.default_rng(0).standard_normal(N))
     assert exit_status(data.main, ["convert", str(tmp_path / "orig.npz"), str(tmp_path / "a")]) == 2
-    assert "labels must be integers" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the default y: the message names the way to leave it out
+    assert "labels must be integers" in err and err.rstrip().endswith("or pass --no_labels to convert the latents "
+                                                                     "without them")
+    for labels in (np.arange(N) - 1, np.array(["cat"] * N)):  # negative ids, class names
+        np.savez(tmp_path / "other.npz", X=latents(), y=labels)
+        assert exit_status(data.main, ["convert", str(tmp_path / "other.npz"), str(tmp_path / "a")]) == 2
+        assert "--no_labels" in capsys.readouterr().err
+    assert exit_status(data.main, ["convert", str(tmp_path / "orig.npz"), str(tmp_path / "a"), "--label_key", "y"]) == 2
+    assert "--no_labels" not in capsys.readouterr().err  # labels asked for by name: the fix is to the labels
     assert exit_status(data.main, ["convert", str(tmp_path / "orig.npz"), str(tmp_path / "a"), "--no_labels"]) == 0
     assert load_latents(tmp_path / "a").column_names == ["latents"]
     assert exit_status(data.main, ["convert", str(tmp_path / "orig.npz"), str(tmp_path / "b"), "--no_labels",

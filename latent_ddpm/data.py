@@ -186,7 +186,8 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     Returns an Arrow `Dataset` with `latents` (C, H, W) float32 and, if present, `labels` int64, after
     checking it (shape, dtype, NaN/Inf, labels). `.npy`/`.npz`/`.safetensors` files bigger than
     `in_memory_max_bytes` are converted once, in bounded memory, to an Arrow file under `cache_dir` (default
-    ~/.cache/latent_ddpm or $LATENT_DDPM_CACHE) keyed by path, size and mtime, and memory-mapped.
+    ~/.cache/latent_ddpm or $LATENT_DDPM_CACHE) keyed by path, size and mtime, and memory-mapped; Parquet's Arrow
+    copies go under `cache_dir`/parquet.
     `labels_file` gives labels for a `.npy`. `verify=False` skips the full NaN/Inf scan of Arrow/Parquet/hub
     sources (shape, dtype and labels are still checked). Hub ids (owner/name) go to
     `datasets.load_dataset(source, split=split, **hub_kwargs)`. Raises `DataError` (one line) on bad input.
@@ -223,7 +224,9 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     try:
         if suffix in PARQUET_SUFFIXES:
             with quiet_parquet_reads():
-                ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir) if cache_dir else None)
+                # its Arrow copy beside the shard folders' (`shards.load_parquet_shards`), not in datasets' cache
+                ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(Path(cache_dir or DEFAULT_CACHE_DIR)
+                                                                            / "parquet"))
         else:
             ds = _read_arrow(path)
     except (OSError, ValueError, pa.ArrowException, DatasetGenerationError) as err:

@@ -78,6 +78,7 @@ def test_saved_folder_parquet_arrow_and_torch_format(tmp_path, xy):
     assert_same(load_latents(tmp_path / "dict", split="train"), *xy)
     ds.to_parquet(str(tmp_path / "a.parquet"))
     assert_same(load_latents(tmp_path / "a.parquet", cache_dir=tmp_path / "pq"), *xy)
+    assert list((tmp_path / "pq" / "parquet").rglob("*.arrow"))
     assert_same(load_latents(next((tmp_path / "saved").glob("*.arrow"))), *xy)
     import pyarrow as pa  # an Arrow IPC *file* (feather v2) written by plain pyarrow
     with pa.OSFile(str(tmp_path / "f.arrow"), "wb") as sink, pa.ipc.new_file(sink, ds.data.table.schema) as w:
@@ -85,6 +86,17 @@ def test_saved_folder_parquet_arrow_and_torch_format(tmp_path, xy):
     assert_same(load_latents(tmp_path / "f.arrow"), *xy)
     batch = load_latents(tmp_path / "saved").with_format("torch")[:4]
     assert batch["latents"].shape == (4, C, H, W) and batch["latents"].dtype == torch.float32
+
+
+def test_a_parquet_file_is_cached_under_the_project_cache(tmp_path, xy, monkeypatch):
+    # Its Arrow copy went to datasets' own cache (~/.cache/huggingface), while a folder of shards, big numpy files and
+    # casts use the project's (LATENT_DDPM_CACHE): one place to find, move or clear.
+    from latent_ddpm import data
+
+    monkeypatch.setattr(data, "DEFAULT_CACHE_DIR", tmp_path / "cache")
+    dataset_from_arrays(*xy).to_parquet(str(tmp_path / "a.parquet"))
+    assert_same(load_latents(tmp_path / "a.parquet"), *xy)
+    assert [p.name for p in (tmp_path / "cache" / "parquet").rglob("*.arrow")] == ["parquet-train.arrow"]
 
 
 def test_generic_columns_are_cast(tmp_path, xy):

@@ -60,8 +60,10 @@ class TrainConfig:
 
     # --- Data -------------------------------------------------------------------------------------
     train_data: str | None = _f(None, "latents: .npz/.npy/.safetensors file, Arrow/Parquet file, saved dataset "
-                                      "folder or folder of .parquet shards (its train split), or hub dataset id; "
+                                      "folder or folder of .parquet shards (see --train_split), or hub dataset id; "
                                       "none = the built-in demo latents", alias="--latent")
+    train_split: str = _f("train", "the split to train on, for a source that has splits: a saved DatasetDict, a folder "
+                                   "of .parquet shards (train-*, test-*, ...) or a hub dataset")
     latent_key: str = _f("X", "array key / column of the latents")
     label_key: str = _f("y", "array key / column of the integer labels (optional)")
     normalization: str = _f("channel", "latent standardisation: per-channel mean/std (channel), one mean/std "
@@ -217,6 +219,7 @@ class TrainConfig:
 
             need(bool((is_wandb_available if self.report_to == "wandb" else is_tensorboard_available)()), "report_to",
                  f"{self.report_to} is not installed; pip install {self.report_to}, or pass --report_to none")
+        need(bool(self.train_split.strip()), "train_split", "is empty; name a split (train, test, ...)")
         for flag in ("train_data", "output_dir", "resume_from_checkpoint"):  # before any file-system call trips
             need(getattr(self, flag) != "", flag, "is empty; name a path (an empty one means the current folder)")
             need(not _name_too_long(getattr(self, flag)), flag, "the path (or one of its names) is too long for "

@@ -203,8 +203,12 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
             raise DataError(f"{path}: cannot read the saved dataset ({err}); re-create it") from err
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"{path}: no split '{split}'; the splits are {list(ds)}; pass split=")
+                raise DataError(f"{path}: no split '{split}'; the splits are {list(ds)}; choose one (train.py "
+                                "--train_split, load_latents(split=))")
             ds = ds[split]
+        elif split != "train":  # else the whole dataset, silently
+            raise DataError(f"{path}: a saved dataset without splits (not a DatasetDict), so no split '{split}'; read "
+                            "it whole (train.py: drop --train_split)")
         return _standardize(ds, str(path), latent_key, label_key, verify, cache_dir)
     suffix = path.suffix.lower()
     known = TENSOR_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES

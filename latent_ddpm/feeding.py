@@ -46,14 +46,19 @@ class TrainingData:
 
 
 def load_training_data(train_data: str | None, latent_key: str = "X", label_key: str = "y",
-                       class_conditional: bool = False, n_dim: int | None = None) -> TrainingData:
-    """Load `train_data` (the demo set when None) and check it against `--n_dim` and `--class_conditional`."""
+                       class_conditional: bool = False, n_dim: int | None = None, split: str = "train") -> TrainingData:
+    """Load `split` of `train_data` (the demo set when None) and check it against `--n_dim` and
+    `--class_conditional`."""
+    if split != "train" and (train_data is None or Path(train_data).is_file()):  # else silently the whole file
+        raise UserInputError(f"--train_split {split}: {train_data or 'the demo set'} has no splits (only a saved "
+                             "DatasetDict, a folder of .parquet shards or a hub dataset has); drop --train_split")
     if train_data is None:
         dataset, name = demo_dataset(), "demo"
     else:
         # Labels are read only for a class-conditional model: the original's files carry a `y` it never used,
         # which need not be class ids.
-        dataset = load_latents(train_data, latent_key=latent_key, label_key=label_key if class_conditional else None)
+        dataset = load_latents(train_data, latent_key=latent_key, label_key=label_key if class_conditional else None,
+                               split=split)
         name = Path(train_data.rstrip("/")).stem
     source = train_data or "demo"
     channels = dataset.features["latents"].shape[0]

@@ -75,8 +75,9 @@ def load_parquet_shards(path: Path, split: str, cache_dir: Path) -> datasets.Dat
                         "pass a folder written by Dataset.save_to_disk or `python -m latent_ddpm.data convert`, "
                         "or a folder of .parquet shards")
     if split not in splits:
-        raise DataError(f"{path}: no split '{split}' among its .parquet files; the splits are {list(splits)}; pass "
-                        f"split= (train.py reads 'train'), or name the shards {split}-00000-of-00001.parquet, ...")
+        raise DataError(f"{path}: no split '{split}' among its .parquet files; the splits are {list(splits)}; choose "
+                        f"one (train.py --train_split, load_latents(split=)), or name the shards "
+                        f"{split}-00000-of-00001.parquet, ...")
     if unreadable := [name for name in splits[split] if not os.access(name, os.R_OK)]:
         raise DataError(f"{unreadable[0]}: the file is not readable (permissions); check them")
     try:

@@ -72,6 +72,9 @@ def files(tmp_path_factory) -> Path:
     test_shard = d / "test_shards_only" / "test-00000-of-00001.parquet"
     datasets.Dataset.from_dict({"X": x[:8].tolist()}).to_parquet(str(test_shard))
     (d / "garbage.parquet").write_bytes(os.urandom(1000))
+    good = data.load_latents(d / "good.npz")
+    good.save_to_disk(str(d / "saved"))  # one Dataset, no splits
+    datasets.DatasetDict(train=good).save_to_disk(str(d / "saved_dict"))
     (d / "plain_folder").mkdir()
     (d / "plain_folder" / "a.txt").write_text("not a dataset")
     configs = {"neg_lr": "learning_rate: -0.001\n", "beta_order": "beta_start: 0.02\nbeta_end: 0.001\n",
@@ -138,6 +141,14 @@ CASES = [
     ("train-missing-file", "train", lambda d: ["--latent", d / "missing.npz"], "no such file or folder"),
     ("train-garbage-parquet", "train", lambda d: ["--latent", d / "garbage.parquet"], "not a readable .parquet file"),
     ("train-plain-folder", "train", lambda d: ["--latent", d / "plain_folder"], "not a saved dataset"),
+    ("train-split-of-a-file", "train", lambda d: ["--latent", d / "good.npz", "--train_split", "test"],
+     "good.npz has no splits (only a saved DatasetDict, a folder of .parquet shards or a hub dataset has); drop"),
+    ("train-split-of-a-dataset", "train", lambda d: ["--latent", d / "saved", "--train_split", "test"],
+     "a saved dataset without splits (not a DatasetDict), so no split 'test'; read it whole"),
+    ("train-split-missing", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", "validation"],
+     "no split 'validation'; the splits are ['train']; choose one (train.py --train_split"),
+    ("train-split-empty", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", " "],
+     "--train_split: is empty; name a split"),
     ("train-labels-needed", "train", lambda d: ["--latent", d / "unlabelled.npz", "--class_conditional"],
      "--class_conditional needs labels"),
     ("train-labels-other-key", "train", lambda d: ["--latent", d / "other_label_key.npz", "--class_conditional",

@@ -278,3 +278,21 @@ def test_an_unknown_format_lists_safetensors(tmp_path):
                  r"saved dataset folder or a folder of \.parquet shards")
     with pytest.raises(DataError, match=r"convert takes \.npz, \.npy or \.safetensors files"):
         data.convert(tmp_path / "x.pt", tmp_path / "out")
+
+
+def test_train_py_trains_on_the_split_train_split_names(tmp_path):
+    import subprocess
+    import sys
+
+    from latent_ddpm.feeding import load_training_data
+
+    x = latents(20, seed=3)
+    folder = tmp_path / "hub"
+    write_shard(folder / "train-00000-of-00001.parquet", x[:12])
+    write_shard(folder / "test-00000-of-00001.parquet", x[12:])
+    np.testing.assert_array_equal(arrays(load_training_data(str(folder), split="test").dataset)[0], x[12:])
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "train.py", "--train_data", str(folder), "--train_split", "test",
+                           "--dry_run", "--preset", "tiny", "--train_batch_size", "4", "--output_dir",
+                           str(tmp_path / "run")], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "hub: 8 latents of 3x4x6" in done.stdout + done.stderr, done.stderr

@@ -68,6 +68,8 @@ NUMPY_SUFFIXES, PARQUET_SUFFIXES, ARROW_SUFFIXES = (".npz", ".npy"), (".parquet"
 #: Files of whole (N, C, H, W) arrays: small ones are loaded in memory, big ones converted once to the Arrow cache.
 TENSOR_SUFFIXES = NUMPY_SUFFIXES + SAFETENSORS_SUFFIXES
 #: The formats, as error messages and help texts list them.
+#: Pickled tensors (torch.save, pickle): refused with the one-line way to re-save them as safetensors.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 FORMATS = ".npz, .npy, .safetensors, .parquet, .arrow, a saved dataset folder or a folder of .parquet shards"
 
 
@@ -216,6 +218,10 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
         if suffix in known or not is_hub_id(str(source)):
             raise DataError(f"{source}: no such file or folder; check the path")
         return _load_hub(str(source), split, latent_key, label_key, verify, hub_kwargs, cache_dir)
+    if suffix in PICKLE_SUFFIXES:  # torch.save / pickle files: loading one can run code from it
+        raise DataError(f"{path}: a pickle ('{suffix}', e.g. from torch.save) is never loaded, as it can run code; "
+                        "save the latents as safetensors where they were made: safetensors.torch.save_file({'X': "
+                        "latents.contiguous(), 'y': labels}, 'latents.safetensors')")
     if suffix not in known:
         raise DataError(f"{path}: unknown format '{suffix}'; use {FORMATS}")
     if not os.access(path, os.R_OK):

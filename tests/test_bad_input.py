@@ -138,6 +138,8 @@ CASES = [
      "labels must be integers"),
     ("train-odd-size", "train", lambda d: ["--latent", d / "odd7.npz"], "7x7 is not divisible"),
     ("train-unknown-format", "train", lambda d: ["--latent", d / "latents.txt"], "unknown format '.txt'"),
+    ("train-torch-pickle", "train", lambda d: ["--latent", d / "a_list.pth"],
+     "a pickle ('.pth', e.g. from torch.save) is never loaded, as it can run code; save the latents as safetensors"),
     ("train-missing-file", "train", lambda d: ["--latent", d / "missing.npz"], "no such file or folder"),
     ("train-garbage-parquet", "train", lambda d: ["--latent", d / "garbage.parquet"], "not a readable .parquet file"),
     ("train-plain-folder", "train", lambda d: ["--latent", d / "plain_folder"], "not a saved dataset"),

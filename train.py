@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Data: load and check (the normalisation statistics follow in step 3, once the model's needs are checked).
     data = load_training_data(cfg.train_data, latent_key=cfg.latent_key, label_key=cfg.label_key,
-                              class_conditional=cfg.class_conditional, n_dim=cfg.n_dim, split=cfg.train_split)
+                              class_conditional=cfg.class_conditional, n_dim=cfg.n_dim, split=cfg.train_split,
+                              subset=cfg.dataset_config_name)
     dataset, data_name, num_classes, class_ids = data.dataset, data.name, data.num_classes, data.class_ids
     channels, height, width = dataset.features["latents"].shape
 

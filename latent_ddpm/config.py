@@ -64,6 +64,8 @@ class TrainConfig:
                                       "none = the built-in demo latents", alias="--latent")
     train_split: str = _f("train", "the split to train on, for a source that has splits: a saved DatasetDict, a folder "
                                    "of .parquet shards (train-*, test-*, ...) or a hub dataset")
+    dataset_config_name: str | None = _f(None, "the subset (config) of a hub dataset, or of a folder of .parquet "
+                                               "shards whose README.md declares several; none = its default")
     latent_key: str = _f("X", "array key / column of the latents")
     label_key: str = _f("y", "array key / column of the integer labels (optional)")
     normalization: str = _f("channel", "latent standardisation: per-channel mean/std (channel), one mean/std "

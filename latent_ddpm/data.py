@@ -179,11 +179,12 @@ def iter_chunks(ds: datasets.Dataset, rows: int | None = None, with_labels: bool
 
 
 def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key: str = "y", split: str = "train",
-                 labels_file: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                 in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES, verify: bool = True, **hub_kwargs
-                 ) -> datasets.Dataset:
+                 subset: str | None = None, labels_file: str | os.PathLike | None = None,
+                 cache_dir: str | os.PathLike | None = None, in_memory_max_bytes: int = IN_MEMORY_MAX_BYTES,
+                 verify: bool = True, **hub_kwargs) -> datasets.Dataset:
     """Load latents from `.npz`, `.npy`, `.safetensors`, a `save_to_disk` folder, Parquet/Arrow files, a folder of
-    Parquet shards (`split` picks `train-*`, `test-*`, ...) or a hub dataset id.
+    Parquet shards (`split` picks `train-*`, `test-*`, ...; `subset` one its README.md declares) or a hub dataset id
+    (`subset` is its config name).
 
     Returns an Arrow `Dataset` with `latents` (C, H, W) float32 and, if present, `labels` int64, after
     checking it (shape, dtype, NaN/Inf, labels). `.npy`/`.npz`/`.safetensors` files bigger than
@@ -195,9 +196,14 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     `datasets.load_dataset(source, split=split, **hub_kwargs)`. Raises `DataError` (one line) on bad input.
     """
     path = Path(source)
+    shard_folder = path.is_dir() and not ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+    if subset is not None and path.exists() and not shard_folder:
+        raise DataError(f"{source}: no subsets (only a hub dataset or a folder of .parquet shards whose README.md "
+                        f"declares configs: has them), so no subset '{subset}'; drop it (train.py: "
+                        "--dataset_config_name)")
     if path.is_dir():
-        if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            ds = load_parquet_shards(path, split, Path(cache_dir or DEFAULT_CACHE_DIR))
+        if shard_folder:
+            ds = load_parquet_shards(path, split, Path(cache_dir or DEFAULT_CACHE_DIR), subset)
             return _standardize(ds, str(path), latent_key, label_key, verify, cache_dir)
         try:
             ds = datasets.load_from_disk(str(path))
@@ -217,7 +223,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     if not path.exists():
         if suffix in known or not is_hub_id(str(source)):
             raise DataError(f"{source}: no such file or folder; check the path")
-        return _load_hub(str(source), split, latent_key, label_key, verify, hub_kwargs, cache_dir)
+        return _load_hub(str(source), split, latent_key, label_key, verify, {"name": subset, **hub_kwargs}, cache_dir)
     if suffix in PICKLE_SUFFIXES:  # torch.save / pickle files: loading one can run code from it
         raise DataError(f"{path}: a pickle ('{suffix}', e.g. from torch.save) is never loaded, as it can run code; "
                         "save the latents as safetensors where they were made: safetensors.torch.save_file({'X': "

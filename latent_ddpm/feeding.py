@@ -46,9 +46,13 @@ class TrainingData:
 
 
 def load_training_data(train_data: str | None, latent_key: str = "X", label_key: str = "y",
-                       class_conditional: bool = False, n_dim: int | None = None, split: str = "train") -> TrainingData:
-    """Load `split` of `train_data` (the demo set when None) and check it against `--n_dim` and
+                       class_conditional: bool = False, n_dim: int | None = None, split: str = "train",
+                       subset: str | None = None) -> TrainingData:
+    """Load `split` (of `subset`) of `train_data` (the demo set when None) and check it against `--n_dim` and
     `--class_conditional`."""
+    if subset is not None and train_data is None:
+        raise UserInputError(f"--dataset_config_name {subset}: the demo set has no subsets; drop it, or pass "
+                             "--train_data")
     if split != "train" and (train_data is None or Path(train_data).is_file()):  # else silently the whole file
         raise UserInputError(f"--train_split {split}: {train_data or 'the demo set'} has no splits (only a saved "
                              "DatasetDict, a folder of .parquet shards or a hub dataset has); drop --train_split")
@@ -58,7 +62,7 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
         # Labels are read only for a class-conditional model: the original's files carry a `y` it never used,
         # which need not be class ids.
         dataset = load_latents(train_data, latent_key=latent_key, label_key=label_key if class_conditional else None,
-                               split=split)
+                               split=split, subset=subset)
         name = Path(train_data.rstrip("/")).stem
     source = train_data or "demo"
     channels = dataset.features["latents"].shape[0]

@@ -28,28 +28,35 @@ def card_configs(path: Path) -> list[dict]:
     return [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else []
 
 
-def chosen_config(path: Path) -> dict | None:
-    """The subset of a folder's README.md to read, as `datasets` chooses it: the only one, or among several the one
-    marked `default: true` (or named "default"); None when none is declared. Several without a default are refused:
-    merging them would mix, e.g., latents of two autoencoders."""
+def chosen_config(path: Path, name: str | None = None) -> dict | None:
+    """The subset of a folder's README.md to read, as `datasets` chooses it: the one called `name`; else the only
+    one, or among several the one marked `default: true` (or named "default"); None when none is declared. Several
+    without a default are refused: merging them would mix, e.g., latents of two autoencoders."""
     configs = card_configs(path)
+    names = ", ".join(str(c.get("config_name")) for c in configs)
+    if name is not None:
+        named = [c for c in configs if c.get("config_name") == name]
+        if not named:
+            fix = (f"its README.md declares {names}; name one of them" if configs else
+                   "it declares none (no configs: in a README.md); drop it")
+            raise DataError(f"{path}: no subset '{name}'; {fix} (train.py: --dataset_config_name)")
+        return named[0]
     if len(configs) > 1:
         defaults = [c for c in configs if c.get("default") is True] or [
             c for c in configs if c.get("config_name") == "default"]
         if len(defaults) != 1:
-            names = ", ".join(str(c.get("config_name")) for c in configs)
-            raise DataError(f"{path}: its README.md declares {len(configs)} subsets ({names}) and no default; pass "
-                            "the folder of one subset's shards")
+            raise DataError(f"{path}: its README.md declares {len(configs)} subsets ({names}) and no default; choose "
+                            "one (train.py: --dataset_config_name NAME), or pass the folder of one subset's shards")
         configs = defaults
     return configs[0] if configs else None
 
 
-def parquet_splits(path: Path) -> dict[str, list[str]]:
+def parquet_splits(path: Path, subset: str | None = None) -> dict[str, list[str]]:
     """The Parquet files of a folder per split, as `datasets` resolves a hub dataset's files: those of the subset
-    its README.md declares (`chosen_config`: its `data_files`, under its `data_dir`), else by name (`train-*`,
-    `test-*`, `data/train-*`, ...; one `train` split when no file names one). Empty when the folder holds no
-    Parquet file; a subset whose `data_files` match none is refused."""
-    config = chosen_config(path) or {}
+    its README.md declares (`chosen_config`, or the one called `subset`: its `data_files`, under its `data_dir`),
+    else by name (`train-*`, `test-*`, `data/train-*`, ...; one `train` split when no file names one). Empty when
+    the folder holds no Parquet file; a subset whose `data_files` match none is refused."""
+    config = chosen_config(path, subset) or {}
     base = str((path / config["data_dir"]).resolve() if isinstance(config.get("data_dir"), str) else path.resolve())
     declared = config.get("data_files")
     try:
@@ -65,11 +72,11 @@ def parquet_splits(path: Path) -> dict[str, list[str]]:
     return splits
 
 
-def load_parquet_shards(path: Path, split: str, cache_dir: Path) -> datasets.Dataset:
+def load_parquet_shards(path: Path, split: str, cache_dir: Path, subset: str | None = None) -> datasets.Dataset:
     """A folder of Parquet shards (a downloaded hub dataset's layout) read with `datasets.load_dataset("parquet")`,
-    only `split`'s files; its Arrow copy goes under `cache_dir`/parquet (keyed by `datasets` on the files' paths
-    and modification times), never into the data folder."""
-    splits = parquet_splits(path)
+    only `split`'s files (of the README's `subset`, when given); its Arrow copy goes under `cache_dir`/parquet (keyed
+    by `datasets` on the files' paths and modification times), never into the data folder."""
+    splits = parquet_splits(path, subset)
     if not splits:
         raise DataError(f"{path}: a folder but not a saved dataset (no state.json) and no .parquet files in it; "
                         "pass a folder written by Dataset.save_to_disk or `python -m latent_ddpm.data convert`, "

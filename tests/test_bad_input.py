@@ -149,6 +149,8 @@ CASES = [
      "a saved dataset without splits (not a DatasetDict), so no split 'test'; read it whole"),
     ("train-split-missing", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", "validation"],
      "no split 'validation'; the splits are ['train']; choose one (train.py --train_split"),
+    ("train-subset-of-a-file", "train", lambda d: ["--latent", d / "good.npz", "--dataset_config_name", "vae"],
+     "good.npz: no subsets (only a hub dataset or a folder of .parquet shards"),
     ("train-split-empty", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", " "],
      "--train_split: is empty; name a split"),
     ("train-labels-needed", "train", lambda d: ["--latent", d / "unlabelled.npz", "--class_conditional"],

@@ -106,8 +106,15 @@ def test_the_subsets_a_dataset_card_declares(tmp_path):
     write_shard(folder / "vae_b" / "train-00000-of-00001.parquet", x[4:])
     card = "---\nconfigs:\n- config_name: vae_a\n  data_files: vae_a/train-*\n{}---\n"
     (folder / "README.md").write_text(card.format("- config_name: vae_b\n  data_files: vae_b/train-*\n"))
-    expect_error(folder, r"its README.md declares 2 subsets \(vae_a, vae_b\) and no default; pass the folder of one",
+    expect_error(folder, r"its README.md declares 2 subsets \(vae_a, vae_b\) and no default; choose one \(train.py: "
+                         r"--dataset_config_name NAME\), or pass the folder of one", cache_dir=tmp_path / "cache")
+    for subset, rows in (("vae_a", x[:4]), ("vae_b", x[4:])):  # chosen by name, as datasets' name= does
+        got_x, _ = arrays(load_latents(folder, subset=subset, label_key=None, cache_dir=tmp_path / "cache"))
+        np.testing.assert_array_equal(got_x, rows)
+    expect_error(folder, r"no subset 'vae_c'; its README.md declares vae_a, vae_b; name one of them", subset="vae_c",
                  cache_dir=tmp_path / "cache")
+    expect_error(folder / "vae_b", r"no subset 'vae_a'; it declares none \(no configs: in a README.md\); drop it",
+                 subset="vae_a", cache_dir=tmp_path / "cache")
     got_x, _ = arrays(load_latents(folder / "vae_b", label_key=None, cache_dir=tmp_path / "cache"))
     np.testing.assert_array_equal(got_x, x[4:])
     (folder / "README.md").write_text(card.format(""))
@@ -273,9 +280,11 @@ def test_bad_safetensors_is_one_line_naming_the_file(tmp_path, monkeypatch, case
 
 
 def test_an_unknown_format_lists_safetensors(tmp_path):
-    (tmp_path / "x.pt").write_bytes(b"\x80\x02")
-    expect_error(tmp_path / "x.pt", r"unknown format '\.pt'; use \.npz, \.npy, \.safetensors, \.parquet, \.arrow, a "
+    (tmp_path / "x.h5").write_bytes(b"\x89HDF")
+    expect_error(tmp_path / "x.h5", r"unknown format '\.h5'; use \.npz, \.npy, \.safetensors, \.parquet, \.arrow, a "
                  r"saved dataset folder or a folder of \.parquet shards")
+    (tmp_path / "x.pt").write_bytes(b"\x80\x02")  # a pickle: never loaded, re-saving it as safetensors is the fix
+    expect_error(tmp_path / "x.pt", r"a pickle \('\.pt', e\.g\. from torch\.save\) is never loaded")
     with pytest.raises(DataError, match=r"convert takes \.npz, \.npy or \.safetensors files"):
         data.convert(tmp_path / "x.pt", tmp_path / "out")
 
@@ -296,3 +305,26 @@ def test_train_py_trains_on_the_split_train_split_names(tmp_path):
                            "--dry_run", "--preset", "tiny", "--train_batch_size", "4", "--output_dir",
                            str(tmp_path / "run")], cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "hub: 8 latents of 3x4x6" in done.stdout + done.stderr, done.stderr
+
+
+def test_a_subset_goes_to_the_hub_as_its_config_name_and_files_have_none(tmp_path, monkeypatch):
+    asked = {}
+
+    def offline(repo_id, **kwargs):
+        asked.update(kwargs, repo_id=repo_id)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    expect_error("owner/latents", "cannot be loaded from the hub", subset="vae_b", split="test")
+    assert asked == {"repo_id": "owner/latents", "name": "vae_b", "split": "test"}
+    np.savez(tmp_path / "a.npz", X=latents())
+    expect_error(tmp_path / "a.npz", r"no subsets .* so no subset 'vae_b'; drop it", subset="vae_b")
+
+
+def test_the_demo_set_has_no_split_or_subset():
+    from latent_ddpm.feeding import load_training_data
+
+    with pytest.raises(UserInputError, match="--dataset_config_name vae: the demo set has no subsets; drop it"):
+        load_training_data(None, subset="vae")
+    with pytest.raises(UserInputError, match="--train_split test: the demo set has no splits"):
+        load_training_data(None, split="test")

@@ -197,6 +197,9 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     """
     path = Path(source)
     shard_folder = path.is_dir() and not ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+    if split != "train" and path.is_file():  # else silently the whole file
+        raise DataError(f"{source}: a file has no splits (only a saved DatasetDict, a folder of .parquet shards or a "
+                        f"hub dataset has), so no split '{split}'; drop it (train.py: --train_split)")
     if subset is not None and path.exists() and not shard_folder:
         raise DataError(f"{source}: no subsets (only a hub dataset or a folder of .parquet shards whose README.md "
                         f"declares configs: has them), so no subset '{subset}'; drop it (train.py: "

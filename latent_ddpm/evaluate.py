@@ -157,18 +157,20 @@ def load_samples(path: str | Path, key: str = "samples",
 
 
 def load_reference(source: str, latent_key: str = "X", label_key: str | None = "y", limit: int = MAX_REFERENCE,
-                   optional_labels: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Reference latents from any source `latent_ddpm.data.load_latents` reads, subsampled (seeded) to `limit`.
-    With `optional_labels`, labels that are not class ids (the original's `y` need not be) are left out with a
-    note instead of refused."""
+                   optional_labels: bool = False, split: str = "train", subset: str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reference latents from any source `latent_ddpm.data.load_latents` reads (its `split` and `subset`, where it
+    has them), subsampled (seeded) to `limit`. With `optional_labels`, labels that are not class ids (the original's
+    `y` need not be) are left out with a note instead of refused."""
     from .data import DataError, load_latents
 
+    where = {"split": split, "subset": subset}
     try:
-        ds = load_latents(source, latent_key=latent_key, label_key=label_key)
+        ds = load_latents(source, latent_key=latent_key, label_key=label_key, **where)
     except DataError:
         if not optional_labels or label_key is None:
             raise
-        ds = load_latents(source, latent_key=latent_key, label_key=None)  # a problem of the latents raises again
+        ds = load_latents(source, latent_key=latent_key, label_key=None, **where)  # a latents' problem raises again
         stderr_line(f"note: {source}: its '{label_key}' labels are not class ids, so there are no per-class figures; "
                     "pass --no_labels to skip them, or --label_key to name the class ids")
     rows = ds.select(_subsample(len(ds), limit)).with_format("numpy")[:]
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", required=True, help=".npz from sample.py (array 'samples', optional 'labels')")
     p.add_argument("--reference", required=True, help="reference latents: any source latent_ddpm.data reads")
     p.add_argument("--out", help="also write the JSON to this file")
+    p.add_argument("--split", default="train", help="the reference's split, where it has splits (a folder of .parquet "
+                   "shards, a saved DatasetDict, a hub dataset; default train), e.g. test for held-out latents")
+    p.add_argument("--subset", default=None, help="the reference's subset (config), where it has several")
     p.add_argument("--latent_key", default="X", help="array of latents in a reference .npz (default X)")
     p.add_argument("--label_key", default=None, help="array of labels in a reference .npz (default: y, when the "
                    "file has it)")
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     samples, labels = load_samples(args.samples, args.samples_key)
     label_key = None if args.no_labels else args.label_key or "y"
     reference, ref_labels = load_reference(args.reference, args.latent_key, label_key, args.max_reference,
-                                           optional_labels=args.label_key is None)
+                                           optional_labels=args.label_key is None, split=args.split,
+                                           subset=args.subset)
     if args.label_key is not None and ref_labels is None:  # a typo gave no per-class figures, with exit status 0
         raise UserInputError(f"--label_key {args.label_key}: {args.reference} has no such labels; name its labels "
                              "array or column, or leave --label_key out")

@@ -53,9 +53,8 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
     if subset is not None and train_data is None:
         raise UserInputError(f"--dataset_config_name {subset}: the demo set has no subsets; drop it, or pass "
                              "--train_data")
-    if split != "train" and (train_data is None or Path(train_data).is_file()):  # else silently the whole file
-        raise UserInputError(f"--train_split {split}: {train_data or 'the demo set'} has no splits (only a saved "
-                             "DatasetDict, a folder of .parquet shards or a hub dataset has); drop --train_split")
+    if split != "train" and train_data is None:  # a file's lack of splits: `load_latents` says so
+        raise UserInputError(f"--train_split {split}: the demo set has no splits; drop it, or pass --train_data")
     if train_data is None:
         dataset, name = demo_dataset(), "demo"
     else:

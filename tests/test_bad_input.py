@@ -144,7 +144,8 @@ CASES = [
     ("train-garbage-parquet", "train", lambda d: ["--latent", d / "garbage.parquet"], "not a readable .parquet file"),
     ("train-plain-folder", "train", lambda d: ["--latent", d / "plain_folder"], "not a saved dataset"),
     ("train-split-of-a-file", "train", lambda d: ["--latent", d / "good.npz", "--train_split", "test"],
-     "good.npz has no splits (only a saved DatasetDict, a folder of .parquet shards or a hub dataset has); drop"),
+     "good.npz: a file has no splits (only a saved DatasetDict, a folder of .parquet shards or a hub dataset has), "
+     "so no split 'test'; drop it (train.py: --train_split)"),
     ("train-split-of-a-dataset", "train", lambda d: ["--latent", d / "saved", "--train_split", "test"],
      "a saved dataset without splits (not a DatasetDict), so no split 'test'; read it whole"),
     ("train-split-missing", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", "validation"],
@@ -279,6 +280,10 @@ CASES = [
      "no array 'samples'"),
     ("evaluate-int8-reference", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "int8.npz"],
      "must be floating point"),
+    ("evaluate-split-of-a-file", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "good.npz",
+                                                        "--split", "test"], "good.npz: a file has no splits"),
+    ("evaluate-missing-split", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "saved_dict",
+                                                      "--split", "test"], "no split 'test'; the splits are ['train']"),
     ("evaluate-bad-flag", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "good.npz",
                                                  "--k", "many"], "invalid int value"),
 ]

@@ -328,3 +328,24 @@ def test_the_demo_set_has_no_split_or_subset():
         load_training_data(None, subset="vae")
     with pytest.raises(UserInputError, match="--train_split test: the demo set has no splits"):
         load_training_data(None, split="test")
+
+
+def test_evaluate_takes_a_held_out_split_as_its_reference(tmp_path, capsys):
+    import json
+
+    from _helpers import exit_status
+
+    from latent_ddpm import evaluate
+
+    x = latents(60, seed=7)
+    folder = tmp_path / "hub"
+    write_shard(folder / "train-00000-of-00001.parquet", x[:20])
+    write_shard(folder / "test-00000-of-00001.parquet", x[20:])
+    np.savez(tmp_path / "samples.npz", samples=x[:20])
+    base = ["--samples", str(tmp_path / "samples.npz"), "--reference", str(folder), "--no_baseline"]
+    capsys.readouterr()
+    assert exit_status(evaluate.main, base) == 0
+    on_train = json.loads(capsys.readouterr().out)
+    assert exit_status(evaluate.main, [*base, "--split", "test"]) == 0
+    on_test = json.loads(capsys.readouterr().out)
+    assert on_train["fd"] < 1e-6 < on_test["fd"]  # the samples are the train split itself

@@ -259,9 +259,12 @@ class LatentFeeder:
             source = ((self.latents[idx.to(self.device)],
                        self.labels[idx.to(self.device)] if self.has_labels else None) for idx in batches)
         else:
+            # Its own generator: a DataLoader draws its workers' base seed when it starts, from torch's global
+            # generator by default, which dropout draws from too (a resume mid-epoch would start one more).
             loader = DataLoader(_ArrowBatches(self.ds), batch_sampler=[idx.tolist() for idx in batches],
                                 collate_fn=_keep_batch, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory and self.device.type == "cuda")
+                                pin_memory=self.pin_memory and self.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(self.seed + epoch))
             source = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True) if y is not None
                        else None) for x, y in loader)
         for idx, (x, y) in zip(batches, source, strict=True):

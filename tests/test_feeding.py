@@ -130,6 +130,17 @@ def test_in_memory_and_dataloader_paths_identical(ds):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_the_dataloader_path_leaves_the_global_generator_alone(ds, num_workers):
+    # Dropout draws from torch's global generator. A DataLoader took its workers' base seed from it at every epoch
+    # start, and once more at a resume mid-epoch: a streamed run with dropout resumed off the uninterrupted run's
+    # dropout masks, and trained otherwise than the same run with its data in memory.
+    f = LatentFeeder(ds, 4, seed=0, in_memory=False, num_workers=num_workers)
+    before = torch.get_rng_state()
+    assert len(list(f.epoch_batches(0))) == len(f) and len(list(f.epoch_batches(1, start_batch=3))) == len(f) - 3
+    assert torch.equal(before, torch.get_rng_state())
+
+
 def test_flip_is_deterministic_and_per_sample(ds, xy):
     plain = LatentFeeder(ds, 4, seed=9)
     flip = LatentFeeder(ds, 4, seed=9, random_flip=True)

@@ -36,6 +36,7 @@ EMA_FILE = "ema.safetensors"
 #: Where checkpoints of an abandoned timeline go when an older checkpoint is resumed (under the train folder).
 ABANDONED_DIR = "abandoned"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER_RE = re.compile(r"^checkpoint-(\d+)(\.tmp)?$")
 #: The prefix torch.compile's wrapper adds to parameter names; checkpoints store the names without it.
 COMPILED_PREFIX = "_orig_mod."
 #: accelerate's file for the fp16 gradient scaler's state (written only by fp16 runs).
@@ -52,6 +53,22 @@ def list_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
         if match and path.is_dir() and (path / COMPLETE_MARKER).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def incomplete_checkpoints(train_dir: Path, below: int | None = None) -> list[Path]:
+    """Checkpoint folders under `train_dir` that are not complete checkpoints (of steps below `below`, when given):
+    what a crash left of a write (`checkpoint-<step>.tmp`, marker or not) or of a rotation's delete (the marker goes
+    first). Never resumed, and not counted by the rotation, so they would stay for good."""
+    if not train_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(train_dir.iterdir()):
+        match = _LEFTOVER_RE.match(path.name)
+        if (match and path.is_dir() and not path.is_symlink()
+                and (match.group(2) or not (path / COMPLETE_MARKER).exists())
+                and (below is None or int(match.group(1)) < below)):
+            found.append(path)
+    return found
 
 
 def delete_checkpoint(path: Path, ignore_errors: bool = False) -> None:
@@ -247,6 +264,9 @@ def save_checkpoint(accelerator, train_dir: Path, step: int, state: dict, ema=No
         older = [(s, p) for s, p in list_checkpoints(train_dir) if s < step]  # never the one just written
         for _, old in older[:max(0, len(older) - (limit - 1))]:
             delete_checkpoint(old, ignore_errors=True)  # rotation: a leftover is not complete, never resumed
+    if accelerator.is_main_process:  # what a crash left of an older write or rotation
+        for leftover in incomplete_checkpoints(train_dir, below=step):
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     faults.exit_after_checkpoint(step)  # a test's crash right after this checkpoint
     return final

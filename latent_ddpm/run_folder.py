@@ -12,7 +12,13 @@ import re
 import shutil
 from pathlib import Path
 
-from .checkpointing import ABANDONED_DIR, delete_checkpoint, list_checkpoints, set_aside_newer_checkpoints
+from .checkpointing import (
+    ABANDONED_DIR,
+    delete_checkpoint,
+    incomplete_checkpoints,
+    list_checkpoints,
+    set_aside_newer_checkpoints,
+)
 from .errors import UserInputError, first_line
 from .paths import OutputLock, remove_path
 
@@ -52,6 +58,8 @@ def clear_run(run_dir: Path) -> None:
     train_dir = run_dir / "train"
     for _, old in list_checkpoints(train_dir):
         delete_checkpoint(old)
+    for leftover in incomplete_checkpoints(train_dir):  # a crash's half-written or half-deleted ones
+        shutil.rmtree(leftover)
     shutil.rmtree(train_dir / ABANDONED_DIR, ignore_errors=True)
     if not is_train_run(run_dir):  # e.g. the user's own train/logs/ beside an original project's run
         return

@@ -257,6 +257,28 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, monkeypatc
     assert [s for s, _ in list_checkpoints(other)] == [8]
 
 
+
+def test_what_a_crash_left_of_a_checkpoint_is_removed(tmp_path, monkeypatch):
+    # A kill inside a rotation (the marker goes first) left a checkpoint folder without its marker: never resumed and
+    # never counted by the rotation, it stayed for good beside the limit's checkpoints, as did a killed write's .tmp;
+    # --overwrite_output_dir left them in the fresh run's folder.
+    from latent_ddpm.run_folder import clear_run
+
+    monkeypatch.delenv("LATENT_DDPM_EXIT_AFTER_CHECKPOINT", raising=False)
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    for step in (2, 4):
+        _save(train_dir, step, 2)
+    (train_dir / "checkpoint-2" / "COMPLETE").unlink()  # a rotation's delete, cut short
+    shutil.copytree(train_dir / "checkpoint-4", train_dir / "checkpoint-5.tmp")  # a write cut short after its marker
+    (train_dir / "checkpoint-9.tmp").mkdir()  # newer than the next checkpoint: its step may still come
+    _save(train_dir, 6, 2)
+    assert sorted(p.name for p in train_dir.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-9.tmp"]
+    (train_dir / "checkpoint-4" / "COMPLETE").unlink()
+    (train_dir / "config.json").write_text("{}")
+    clear_run(tmp_path)
+    assert sorted(p.name for p in train_dir.iterdir()) == ["config.json"]
+
 # 6: flags checked before anything is written.
 
 @pytest.mark.parametrize("case", ["timesteps", "timesteps_max", "eval", "eval_max", "preview_max", "snr_floor", "seed",

@@ -226,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.init_trackers("latent_ddpm", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     logger.info(plan)
 
+    def epoch_preview(done: int) -> None:  # the main process's grid after epoch `done`, when one is due
+        if (accelerator.is_main_process and cfg.save_images_epochs and done % cfg.save_images_epochs == 0
+                and global_step < max_steps):
+            preview_grid(build_pipeline(unet, ema, noise_scheduler, stats, vae, class_ids), cfg,
+                         train_dir / f"samples_epoch_{done}.png")
+
+    if resume is not None and global_step % steps_per_epoch == 0:  # a crash may have come between the epoch's
+        epoch_preview(global_step // steps_per_epoch)  # last checkpoint and its preview
+
     # 9. Train. One optimizer step = gradient_accumulation_steps micro-batches (leftover micro-batches at
     #    an epoch's end are skipped). The loss stays on the device and is read back every logging_steps (and at
     #    epoch ends and checkpoints); only the finite-check flag crosses to the host each step.
@@ -349,10 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if global_step % steps_per_epoch == 0:  # the epoch is complete
             epoch += 1
-            if (accelerator.is_main_process and cfg.save_images_epochs and epoch % cfg.save_images_epochs == 0
-                    and global_step < max_steps):
-                preview_grid(build_pipeline(unet, ema, noise_scheduler, stats, vae, class_ids), cfg,
-                             train_dir / f"samples_epoch_{epoch}.png")
+            epoch_preview(epoch)
     progress.close()
 
     # 10. The ranks part. DDP keeps their weights identical; the checksums check it (an error is logged if they

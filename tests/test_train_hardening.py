@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers import ForkServerClient
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from latent_ddpm.checkpointing import checkpoint_problem, list_checkpoints, save_checkpoint
@@ -114,8 +115,9 @@ def finished(fork, data, tmp_path_factory) -> Path:
 # 1 and 2: resumes are the uninterrupted run (64 samples / batch 16 = 4 steps per epoch).
 
 def test_resume_at_an_epoch_end_with_previews_and_dropout_is_bit_identical(train, data, tmp_path):
-    # The checkpoint at step 4 ends epoch 1, whose preview the uninterrupted run samples and the resumed one
-    # does not: the preview (and the pipeline copy it builds) must leave the global RNG (dropout's) alone.
+    # The checkpoint at step 4 ends epoch 1, whose preview the uninterrupted run samples after it and the resumed
+    # one on resuming (it was never written: the crash came between the two): the preview (and the pipeline copy
+    # it builds) must leave the global RNG (dropout's) alone.
     args = ["--latent", data, *FAST, "--train_batch_size", "16", "--model_config", '{"dropout": 0.1}',
             "--max_train_steps", "8", "--checkpointing_steps", "4", "--save_images_epochs", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -127,6 +129,8 @@ def test_resume_at_an_epoch_end_with_previews_and_dropout_is_bit_identical(train
     assert f"resumed from {b / 'train/checkpoint-4'} at step 4" in resumed.out
     for name in ("model.safetensors", "ema.safetensors"):
         tensors_equal(a / "train/checkpoint-8" / name, b / "train/checkpoint-8" / name)
+    grid = "train/samples_epoch_1.png"
+    assert np.array_equal(np.asarray(Image.open(a / grid)), np.asarray(Image.open(b / grid)))
 
 
 def test_loss_history_is_complete_after_a_mid_epoch_resume(train, data, tmp_path):

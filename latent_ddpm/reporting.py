@@ -219,13 +219,16 @@ def quality_figures(samples: np.ndarray, labels: np.ndarray | None, dataset, cfg
     """Fréchet distance, precision/recall against the training data (and the demo judge on demo data)."""
     from .data import iter_chunks
     from .evaluate import K_NEIGHBOURS, evaluate
+    from .metrics import _subsample
 
     n_ref = min(len(dataset), MAX_REFERENCE)
     if n_ref <= K_NEIGHBOURS:
         warnings.warn(f"{n_ref} training latents are too few for the quality figures (precision/recall need more "
                       f"than {K_NEIGHBOURS}); they are left out", stacklevel=2)
         return {}
-    ref = dataset.select(range(n_ref)) if n_ref < len(dataset) else dataset
+    # A seeded subsample spread over the whole set, as `python -m latent_ddpm.evaluate` takes (the first rows of data
+    # stored class by class, as encode writes an image folder, held only the first classes).
+    ref = dataset.select(_subsample(len(dataset), n_ref)) if n_ref < len(dataset) else dataset
     chunks = list(iter_chunks(ref, with_labels=labels is not None))
     ref_x = np.concatenate([x for _, x, _ in chunks])
     ref_y = np.concatenate([y for _, _, y in chunks]) if labels is not None else None

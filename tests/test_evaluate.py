@@ -167,3 +167,26 @@ def test_the_python_api_names_bad_inputs():
     with pytest.raises(UserInputError, match="too few for the real-vs-real baseline.*baseline=False"):
         evaluate(samples, ref[:7])
     assert "baseline" not in evaluate(samples, ref[:7], baseline=False)
+
+
+def test_train_quality_figures_take_their_reference_from_the_whole_data_set(tmp_path):
+    # Beyond reporting.MAX_REFERENCE latents, train.py's figures took the first rows: of data stored class by class
+    # (as encode writes an image folder) the last classes had few reference latents or none, and vanished from the
+    # per-class figures. They now take the seeded subsample `python -m latent_ddpm.evaluate` takes.
+    from types import SimpleNamespace
+
+    from latent_ddpm.data import dataset_from_arrays
+    from latent_ddpm.evaluate import load_reference
+    from latent_ddpm.reporting import MAX_REFERENCE, quality_figures
+
+    classes = 5
+    labels = np.repeat(np.arange(classes), 2 * MAX_REFERENCE // classes)  # twice the reference, class by class
+    x = _latents(len(labels), shape=(2, 4, 4)) + labels[:, None, None, None].astype(np.float32)
+    np.savez(tmp_path / "d.npz", X=x, y=labels)
+    pick = np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(classes)])  # two samples of each class
+    samples, sample_labels = x[pick], labels[pick]
+    out = quality_figures(samples, sample_labels, dataset_from_arrays(x, labels),
+                          SimpleNamespace(train_data=str(tmp_path / "d.npz")))["evaluation"]
+    assert sorted(out["per_class"]) == [str(c) for c in range(classes)]
+    ref_x, ref_y = load_reference(str(tmp_path / "d.npz"), limit=MAX_REFERENCE)
+    assert out == evaluate(samples, ref_x, sample_labels, ref_y, baseline=True)

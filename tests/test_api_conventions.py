@@ -1,0 +1,61 @@
+"""LatentDDPMPipeline and AdvancedUNet2DModel used as a diffusers user would: every scheduler's starting noise,
+step counts a scheduler cannot take, and bad arguments named before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from latent_ddpm import LatentDDPMPipeline, default_scheduler
+
+T = 50  # the original project's schedule length: sigma_max 0.81, far from diffusers' sigma_max >> 1 assumption
+
+
+def first_unet_input(pipe: LatentDDPMPipeline, noise: torch.Tensor) -> torch.Tensor:
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _module, args: seen.append(args[0].clone()))
+    try:
+        pipe(latents=noise, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("cls", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler,
+                                 EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                                 KDPM2DiscreteScheduler])
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
+def test_the_unet_first_sees_the_starting_noise_itself(make_unet, cls, spacing):
+    # The sigma-based schedulers with "trailing"/"linspace" spacing scaled the noise by diffusers' init_noise_sigma,
+    # sigma_max instead of sqrt(sigma_max^2 + 1): the UNet's first input was 0.63x the noise at T=50, and Euler,
+    # Heun and Euler ancestral samples came out with 0.62-0.74x the data's spread (DDIM: 0.99x).
+    base = default_scheduler(num_train_timesteps=T, prediction_type="v_prediction", timestep_spacing=spacing)
+    pipe = LatentDDPMPipeline(unet=make_unet(), scheduler=cls.from_config(base.config))
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first_unet_input(pipe, noise), noise, rtol=1e-5, atol=1e-5)
+
+
+def test_euler_samples_have_the_spread_of_the_data(make_unet):
+    # A UNet that predicts v = 0 is exact for N(0, I) data; every sampler should return about unit spread.
+    unet = make_unet()
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    base = default_scheduler(num_train_timesteps=T, prediction_type="v_prediction")
+    pipe = LatentDDPMPipeline(unet=unet, scheduler=base)
+    pipe.set_progress_bar_config(disable=True)
+    for cls in (DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler):
+        pipe.scheduler = cls.from_config(base.config)
+        out = pipe(batch_size=16, num_inference_steps=20, generator=torch.Generator().manual_seed(0)).latents
+        assert 0.9 < float(np.std(out)) < 1.1, (cls.__name__, float(np.std(out)))

@@ -57,6 +57,7 @@ from _common import (  # noqa: E402
 from latent_ddpm.demo import make_demo_latents  # noqa: E402
 from latent_ddpm.errors import ArgumentParser, run_cli  # noqa: E402
 from latent_ddpm.evaluate import Evaluator  # noqa: E402
+from latent_ddpm.pipeline import start_noise_sigma  # noqa: E402
 from latent_ddpm.sampling import (  # noqa: E402
     SCHEDULERS,
     configure_scheduler,
@@ -97,7 +98,7 @@ def bare_sample(unet, scheduler, batch: int, steps: int, generator: torch.Genera
     c, size = unet.config.in_channels, unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     scheduler.set_timesteps(steps, device=device)
-    x = torch.randn((batch, c, h, w), generator=generator, device=device) * scheduler.init_noise_sigma
+    x = torch.randn((batch, c, h, w), generator=generator, device=device) * start_noise_sigma(scheduler, device)
     with torch.no_grad():
         for t in scheduler.timesteps:
             pred = unet(scheduler.scale_model_input(x, t), t).sample

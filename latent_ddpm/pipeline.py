@@ -41,10 +41,11 @@ class LatentPipelineOutput(BaseOutput):
 
 
 def inference_steps_error(scheduler: SchedulerMixin, num_inference_steps: int) -> str | None:
-    """Why `num_inference_steps` cannot work with `scheduler`, or None. A multistep solver (DPM-Solver++,
-    UniPC: a `solver_order` in its config) divides by the step size; with as many steps as training
-    timesteps, diffusers' linspace spacing repeats a noise level and the zero step turns every sample into
-    NaN. The check runs on a copy and looks at the noise levels stepped on (sigmas where the scheduler has
+    """Why `num_inference_steps` cannot work with `scheduler`, or None: a step count its `set_timesteps` fails on
+    (PNDM below 4), more steps than training timesteps, or repeated noise levels in a multistep solver
+    (DPM-Solver++, UniPC: a `solver_order` in its config), which divides by the step size; with as many steps as
+    training timesteps, diffusers' linspace spacing repeats a noise level and the zero step turns every sample
+    into NaN. The check runs on a copy and looks at the noise levels stepped on (sigmas where the scheduler has
     them: Karras sigmas may map distinct sigmas to one integer timestep, which is fine). More steps than
     training timesteps are refused for every scheduler: the model knows that many noise levels, and some
     schedulers (LMS, SA-Solver, Karras sigmas) give NaN or fail past them, PNDM wrong samples."""
@@ -52,15 +53,15 @@ def inference_steps_error(scheduler: SchedulerMixin, num_inference_steps: int) -
     if limit and num_inference_steps > limit:
         return (f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: the model was trained on "
                 f"{limit} timesteps (num_train_timesteps); use at most {limit}")
-    if "solver_order" not in scheduler.config:
-        return None
     probe = type(scheduler).from_config(scheduler.config)
-    try:
+    try:  # every scheduler: PNDM below 4 steps failed in numpy ("operands could not be broadcast together")
         with warnings.catch_warnings():  # numpy/torch warnings on bad settings: the verdict below says it all
             warnings.simplefilter("ignore")
             probe.set_timesteps(num_inference_steps)
     except Exception as err:  # noqa: BLE001 - also a wrong-typed setting (TypeError, AttributeError): one line
         return f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: {type(err).__name__}: {err}"
+    if "solver_order" not in scheduler.config:
+        return None
     levels = getattr(probe, "sigmas", None)
     levels = probe.timesteps if levels is None else levels[: len(probe.timesteps)]
     if len(torch.unique(levels)) == len(levels):

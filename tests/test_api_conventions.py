@@ -14,6 +14,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 
@@ -59,3 +60,13 @@ def test_euler_samples_have_the_spread_of_the_data(make_unet):
         pipe.scheduler = cls.from_config(base.config)
         out = pipe(batch_size=16, num_inference_steps=20, generator=torch.Generator().manual_seed(0)).latents
         assert 0.9 < float(np.std(out)) < 1.1, (cls.__name__, float(np.std(out)))
+
+
+def test_a_step_count_the_scheduler_cannot_set_is_named(make_unet):
+    # PNDM below 4 steps failed inside numpy ("operands could not be broadcast together with shapes (2,) (8,)")
+    pipe = LatentDDPMPipeline(unet=make_unet(), scheduler=PNDMScheduler.from_config(default_scheduler().config))
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="PNDMScheduler cannot take 2 steps"):
+        pipe(batch_size=1, num_inference_steps=2)
+    out = pipe(batch_size=1, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).latents
+    assert np.isfinite(out).all()

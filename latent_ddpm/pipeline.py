@@ -97,7 +97,7 @@ def default_scheduler(**overrides) -> DDPMScheduler:
 
 
 def _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents,
-                channels: int) -> None:
+                channels: int, factor: int = 1) -> None:
     """`LatentDDPMPipeline.__call__`'s arguments, checked up front: a ValueError/TypeError naming the argument
     (left to torch and diffusers, -1 steps returned the starting noise undenoised, float labels were
     truncated, and the rest failed deep inside with messages that do not name the argument)."""
@@ -120,6 +120,8 @@ def _check_call(batch_size, num_inference_steps, generator, class_labels, guidan
             labels = torch.as_tensor(class_labels)
         except (TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"class_labels must be integer class ids, got {class_labels!r} ({err})") from None
+        if labels.numel() == 0:  # torch reads [] as float32: it was "got torch.float32 values"
+            raise ValueError("class_labels is empty; give one integer class id per sample")
         if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
             raise ValueError(f"class_labels must be integer class ids, got {labels.dtype} values")
     if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
@@ -130,9 +132,11 @@ def _check_call(batch_size, num_inference_steps, generator, class_labels, guidan
     if not is_number(eta) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
     if latents is not None and not (isinstance(latents, torch.Tensor) and latents.ndim == 4
-                                    and latents.shape[1] == channels and latents.shape[0] >= 1):
+                                    and latents.shape[1] == channels and latents.shape[0] >= 1
+                                    and latents.shape[2] % factor == 0 and latents.shape[3] % factor == 0):
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), got {shape}")
+        raise ValueError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), H and W divisible by "
+                         f"{factor} (the UNet's downsampling), got {shape}")
 
 
 class LatentDDPMPipeline(DiffusionPipeline):
@@ -247,7 +251,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
         unet, device = self.unet, self._execution_device
         c, size = unet.config.in_channels, unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents, c)
+        _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents, c,
+                    unet.downsample_factor)
         batch_size = latents.shape[0] if latents is not None else int(batch_size)  # numpy's numbers as Python's
         num_inference_steps = None if num_inference_steps is None else int(num_inference_steps)
         guidance_scale, eta = float(guidance_scale), float(eta)

@@ -70,3 +70,13 @@ def test_a_step_count_the_scheduler_cannot_set_is_named(make_unet):
         pipe(batch_size=1, num_inference_steps=2)
     out = pipe(batch_size=1, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).latents
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(class_labels=[]), "class_labels is empty"),  # was "must be integer class ids, got torch.float32 values"
+    (dict(latents=torch.zeros(2, 2, 5, 5)), r"H and W divisible by 2 \(the UNet's downsampling\), got \(2, 2, 5, 5\)"),
+])
+def test_bad_call_arguments_are_named_before_any_work(make_unet, kwargs, message):
+    pipe = LatentDDPMPipeline(unet=make_unet(num_class_embeds=3), scheduler=default_scheduler(num_train_timesteps=T))
+    with pytest.raises(ValueError, match=message):
+        pipe(**{"batch_size": 2, "num_inference_steps": 2, **kwargs})

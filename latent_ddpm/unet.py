@@ -280,8 +280,9 @@ class AdvancedUNet2DModel(ModelMixin, ConfigMixin):
     ) -> AdvancedUNet2DOutput | tuple[torch.Tensor]:
         """Predict the model target for noisy `sample` (B, C, H, W) at `timestep` (number, 0-d or (B,))."""
         b, f = sample.shape[0], self.downsample_factor
-        if sample.ndim != 4 or sample.shape[-2] % f or sample.shape[-1] % f:
-            raise ValueError(f"sample must be (B, C, H, W) with H and W divisible by {f}, got {tuple(sample.shape)}")
+        c = self.config.in_channels  # a wrong C failed in conv_in ("expected input[...] to have 4 channels")
+        if sample.ndim != 4 or sample.shape[1] != c or sample.shape[-2] % f or sample.shape[-1] % f:
+            raise ValueError(f"sample must be (B, {c}, H, W) with H and W divisible by {f}, got {tuple(sample.shape)}")
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(1).expand(b) if t.ndim == 0 else t
         if t.shape != (b,):

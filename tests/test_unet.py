@@ -169,10 +169,10 @@ def test_wrong_timestep_shape_raises(make_unet, bad):
         make_unet()(_x(), bad)
 
 
-@pytest.mark.parametrize("shape", [(1, 2, 9, 8), (1, 2, 8, 6), (2, 8, 8)])
+@pytest.mark.parametrize("shape", [(1, 2, 9, 8), (1, 2, 8, 6), (2, 8, 8), (1, 3, 8, 8)])  # C: conv_in's error
 def test_bad_sample_shape_raises(make_unet, shape):
     model = make_unet(down_sample=(True, True))  # H and W must be divisible by 4
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(ValueError, match=r"sample must be \(B, 2, H, W\) with H and W divisible by 4"):
         model(torch.randn(shape), 1)
 
 

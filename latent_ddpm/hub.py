@@ -250,6 +250,20 @@ def push_pipeline(pipe: LatentDDPMPipeline, repo_id: str, *, commit_message: str
                                     commit_message=commit_message or "Upload LatentDDPMPipeline", **kwargs)
 
 
+def save_pipeline(pipe: LatentDDPMPipeline, save_directory: str | os.PathLike, *args: Any, push_to_hub: bool = False,
+                  **kwargs: Any) -> None:
+    """`LatentDDPMPipeline.save_pretrained`. diffusers' own `push_to_hub=True` uploaded the bare folder: no model
+    card, and no remote code, so `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` failed."""
+    hub = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs}
+    if push_to_hub:  # diffusers' default repo id: the folder's name; checked before anything is written
+        repo_id = hub.pop("repo_id", None) or Path(save_directory).name
+        token = check_hub_access(repo_id, hub.pop("token", None))
+    DiffusionPipeline.save_pretrained(pipe, save_directory, *args, **kwargs)
+    if push_to_hub:
+        push_pipeline_to_hub(save_directory, repo_id, token=token, private=bool(hub.pop("private", None)),
+                             **{k: v for k, v in hub.items() if v is not None})
+
+
 def load_pipeline(cls: type[LatentDDPMPipeline], pretrained_model_name_or_path: str | os.PathLike,
                   **kwargs: Any) -> LatentDDPMPipeline:
     """`LatentDDPMPipeline.from_pretrained`: a local folder (a train.py run folder: its pipeline/) or repo id,

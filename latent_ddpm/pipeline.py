@@ -196,6 +196,13 @@ class LatentDDPMPipeline(DiffusionPipeline):
 
         return push_pipeline(self, repo_id, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs) -> None:
+        """`DiffusionPipeline.save_pretrained`; `push_to_hub=True` (with `repo_id`, `token`, ...) then uploads the
+        folder as `push_to_hub` does: with the model card and the code diffusers needs to load it."""
+        from .hub import save_pipeline
+
+        save_pipeline(self, save_directory, *args, push_to_hub=push_to_hub, **kwargs)
+
     def trained_class_ids(self) -> list[int] | None:
         """The class ids to sample: the recorded `class_ids`, else (a pipeline saved before they were recorded)
         every id in 0..num_class_embeds-1; None for an unconditional UNet."""

@@ -243,6 +243,23 @@ def test_pipeline_push_to_hub_uploads_the_same_folder(run, fake_hub):
     assert "| final_loss | 0.5 |" in upload["card"]
 
 
+def test_save_pretrained_push_to_hub_uploads_the_card_and_the_remote_code(run, fake_hub, tmp_path, monkeypatch):
+    # diffusers' save_pretrained(push_to_hub=True) uploaded the bare folder: no card, no pipeline.py or
+    # unet/advanced_unet.py, so DiffusionPipeline.from_pretrained(repo, trust_remote_code=True) failed.
+    import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+    def bare_upload(*args, **kwargs):
+        raise AssertionError("diffusers' own upload of the bare folder")
+
+    monkeypatch.setattr(pipeline_utils, "create_repo", bare_upload)
+    run["pipe"].save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id=REPO, token="hf_test",
+                                commit_message="saved")
+    create, upload = fake_hub
+    assert create["repo_id"] == REPO and create["token"] == "hf_test" and upload["commit_message"] == "saved"
+    assert upload["files"] == UPLOAD_FILES - {"samples.png", "loss_curve.png"}
+    assert (tmp_path / "saved" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
 def test_push_to_hub_takes_diffusers_create_pr(run, fake_hub):
     # diffusers' push_to_hub(..., create_pr=True) was a TypeError (build_model_card got it as card information).
     run["pipe"].push_to_hub(REPO, token="hf_test", create_pr=True)

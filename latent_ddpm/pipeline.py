@@ -60,6 +60,9 @@ def inference_steps_error(scheduler: SchedulerMixin, num_inference_steps: int) -
             probe.set_timesteps(num_inference_steps)
     except Exception as err:  # noqa: BLE001 - also a wrong-typed setting (TypeError, AttributeError): one line
         return f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: {type(err).__name__}: {err}"
+    if len(probe.timesteps) == 0:  # e.g. DPM-Solver's lambda_min_clipped above every noise level
+        return (f"{type(scheduler).__name__} cannot take {num_inference_steps} steps: these settings leave no "
+                "denoising step: the samples would be the starting noise")
     if "solver_order" not in scheduler.config:
         return None
     levels = getattr(probe, "sigmas", None)

@@ -70,6 +70,10 @@ def test_a_step_count_the_scheduler_cannot_set_is_named(make_unet):
         pipe(batch_size=1, num_inference_steps=2)
     out = pipe(batch_size=1, num_inference_steps=4, generator=torch.Generator().manual_seed(0)).latents
     assert np.isfinite(out).all()
+    # no step at all: the starting noise came back as samples (an IndexError once the noise scale was probed)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(default_scheduler().config, lambda_min_clipped=5.0)
+    with pytest.raises(ValueError, match="leave no denoising step"):
+        pipe(batch_size=1, num_inference_steps=20)
 
 
 @pytest.mark.parametrize("kwargs, message", [

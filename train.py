@@ -36,7 +36,6 @@ from latent_ddpm.autoencoder import load_data_vae, read_encoding_info
 from latent_ddpm.checkpoint_uploads import CheckpointUploader
 from latent_ddpm.checkpointing import (
     generator_state,
-    list_checkpoints,
     load_checkpoint,
     resolve_resume_once,
     save_checkpoint,
@@ -54,8 +53,10 @@ from latent_ddpm.reporting import (
     DivergenceWatch,
     build_pipeline,
     final_report,
+    nonfinite_stop,
     preview_grid,
     push_checkpoint,
+    record_epoch,
     schedule_error,
 )
 from latent_ddpm.resume import (
@@ -294,12 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 logger.warning("non-finite loss at step %d: skipped (%d in a row)", global_step + 1,
                                nonfinite_in_a_row)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    kept = list_checkpoints(train_dir)
-                    last = kept[-1][1] if kept else resume
-                    raise UserInputError(f"{nonfinite_in_a_row} non-finite losses in a row at step {global_step + 1}; "
-                                         f"stopping. Lower --learning_rate, use --mixed_precision bf16 or no, or "
-                                         f"check the data; " + (f"the last good checkpoint is {last}" if last
-                                                                else "no checkpoint was written before it"))
+                    raise nonfinite_stop(nonfinite_in_a_row, global_step + 1, train_dir, resume)
             optimizer.zero_grad(set_to_none=True)
             step_lr = optimizer.param_groups[0]["lr"]  # the rate this step used (logged), before the schedule moves
             lr_scheduler.step()
@@ -321,13 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                 history["losses"] += values
                 window += values
                 pending.clear()
-            if epoch_done:  # the epoch's steps in the history (all of them, unless resumed from an older version)
-                epoch_losses = [loss for step, loss in zip(history["steps"][-steps_per_epoch:],
-                                                           history["losses"][-steps_per_epoch:], strict=True)
-                                if step > global_step - steps_per_epoch]
-                if epoch_losses:
-                    history["epoch_ends"].append(global_step)
-                    history["epoch_means"].append(sum(epoch_losses) / len(epoch_losses))
+            if epoch_done:
+                record_epoch(history, global_step, steps_per_epoch)
 
             if log_now:
                 now = time.perf_counter()

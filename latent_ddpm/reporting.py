@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from .checkpointing import list_checkpoints
+from .errors import UserInputError
 from .images import save_image_grid
 from .pipeline import LatentDDPMPipeline
 from .plots import save_latent_grid, save_loss_curve
@@ -64,6 +66,26 @@ class DivergenceWatch:
         return (f"the loss over the last {SPIKE_WINDOW} steps ({mean:.4g}, step {step}) is {mean / self.lowest:.1f}x "
                 f"its lowest ({self.lowest:.4g}): training has likely diverged; resume from an earlier checkpoint "
                 f"or restart with a lower --learning_rate")
+
+
+def nonfinite_stop(count: int, step: int, train_dir: Path, resume: Path | None) -> UserInputError:
+    """The error that stops a run after `count` non-finite losses in a row at `step`, naming the last good
+    checkpoint (this run's newest, else the one it resumed)."""
+    kept = list_checkpoints(train_dir)
+    last = kept[-1][1] if kept else resume
+    return UserInputError(f"{count} non-finite losses in a row at step {step}; stopping. Lower --learning_rate, use "
+                          "--mixed_precision bf16 or no, or check the data; " +
+                          (f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"))
+
+
+def record_epoch(history: dict, global_step: int, steps_per_epoch: int) -> None:
+    """Add the epoch that ends at `global_step` to `history` (`epoch_ends`, `epoch_means`): the mean loss of its
+    steps in the history (all of them, unless the run resumed from a checkpoint of an older version)."""
+    recent = zip(history["steps"][-steps_per_epoch:], history["losses"][-steps_per_epoch:], strict=True)
+    epoch_losses = [loss for step, loss in recent if step > global_step - steps_per_epoch]
+    if epoch_losses:
+        history["epoch_ends"].append(global_step)
+        history["epoch_means"].append(sum(epoch_losses) / len(epoch_losses))
 
 
 def build_pipeline(unet: AdvancedUNet2DModel, ema, noise_scheduler: DDPMScheduler, stats, vae=None,

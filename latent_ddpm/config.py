@@ -245,9 +245,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         """JSON-able dict of every field (the hub token is never written; a local `train_data` is made absolute, so
-        that the record names the data wherever it is read from: sample.py never writes over it)."""
+        that the record names the data wherever it is read from: sample.py never writes over it). The record
+        reproduces the run, not what was done to the folder before it: `overwrite_output_dir` is written False, so
+        that `--config <run>/train/config.json` cannot delete that very run."""
         out = dataclasses.asdict(self)
-        out["hub_token"] = None
+        out["hub_token"], out["overwrite_output_dir"] = None, False
         if self.train_data is not None and os.path.exists(self.train_data):
             out["train_data"] = os.path.abspath(self.train_data)
         return out

@@ -221,6 +221,20 @@ def test_resume_with_other_run_settings_is_refused(data, tmp_path):
                  "--train_batch_size", "4", "--resume_from_checkpoint", "latest", *dry_run])
 
 
+def test_a_run_s_own_config_fed_back_cannot_delete_it(data, tmp_path):
+    # train/config.json recorded --overwrite_output_dir true: `--config <run>/train/config.json` (say, with another
+    # seed) then deleted and retrained that very run instead of being refused.
+    out = tmp_path / "run"
+    assert run(["--latent", str(data), "--max_train_steps", "2", "--output_dir", str(out), *FAST,
+                "--overwrite_output_dir"]) == 0
+    config = out / "train" / "config.json"
+    assert json.loads(config.read_text())["overwrite_output_dir"] is False
+    before = weights(out)
+    with pytest.raises(UserInputError, match="already holds"):
+        run(["--config", str(config), "--seed", "7"])
+    assert all(torch.equal(before[k], v) for k, v in weights(out).items())
+
+
 def test_resume_with_other_class_ids_is_refused(tmp_path):
     # The same latents (count and statistics) and the same largest label, so the same model: only the set of class
     # ids differs. It resumed, and the new pipeline recorded the new ids beside weights trained on the old ones.

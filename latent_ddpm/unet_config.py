@@ -55,7 +55,10 @@ def check_types(**config) -> None:
         problems.append(("sample_size", "an integer or a list of two"))
     if problems:
         name, what = problems[0]
-        raise ValueError(f"invalid AdvancedUNet2DModel config: {name} must be {what}, got {config[name]!r}")
+        value = config[name]
+        hint = (f" (a numpy {type(value).__name__}: pass a Python number, e.g. int(...), as the config is saved as "
+                "JSON)" if type(value).__module__ == "numpy" else "")
+        raise ValueError(f"invalid AdvancedUNet2DModel config: {name} must be {what}, got {value!r}{hint}")
 
 
 def validate_config(**config) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +115,8 @@ INVALID = [
     (dict(num_heads=2.0), "num_heads must be an integer, got 2.0"),
     (dict(norm_num_groups=8.0), "norm_num_groups must be an integer"),
     (dict(in_channels="4"), "in_channels must be an integer"),
+    # y.max() + 1 is a numpy int: refused (the config is JSON), with how to pass it
+    (dict(num_class_embeds=np.int64(10)), r"np.int64\(10\) \(a numpy int64: pass a Python number, e.g. int"),
     (dict(down_channels=16), "down_channels must be a list of integers"),
     (dict(down_sample=("false", "false", "false")), "down_sample must be a list of true/false flags"),
     (dict(attention_levels=1), "attention_levels must be a list of integers or null"),

@@ -125,8 +125,11 @@ def save_latent_grid(
     ncol = max(1, min(n, nrow or math.ceil(math.sqrt(n))))
     nrows = math.ceil(n / ncol)
     top = 0.4 if title else 0.0
+    # constrained layout keeps the title and the captions clear of the cells (tight_layout ignored the title: a
+    # 16-row grid's first row overlapped it)
     fig, axes = plt.subplots(nrows, ncol, figsize=(ncol * CELL_INCHES, nrows * CELL_INCHES + top), dpi=DPI,
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.02, h_pad=0.02, wspace=0.0, hspace=0.0)
     try:
         for i, ax in enumerate(axes.flat):
             ax.axis("off")
@@ -136,7 +139,6 @@ def save_latent_grid(
                     ax.set_title(str(labels[i]), fontsize=7, pad=2)
         if title:
             fig.suptitle(title, fontsize=9)
-        fig.tight_layout(pad=0.3)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)

@@ -53,3 +53,29 @@ def test_latents_to_images_range_and_shape():
     assert img.min() >= 0 and img.max() <= 1
     gray = latents_to_images(x[:, :2])
     np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+
+
+@pytest.mark.parametrize("n", [4, 256])
+def test_a_grid_s_title_and_captions_stay_clear_of_the_cells(tmp_path, monkeypatch, n):
+    # tight_layout ignored the title: in a 16-row grid (a full --num_preview_samples 256 preview) the first row's
+    # captions ran into it.
+    from latent_ddpm import plots
+
+    shown, close = [], plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", lambda fig: (shown.append(fig), close(fig)))
+    x = np.random.default_rng(0).standard_normal((n, 4, 8, 8))
+    plots.save_latent_grid(tmp_path / "grid.png", x, labels=np.arange(n) % 10, title="samples")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = shown[0]
+    canvas = FigureCanvasAgg(fig)  # closed figures keep a bare canvas: draw it again as it was saved
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    cells = [ax for ax in fig.axes if ax.images]
+    assert len(cells) == n
+    for ax in cells:
+        assert not title.overlaps(ax.get_tightbbox(renderer))  # the cell with its caption
+    boxes = [ax.get_window_extent(renderer) for ax in cells]  # a caption never runs into the cell above it
+    captions = [ax.title.get_window_extent(renderer) for ax in cells]
+    assert not any(c.overlaps(b) for i, c in enumerate(captions) for j, b in enumerate(boxes) if i != j)

@@ -211,6 +211,40 @@ def test_classifier_free_guidance(make_pipe):
         make_pipe()(batch_size=1, num_inference_steps=1, class_labels=[0])
 
 
+
+def test_guidance_extrapolates_from_the_no_class_prediction(make_pipe):
+    # One deterministic DDIM step is affine in the UNet's prediction, so the guided sample is
+    # uncond + w * (cond - uncond) of the samples at scale 0 (the "no class" prediction alone) and 1 (no guidance).
+    pipe = make_pipe(num_class_embeds=3)
+    torch.nn.init.normal_(pipe.unet.class_embedding.weight)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    noise = torch.randn(2, 2, 8, 8, generator=gen(4))
+
+    def sample(scale: float) -> np.ndarray:
+        return pipe(latents=noise, num_inference_steps=1, class_labels=[0, 2], guidance_scale=scale).latents
+
+    uncond, cond, guided = sample(0.0), sample(1.0), sample(3.0)
+    np.testing.assert_allclose(guided, uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    t = pipe.scheduler.timesteps[0]  # scale 0: the UNet's own "no class" label (class_labels=None gives it)
+    with torch.no_grad():
+        expected = pipe.scheduler.step(pipe.unet(noise, t).sample, t, noise).prev_sample.numpy()
+    np.testing.assert_allclose(uncond, expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(uncond, cond, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmsolver++", "unipc", "euler", "euler_a", "heun"])
+def test_the_unet_sees_unit_variance_input_at_the_first_step(make_pipe, name):
+    # x_T is drawn with the scheduler's init_noise_sigma (Euler's: sigma_max, ~157 here) and scale_model_input
+    # brings the UNet's input back to unit variance, as in training.
+    from latent_ddpm.sampling import make_scheduler
+
+    pipe = make_pipe()
+    pipe.scheduler = make_scheduler(name, default_scheduler().config)
+    stds: list[float] = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: stds.append(float(args[0].std())))
+    pipe(batch_size=8, num_inference_steps=3, generator=gen(0))
+    assert 0.9 < stds[0] < 1.1, stds
+
 def test_save_pretrained_round_trip(make_pipe, tmp_path):
     pipe = make_pipe(num_class_embeds=2, latents_mean=[0.5, -1.0], latents_std=2.0, sample_size=(8, 16))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)

@@ -53,7 +53,8 @@ def _assert_same_function(original, ours, c, hw=(8, 8), timesteps=(0, 17, 49)):
 # ---------------------------------------------------------------- same function
 
 
-@pytest.mark.parametrize("prefix, wrap", [("", None), ("model.", None), ("model.", "state_dict"), ("", "model")])
+@pytest.mark.parametrize("prefix, wrap", [("", None), ("model.", None), ("model.", "state_dict"), ("", "model"),
+                                          ("module.", None)])  # the last: saved from nn.DataParallel
 def test_converted_model_computes_the_same_function(original_unet, tmp_path, prefix, wrap):
     original = _original(original_unet)
     path = _save(original, tmp_path / "model.pth", prefix, wrap)

@@ -9,6 +9,7 @@ from latent_ddpm.evaluate import (
     FeatureSpace,
     evaluate,
     fd_from_features,
+    feature_stats,
     frechet_distance,
     knn_radii,
     main,
@@ -41,6 +42,12 @@ def test_fd_closed_forms():
     s1, s2 = np.array([[2.0, 0.9], [0.9, 1.0]]), np.array([[1.0, -0.3], [-0.3, 3.0]])
     cross = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
     assert frechet_distance([1, 2], s1, [0, 0], s2) == pytest.approx(5 + np.trace(s1 + s2) - 2 * cross)
+
+
+def test_feature_covariance_is_unbiased():
+    # Two 1-D points 0 and 2: unbiased variance 2 (the biased one, 1, would lower every FD by a 1/N share).
+    mean, cov = feature_stats(np.array([[0.0], [2.0]]))
+    assert mean.tolist() == [1.0] and cov.tolist() == [[2.0]]
 
 
 def test_fd_of_sampled_gaussians_matches_closed_form():

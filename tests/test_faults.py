@@ -25,7 +25,7 @@ from _helpers import ForkServerClient
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 
-from latent_ddpm.checkpointing import resolve_resume
+from latent_ddpm.checkpointing import list_checkpoints, resolve_resume
 from latent_ddpm.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,6 +250,8 @@ def test_a_folder_without_marker_is_never_resumed(tmp_path, reference):
     (train_dir / "checkpoint-40" / "COMPLETE").unlink()  # the rename happened, the marker did not (impossible
     shutil.copytree(train_dir / "checkpoint-36", train_dir / "checkpoint-44.tmp")  # in the code, but be safe)
     assert resolve_resume(train_dir, "latest") == train_dir / "checkpoint-36"
+    # Not even listed: rotation counts, and the non-finite stop names, only complete checkpoints.
+    assert [step for step, _ in list_checkpoints(train_dir)][-1] == 36
 
 
 def test_a_flipped_bit_that_keeps_weights_finite_is_caught_by_the_checksum(tmp_path, reference):

@@ -41,7 +41,7 @@ from .npyio import (
 )
 from .paths import check_replaceable, replace_with
 from .safetensorsio import SAFETENSORS_SUFFIXES, safetensors_keys
-from .shards import load_parquet_shards
+from .shards import SPLIT_CHOICE, SUBSET_CHOICE, load_parquet_shards
 from .sources import is_hub_id, quiet_hub_retries, quiet_parquet_reads
 from .validation import (
     CHUNK_BYTES,
@@ -199,11 +199,11 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     shard_folder = path.is_dir() and not ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
     if split != "train" and path.is_file():  # else silently the whole file
         raise DataError(f"{source}: a file has no splits (only a saved DatasetDict, a folder of .parquet shards or a "
-                        f"hub dataset has), so no split '{split}'; drop it (train.py: --train_split)")
+                        f"hub dataset has), so no split '{split}'; drop {SPLIT_CHOICE}")
     if subset is not None and path.exists() and not shard_folder:
         raise DataError(f"{source}: no subsets (only a hub dataset or a folder of .parquet shards whose README.md "
-                        f"declares configs: has them), so no subset '{subset}'; drop it (train.py: "
-                        "--dataset_config_name)")
+                        f"declares configs: has them), so no subset '{subset}'; drop "
+                        f"{SUBSET_CHOICE}")
     if path.is_dir():
         if shard_folder:
             ds = load_parquet_shards(path, split, Path(cache_dir or DEFAULT_CACHE_DIR), subset)
@@ -214,12 +214,12 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
             raise DataError(f"{path}: cannot read the saved dataset ({err}); re-create it") from err
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise DataError(f"{path}: no split '{split}'; the splits are {list(ds)}; choose one (train.py "
-                                "--train_split, load_latents(split=))")
+                raise DataError(f"{path}: no split '{split}'; the splits are {list(ds)}; choose one "
+                                f"with {SPLIT_CHOICE}")
             ds = ds[split]
         elif split != "train":  # else the whole dataset, silently
             raise DataError(f"{path}: a saved dataset without splits (not a DatasetDict), so no split '{split}'; read "
-                            "it whole (train.py: drop --train_split)")
+                            f"it whole: drop {SPLIT_CHOICE}")
         return _standardize(ds, str(path), latent_key, label_key, verify, cache_dir)
     suffix = path.suffix.lower()
     known = TENSOR_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES

@@ -16,6 +16,10 @@ from .errors import first_line
 from .sources import quiet_parquet_reads
 from .validation import DataError
 
+#: How each caller picks a source's split and subset, as the messages that refuse one name it.
+SPLIT_CHOICE = "split= (train.py --train_split, evaluate --split)"
+SUBSET_CHOICE = "subset= (train.py --dataset_config_name, evaluate --subset)"
+
 
 def card_configs(path: Path) -> list[dict]:
     """The subsets (`configs:`) a hub dataset's README.md declares in its YAML header; [] when there is none."""
@@ -37,16 +41,16 @@ def chosen_config(path: Path, name: str | None = None) -> dict | None:
     if name is not None:
         named = [c for c in configs if c.get("config_name") == name]
         if not named:
-            fix = (f"its README.md declares {names}; name one of them" if configs else
-                   "it declares none (no configs: in a README.md); drop it")
-            raise DataError(f"{path}: no subset '{name}'; {fix} (train.py: --dataset_config_name)")
+            fix = (f"its README.md declares {names}; name one of them with" if configs else
+                   "it declares none (no configs: in a README.md); drop")
+            raise DataError(f"{path}: no subset '{name}'; {fix} {SUBSET_CHOICE}")
         return named[0]
     if len(configs) > 1:
         defaults = [c for c in configs if c.get("default") is True] or [
             c for c in configs if c.get("config_name") == "default"]
         if len(defaults) != 1:
             raise DataError(f"{path}: its README.md declares {len(configs)} subsets ({names}) and no default; choose "
-                            "one (train.py: --dataset_config_name NAME), or pass the folder of one subset's shards")
+                            f"one with {SUBSET_CHOICE}, or pass the folder of one subset's shards")
         configs = defaults
     return configs[0] if configs else None
 
@@ -83,7 +87,7 @@ def load_parquet_shards(path: Path, split: str, cache_dir: Path, subset: str | N
                         "or a folder of .parquet shards")
     if split not in splits:
         raise DataError(f"{path}: no split '{split}' among its .parquet files; the splits are {list(splits)}; choose "
-                        f"one (train.py --train_split, load_latents(split=)), or name the shards "
+                        f"one with {SPLIT_CHOICE}, or name the shards "
                         f"{split}-00000-of-00001.parquet, ...")
     if unreadable := [name for name in splits[split] if not os.access(name, os.R_OK)]:
         raise DataError(f"{unreadable[0]}: the file is not readable (permissions); check them")

@@ -145,11 +145,11 @@ CASES = [
     ("train-plain-folder", "train", lambda d: ["--latent", d / "plain_folder"], "not a saved dataset"),
     ("train-split-of-a-file", "train", lambda d: ["--latent", d / "good.npz", "--train_split", "test"],
      "good.npz: a file has no splits (only a saved DatasetDict, a folder of .parquet shards or a hub dataset has), "
-     "so no split 'test'; drop it (train.py: --train_split)"),
+     "so no split 'test'; drop split= (train.py --train_split, evaluate --split)"),
     ("train-split-of-a-dataset", "train", lambda d: ["--latent", d / "saved", "--train_split", "test"],
      "a saved dataset without splits (not a DatasetDict), so no split 'test'; read it whole"),
     ("train-split-missing", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", "validation"],
-     "no split 'validation'; the splits are ['train']; choose one (train.py --train_split"),
+     "no split 'validation'; the splits are ['train']; choose one with split= (train.py --train_split"),
     ("train-subset-of-a-file", "train", lambda d: ["--latent", d / "good.npz", "--dataset_config_name", "vae"],
      "good.npz: no subsets (only a hub dataset or a folder of .parquet shards"),
     ("train-split-empty", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", " "],
@@ -281,9 +281,12 @@ CASES = [
     ("evaluate-int8-reference", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "int8.npz"],
      "must be floating point"),
     ("evaluate-split-of-a-file", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "good.npz",
-                                                        "--split", "test"], "good.npz: a file has no splits"),
+                                                        "--split", "test"],
+     "good.npz: a file has no splits (only a saved DatasetDict, a folder of .parquet shards or a hub dataset has), "
+     "so no split 'test'; drop split= (train.py --train_split, evaluate --split)"),  # the flag evaluate takes
     ("evaluate-missing-split", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "saved_dict",
-                                                      "--split", "test"], "no split 'test'; the splits are ['train']"),
+                                                      "--split", "test"],
+     "no split 'test'; the splits are ['train']; choose one with split= (train.py --train_split, evaluate --split)"),
     ("evaluate-bad-flag", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "good.npz",
                                                  "--k", "many"], "invalid int value"),
 ]

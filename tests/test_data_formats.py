@@ -106,14 +106,15 @@ def test_the_subsets_a_dataset_card_declares(tmp_path):
     write_shard(folder / "vae_b" / "train-00000-of-00001.parquet", x[4:])
     card = "---\nconfigs:\n- config_name: vae_a\n  data_files: vae_a/train-*\n{}---\n"
     (folder / "README.md").write_text(card.format("- config_name: vae_b\n  data_files: vae_b/train-*\n"))
-    expect_error(folder, r"its README.md declares 2 subsets \(vae_a, vae_b\) and no default; choose one \(train.py: "
-                         r"--dataset_config_name NAME\), or pass the folder of one", cache_dir=tmp_path / "cache")
+    expect_error(folder, r"its README.md declares 2 subsets \(vae_a, vae_b\) and no default; choose one with subset= "
+                         r"\(train.py --dataset_config_name, evaluate --subset\), or pass the folder of one",
+                 cache_dir=tmp_path / "cache")
     for subset, rows in (("vae_a", x[:4]), ("vae_b", x[4:])):  # chosen by name, as datasets' name= does
         got_x, _ = arrays(load_latents(folder, subset=subset, label_key=None, cache_dir=tmp_path / "cache"))
         np.testing.assert_array_equal(got_x, rows)
-    expect_error(folder, r"no subset 'vae_c'; its README.md declares vae_a, vae_b; name one of them", subset="vae_c",
-                 cache_dir=tmp_path / "cache")
-    expect_error(folder / "vae_b", r"no subset 'vae_a'; it declares none \(no configs: in a README.md\); drop it",
+    expect_error(folder, r"no subset 'vae_c'; its README.md declares vae_a, vae_b; name one of them with subset=",
+                 subset="vae_c", cache_dir=tmp_path / "cache")
+    expect_error(folder / "vae_b", r"no subset 'vae_a'; it declares none \(no configs: in a README.md\); drop subset=",
                  subset="vae_a", cache_dir=tmp_path / "cache")
     got_x, _ = arrays(load_latents(folder / "vae_b", label_key=None, cache_dir=tmp_path / "cache"))
     np.testing.assert_array_equal(got_x, x[4:])
@@ -318,7 +319,7 @@ def test_a_subset_goes_to_the_hub_as_its_config_name_and_files_have_none(tmp_pat
     expect_error("owner/latents", "cannot be loaded from the hub", subset="vae_b", split="test")
     assert asked == {"repo_id": "owner/latents", "name": "vae_b", "split": "test"}
     np.savez(tmp_path / "a.npz", X=latents())
-    expect_error(tmp_path / "a.npz", r"no subsets .* so no subset 'vae_b'; drop it", subset="vae_b")
+    expect_error(tmp_path / "a.npz", r"no subsets .* so no subset 'vae_b'; drop subset=", subset="vae_b")
 
 
 def test_the_demo_set_has_no_split_or_subset():
@@ -349,3 +350,6 @@ def test_evaluate_takes_a_held_out_split_as_its_reference(tmp_path, capsys):
     assert exit_status(evaluate.main, [*base, "--split", "test"]) == 0
     on_test = json.loads(capsys.readouterr().out)
     assert on_train["fd"] < 1e-6 < on_test["fd"]  # the samples are the train split itself
+    assert exit_status(evaluate.main, [*base, "--subset", "vae"]) == 2  # named as evaluate takes it, not train.py
+    assert "no subset 'vae'; it declares none (no configs: in a README.md); drop subset= (train.py " \
+           "--dataset_config_name, evaluate --subset)" in capsys.readouterr().err

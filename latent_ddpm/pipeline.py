@@ -262,7 +262,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
         c, size = unet.config.in_channels, unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents, c,
-                    unet.downsample_factor)
+                    getattr(unet, "downsample_factor", 1))  # a diffusers UNet2DModel (bench_quality) has none
         batch_size = latents.shape[0] if latents is not None else int(batch_size)  # numpy's numbers as Python's
         num_inference_steps = None if num_inference_steps is None else int(num_inference_steps)
         guidance_scale, eta = float(guidance_scale), float(eta)

@@ -84,3 +84,18 @@ def test_bad_call_arguments_are_named_before_any_work(make_unet, kwargs, message
     pipe = LatentDDPMPipeline(unet=make_unet(num_class_embeds=3), scheduler=default_scheduler(num_train_timesteps=T))
     with pytest.raises(ValueError, match=message):
         pipe(**{"batch_size": 2, "num_inference_steps": 2, **kwargs})
+
+
+def test_a_diffusers_unet2d_model_still_samples():
+    # benchmarks/bench_quality.py samples a plain diffusers UNet2DModel through LatentDDPMPipeline; the latents'
+    # H/W check asked every UNet for AdvancedUNet2DModel's downsample_factor (an AttributeError).
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 8), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    pipe = LatentDDPMPipeline(unet=unet, scheduler=default_scheduler(num_train_timesteps=T))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0)).latents
+    assert out.shape == (2, 2, 8, 8) and np.isfinite(out).all()

@@ -261,7 +261,6 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path, monkeypatc
     assert [s for s, _ in list_checkpoints(other)] == [8]
 
 
-
 def test_what_a_crash_left_of_a_checkpoint_is_removed(tmp_path, monkeypatch):
     # A kill inside a rotation (the marker goes first) left a checkpoint folder without its marker: never resumed and
     # never counted by the rotation, it stayed for good beside the limit's checkpoints, as did a killed write's .tmp;
@@ -282,6 +281,7 @@ def test_what_a_crash_left_of_a_checkpoint_is_removed(tmp_path, monkeypatch):
     (train_dir / "config.json").write_text("{}")
     clear_run(tmp_path)
     assert sorted(p.name for p in train_dir.iterdir()) == ["config.json"]
+
 
 # 6: flags checked before anything is written.
 

@@ -222,6 +222,8 @@ class TrainConfig:
             need(bool((is_wandb_available if self.report_to == "wandb" else is_tensorboard_available)()), "report_to",
                  f"{self.report_to} is not installed; pip install {self.report_to}, or pass --report_to none")
         need(bool(self.train_split.strip()), "train_split", "is empty; name a split (train, test, ...)")
+        need(self.dataset_config_name is None or bool(self.dataset_config_name.strip()), "dataset_config_name",
+             "is empty; name a subset, or leave the flag out for the default one")
         for flag in ("train_data", "output_dir", "resume_from_checkpoint"):  # before any file-system call trips
             need(getattr(self, flag) != "", flag, "is empty; name a path (an empty one means the current folder)")
             need(not _name_too_long(getattr(self, flag)), flag, "the path (or one of its names) is too long for "

@@ -224,7 +224,7 @@ def load_latents(source: str | os.PathLike, *, latent_key: str = "X", label_key:
     suffix = path.suffix.lower()
     known = TENSOR_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
     if not path.exists():
-        if suffix in known or not is_hub_id(str(source)):
+        if suffix in known + PICKLE_SUFFIXES or not is_hub_id(str(source)):
             raise DataError(f"{source}: no such file or folder; check the path")
         return _load_hub(str(source), split, latent_key, label_key, verify, {"name": subset, **hub_kwargs}, cache_dir)
     if suffix in PICKLE_SUFFIXES:  # torch.save / pickle files: loading one can run code from it

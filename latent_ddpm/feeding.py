@@ -9,6 +9,7 @@ either from a copy of the whole set on the device or through a DataLoader over t
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -62,7 +63,10 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
         # which need not be class ids.
         dataset = load_latents(train_data, latent_key=latent_key, label_key=label_key if class_conditional else None,
                                split=split, subset=subset)
-        name = Path(train_data.rstrip("/")).stem
+        # A subset or split other than train is part of the name (of the default run folder): runs on two subsets of
+        # one folder would share a folder, where --overwrite_output_dir would delete the other's run.
+        parts = [Path(train_data.rstrip("/")).stem, subset, None if split == "train" else split]
+        name = "_".join(re.sub(r"[^\w.-]", "_", part) for part in parts if part)
     source = train_data or "demo"
     channels = dataset.features["latents"].shape[0]
     if n_dim is not None and n_dim != channels:

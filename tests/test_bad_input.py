@@ -152,6 +152,8 @@ CASES = [
      "no split 'validation'; the splits are ['train']; choose one with split= (train.py --train_split"),
     ("train-subset-of-a-file", "train", lambda d: ["--latent", d / "good.npz", "--dataset_config_name", "vae"],
      "good.npz: no subsets (only a hub dataset or a folder of .parquet shards"),
+    ("train-subset-empty", "train", lambda d: ["--latent", d / "saved_dict", "--dataset_config_name", ""],
+     "--dataset_config_name: is empty; name a subset"),
     ("train-split-empty", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", " "],
      "--train_split: is empty; name a split"),
     ("train-labels-needed", "train", lambda d: ["--latent", d / "unlabelled.npz", "--class_conditional"],

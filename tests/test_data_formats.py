@@ -285,6 +285,7 @@ def test_an_unknown_format_lists_safetensors(tmp_path):
     expect_error(tmp_path / "x.h5", r"unknown format '\.h5'; use \.npz, \.npy, \.safetensors, \.parquet, \.arrow, a "
                  r"saved dataset folder or a folder of \.parquet shards")
     (tmp_path / "x.pt").write_bytes(b"\x80\x02")  # a pickle: never loaded, re-saving it as safetensors is the fix
+    expect_error("owner/latents.pt", r"owner/latents.pt: no such file or folder")  # not a hub id: it went to the hub
     expect_error(tmp_path / "x.pt", r"a pickle \('\.pt', e\.g\. from torch\.save\) is never loaded")
     with pytest.raises(DataError, match=r"convert takes \.npz, \.npy or \.safetensors files"):
         data.convert(tmp_path / "x.pt", tmp_path / "out")
@@ -305,7 +306,7 @@ def test_train_py_trains_on_the_split_train_split_names(tmp_path):
     done = subprocess.run([sys.executable, "train.py", "--train_data", str(folder), "--train_split", "test",
                            "--dry_run", "--preset", "tiny", "--train_batch_size", "4", "--output_dir",
                            str(tmp_path / "run")], cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "hub: 8 latents of 3x4x6" in done.stdout + done.stderr, done.stderr
+    assert done.returncode == 0 and "hub_test: 8 latents of 3x4x6" in done.stdout + done.stderr, done.stderr
 
 
 def test_a_subset_goes_to_the_hub_as_its_config_name_and_files_have_none(tmp_path, monkeypatch):
@@ -353,3 +354,22 @@ def test_evaluate_takes_a_held_out_split_as_its_reference(tmp_path, capsys):
     assert exit_status(evaluate.main, [*base, "--subset", "vae"]) == 2  # named as evaluate takes it, not train.py
     assert "no subset 'vae'; it declares none (no configs: in a README.md); drop subset= (train.py " \
            "--dataset_config_name, evaluate --subset)" in capsys.readouterr().err
+
+
+def test_a_subset_or_split_is_part_of_the_data_name_and_so_of_the_run_folder(tmp_path):
+    # Runs on two subsets of one folder shared the default run folder, where --overwrite_output_dir (which the refusal
+    # suggests) would delete the other subset's run.
+    from latent_ddpm.feeding import load_training_data
+
+    x = latents(8, seed=4)
+    folder = tmp_path / "hub"
+    for name, rows in (("vae_a", x[:4]), ("vae b", x[4:])):
+        write_shard(folder / name / "train-00000-of-00001.parquet", rows)
+        write_shard(folder / name / "test-00000-of-00001.parquet", rows)
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: vae_a\n  data_dir: vae_a\n"
+                                      "- config_name: vae b\n  data_dir: vae b\n---\n")
+    names = {(subset, split): load_training_data(str(folder), subset=subset, split=split).name
+             for subset in ("vae_a", "vae b") for split in ("train", "test")}
+    assert names == {("vae_a", "train"): "hub_vae_a", ("vae_a", "test"): "hub_vae_a_test",
+                     ("vae b", "train"): "hub_vae_b", ("vae b", "test"): "hub_vae_b_test"}
+    assert load_training_data(str(folder / "vae_a")).name == "vae_a"

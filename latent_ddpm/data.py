@@ -287,8 +287,10 @@ def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify:
         with quiet_hub_retries():
             ds = datasets.load_dataset(repo_id, split=split, **kwargs)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
-        raise DataError(f"{repo_id}: not a local file and cannot be loaded from the hub ({err}); "
-                        "check the path or the dataset id") from err
+        said = " ".join(str(err).split())  # one line: datasets lists a repo's configs on a line of its own
+        fix = (f"choose one with {SUBSET_CHOICE}" if "config" in said.lower() else
+               f"choose one with {SPLIT_CHOICE}" if "split" in said.lower() else "check the path or the dataset id")
+        raise DataError(f"{repo_id}: not a local file and cannot be loaded from the hub ({said}); {fix}") from err
     return _standardize(ds, f"hub:{repo_id}", latent_key, label_key, verify, cache_dir)
 
 

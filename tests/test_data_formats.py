@@ -373,3 +373,18 @@ def test_a_subset_or_split_is_part_of_the_data_name_and_so_of_the_run_folder(tmp
     assert names == {("vae_a", "train"): "hub_vae_a", ("vae_a", "test"): "hub_vae_a_test",
                      ("vae b", "train"): "hub_vae_b", ("vae b", "test"): "hub_vae_b_test"}
     assert load_training_data(str(folder / "vae_a")).name == "vae_a"
+
+
+@pytest.mark.parametrize("said, fix", [
+    ('Unknown split "validation". Should be one of [\'train\', \'test\'].',
+     "choose one with split= (train.py --train_split"),
+    ("Config name is missing.\nPlease pick one among the available configs: ['vae_a', 'vae_b']",
+     "choose one with subset= (train.py --dataset_config_name"),
+    ("offline", "check the path or the dataset id")])
+def test_a_hub_dataset_s_split_or_config_error_names_the_flag(monkeypatch, said, fix):
+    def refuse(repo_id, **kwargs):
+        raise ValueError(said)
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    message = expect_error("owner/latents", "cannot be loaded from the hub")  # one line (expect_error checks)
+    assert fix in message and said.split()[-1] in message  # datasets' list of configs or splits kept

@@ -65,8 +65,10 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
                                split=split, subset=subset)
         # A subset or split other than train is part of the name (of the default run folder): runs on two subsets of
         # one folder would share a folder, where --overwrite_output_dir would delete the other's run.
-        parts = [Path(train_data.rstrip("/")).stem, subset, None if split == "train" else split]
-        name = "_".join(re.sub(r"[^\w.-]", "_", part) for part in parts if part)
+        # The stem stays as it was (existing runs' folders, sample.py --latent's lookup); only the added names are
+        # made safe for a folder name.
+        added = [re.sub(r"[^\w.-]", "_", part) for part in (subset, None if split == "train" else split) if part]
+        name = "_".join(part for part in [Path(train_data.rstrip("/")).stem, *added] if part)
     source = train_data or "demo"
     channels = dataset.features["latents"].shape[0]
     if n_dim is not None and n_dim != channels:

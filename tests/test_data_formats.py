@@ -375,6 +375,19 @@ def test_a_subset_or_split_is_part_of_the_data_name_and_so_of_the_run_folder(tmp
     assert load_training_data(str(folder / "vae_a")).name == "vae_a"
 
 
+def test_the_data_stem_in_the_run_folder_is_kept_as_it_was(tmp_path):
+    # Only a subset or split is made safe for a folder name: the stem as before, so an existing run's folder is found
+    # again and sample.py --latent's locate_run (which globs the raw stem) finds the run train.py made.
+    from latent_ddpm.feeding import load_training_data
+    from latent_ddpm.run_folder import default_run_dir, locate_run
+
+    np.savez(tmp_path / "my data (v2).npz", X=latents())
+    name = load_training_data(str(tmp_path / "my data (v2).npz")).name
+    assert name == "my data (v2)"
+    (tmp_path / default_run_dir(name, 3, 10, 0.0001, 0.02) / "pipeline").mkdir(parents=True)
+    assert locate_run("my data (v2).npz", runs_dir=tmp_path / "runs").name == "my data (v2)_ddpm_3_10_0.0001_0.02"
+
+
 @pytest.mark.parametrize("said, fix", [
     ('Unknown split "validation". Should be one of [\'train\', \'test\'].',
      "choose one with split= (train.py --train_split"),

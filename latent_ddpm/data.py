@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -288,8 +289,9 @@ def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify:
             ds = datasets.load_dataset(repo_id, split=split, **kwargs)
     except Exception as err:  # the hub raises many types; all mean "cannot get it"
         said = " ".join(str(err).split())  # one line: datasets lists a repo's configs on a line of its own
-        fix = (f"choose one with {SUBSET_CHOICE}" if "config" in said.lower() else
-               f"choose one with {SPLIT_CHOICE}" if "split" in said.lower() else "check the path or the dataset id")
+        words = re.sub("|".join(re.escape(n) for n in (repo_id, split, kwargs.get("name")) if n), "", said).lower()
+        fix = (f"choose one with {SUBSET_CHOICE}" if "config" in words else  # not from the id's or names' words
+               f"choose one with {SPLIT_CHOICE}" if "split" in words else "check the path or the dataset id")
         raise DataError(f"{repo_id}: not a local file and cannot be loaded from the hub ({said}); {fix}") from err
     return _standardize(ds, f"hub:{repo_id}", latent_key, label_key, verify, cache_dir)
 

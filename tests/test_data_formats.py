@@ -393,11 +393,13 @@ def test_the_data_stem_in_the_run_folder_is_kept_as_it_was(tmp_path):
      "choose one with split= (train.py --train_split"),
     ("Config name is missing.\nPlease pick one among the available configs: ['vae_a', 'vae_b']",
      "choose one with subset= (train.py --dataset_config_name"),
-    ("offline", "check the path or the dataset id")])
+    ("offline", "check the path or the dataset id"),
+    ("Couldn't reach 'owner/split-config-latents' on the Hub (OfflineModeIsEnabled)",  # words of the id itself
+     "check the path or the dataset id")])
 def test_a_hub_dataset_s_split_or_config_error_names_the_flag(monkeypatch, said, fix):
     def refuse(repo_id, **kwargs):
         raise ValueError(said)
 
     monkeypatch.setattr(datasets, "load_dataset", refuse)
-    message = expect_error("owner/latents", "cannot be loaded from the hub")  # one line (expect_error checks)
+    message = expect_error("owner/split-config-latents", "cannot be loaded from the hub")  # one line (checked)
     assert fix in message and said.split()[-1] in message  # datasets' list of configs or splits kept

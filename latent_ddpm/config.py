@@ -129,7 +129,8 @@ class TrainConfig:
                                 "ranks' wait for the main process's previews during training, and for a "
                                 "checkpoint upload still running at the next checkpoint")
     # --- Outputs, logging, checkpoints ------------------------------------------------------------
-    output_dir: str | None = _f(None, "run folder (default: runs/<data>_ddpm_<C>_<T>_<beta_start>_<beta_end>)")
+    output_dir: str | None = _f(None, "run folder (default: runs/<data>_ddpm_<C>_<T>_<beta_start>_<beta_end>; <data> "
+                                      "adds the subset and a split other than train)")
     overwrite_output_dir: bool = _f(False, "start fresh in an existing run folder (its checkpoints, pipeline and "
                                            "reports are deleted)")
     seed: int = _f(42, "seed of everything: init, data order, noise")

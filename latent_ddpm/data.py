@@ -68,9 +68,9 @@ __all__ = ["ARROW_SUFFIXES", "CACHE_VERSION", "CHUNK_BYTES", "DEFAULT_CACHE_DIR"
 NUMPY_SUFFIXES, PARQUET_SUFFIXES, ARROW_SUFFIXES = (".npz", ".npy"), (".parquet",), (".arrow",)
 #: Files of whole (N, C, H, W) arrays: small ones are loaded in memory, big ones converted once to the Arrow cache.
 TENSOR_SUFFIXES = NUMPY_SUFFIXES + SAFETENSORS_SUFFIXES
-#: The formats, as error messages and help texts list them.
 #: Pickled tensors (torch.save, pickle): refused with the one-line way to re-save them as safetensors.
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+#: The formats, as error messages and help texts list them.
 FORMATS = ".npz, .npy, .safetensors, .parquet, .arrow, a saved dataset folder or a folder of .parquet shards"
 
 

@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserInputError(f"--out {args.out}: name a .json file to write")
         if problem := unwritable_folder(Path(args.out).parent):
             raise UserInputError(f"--out {args.out}: {problem}; choose another --out")
+    for flag in ("split", "subset"):  # as train.py's --train_split and --dataset_config_name
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            raise UserInputError(f"--{flag}: is empty; name one, or leave the flag out for the default")
     if args.no_labels and args.label_key is not None:
         raise UserInputError("--no_labels: it ignores the labels; drop it or --label_key")
     samples, labels = load_samples(args.samples, args.samples_key)

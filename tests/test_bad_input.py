@@ -289,6 +289,8 @@ CASES = [
     ("evaluate-missing-split", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "saved_dict",
                                                       "--split", "test"],
      "no split 'test'; the splits are ['train']; choose one with split= (train.py --train_split, evaluate --split)"),
+    ("evaluate-empty-subset", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "saved_dict",
+                                                     "--subset", ""], "--subset: is empty; name one"),
     ("evaluate-bad-flag", "evaluate", lambda d: ["--samples", d / "samples.npz", "--reference", d / "good.npz",
                                                  "--k", "many"], "invalid int value"),
 ]

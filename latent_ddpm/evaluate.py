@@ -173,8 +173,20 @@ def load_reference(source: str, latent_key: str = "X", label_key: str | None = "
         ds = load_latents(source, latent_key=latent_key, label_key=None, **where)  # a latents' problem raises again
         stderr_line(f"note: {source}: its '{label_key}' labels are not class ids, so there are no per-class figures; "
                     "pass --no_labels to skip them, or --label_key to name the class ids")
-    rows = ds.select(_subsample(len(ds), limit)).with_format("numpy")[:]
-    return np.asarray(rows["latents"], dtype=np.float32), rows.get("labels")
+    return reference_rows(ds, limit)
+
+
+def reference_rows(ds, limit: int = MAX_REFERENCE, with_labels: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """At most `limit` rows of a latents `Dataset` as (latents float32, labels or None): a seeded subsample spread
+    over the whole set, not its first rows (data stored class by class would lose its last classes). What
+    `load_reference` and train.py's quality figures (`reporting.quality_figures`) compare against."""
+    from .data import iter_chunks
+
+    if len(ds) > limit:
+        ds = ds.select(_subsample(len(ds), limit))
+    chunks = list(iter_chunks(ds, with_labels=with_labels))
+    labels = np.concatenate([y for _, _, y in chunks]) if with_labels and "labels" in ds.column_names else None
+    return np.concatenate([x for _, x, _ in chunks]).astype(np.float32, copy=False), labels
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,21 +239,14 @@ def _write_final_report(pipe: LatentDDPMPipeline, cfg, dataset, run_dir: Path, h
 
 def quality_figures(samples: np.ndarray, labels: np.ndarray | None, dataset, cfg) -> dict:
     """Fréchet distance, precision/recall against the training data (and the demo judge on demo data)."""
-    from .data import iter_chunks
-    from .evaluate import K_NEIGHBOURS, evaluate
-    from .metrics import _subsample
+    from .evaluate import K_NEIGHBOURS, evaluate, reference_rows
 
     n_ref = min(len(dataset), MAX_REFERENCE)
     if n_ref <= K_NEIGHBOURS:
         warnings.warn(f"{n_ref} training latents are too few for the quality figures (precision/recall need more "
                       f"than {K_NEIGHBOURS}); they are left out", stacklevel=2)
         return {}
-    # A seeded subsample spread over the whole set, as `python -m latent_ddpm.evaluate` takes (the first rows of data
-    # stored class by class, as encode writes an image folder, held only the first classes).
-    ref = dataset.select(_subsample(len(dataset), n_ref)) if n_ref < len(dataset) else dataset
-    chunks = list(iter_chunks(ref, with_labels=labels is not None))
-    ref_x = np.concatenate([x for _, x, _ in chunks])
-    ref_y = np.concatenate([y for _, _, y in chunks]) if labels is not None else None
+    ref_x, ref_y = reference_rows(dataset, n_ref, with_labels=labels is not None)  # as evaluate's --reference
     # The real-vs-real baseline splits the reference in two halves, each of which needs more than k latents.
     out = {"evaluation": evaluate(samples, ref_x, sample_labels=labels, reference_labels=ref_y,
                                   baseline=n_ref // 2 > K_NEIGHBOURS)}

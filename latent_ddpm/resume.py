@@ -14,6 +14,7 @@ import torch
 
 from .checkpointing import STATE_FILE
 from .errors import UserInputError
+from .pipeline import format_class_ids
 
 if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
@@ -118,10 +119,9 @@ def check_resume_compatible(path: Path, model_config: dict, run_settings: dict |
 
 
 def _shown(value) -> str:
-    """A run setting for a message: a long list (a data set's class ids) as its first ids and its length."""
-    if isinstance(value, list) and len(value) > 10:
-        return f"[{', '.join(map(str, value[:10]))}, ... ({len(value)} in all)]"
-    return str(value)
+    """A run setting for a message: a list (a data set's class ids) as `format_class_ids` shows them (a long one as
+    its first ids and how many)."""
+    return f"[{format_class_ids(value)}]" if isinstance(value, list) else str(value)
 
 
 def apply_resumed_settings(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,

@@ -17,8 +17,8 @@ def test_a_long_list_of_class_ids_is_shortened_in_the_message(tmp_path):
     from latent_ddpm.resume import check_resume_compatible
 
     ckpt = _checkpoint_with_settings(tmp_path / "checkpoint-2", {"class_ids": list(range(100))})
-    with pytest.raises(UserInputError, match=r"class_ids=\[0, 1, .*, 9, \.\.\. \(100 in all\)\] there vs "
-                                             r"\[0, 1, .*, 9, \.\.\. \(99 in all\)\] now"):
+    with pytest.raises(UserInputError, match=r"class_ids=\[0, 1, .*, 9, \.\.\. \(100 ids\)\] there vs "
+                                             r"\[0, 1, .*, 9, \.\.\. \(99 ids\)\] now"):
         check_resume_compatible(ckpt, {}, {"class_ids": list(range(99))})
 
 

@@ -73,8 +73,47 @@ def resumes_here(run_dir: Path, resumed: Path | None) -> bool:
     return resumed is not None and (run_dir / "train").resolve() in resumed.resolve().parents
 
 
-def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resumed: Path | None = None
-                        ) -> str | None:
+#: The config fields that say which data a run trained on (the default run folder names only the data's stem,
+#: the subset and a split other than train, so two sources can share one).
+DATA_FIELDS = ("train_data", "latent_key", "train_split", "dataset_config_name")
+
+
+def _data_of(config: dict) -> dict:
+    """`config`'s `DATA_FIELDS`, with an existing path resolved (the same file named two ways is the same data)."""
+    out = {key: config[key] for key in DATA_FIELDS if key in config}
+    if isinstance(out.get("train_data"), str) and Path(out["train_data"]).exists():
+        out["train_data"] = str(Path(out["train_data"]).resolve())
+    return out
+
+
+def _describe_data(config: dict) -> str:
+    parts = [str(config.get("train_data") or "the demo set")]
+    if config.get("latent_key", "X") != "X":
+        parts.append(f"--latent_key {config['latent_key']}")
+    if config.get("dataset_config_name"):
+        parts.append(f"subset {config['dataset_config_name']}")
+    if config.get("train_split", "train") != "train":
+        parts.append(f"split {config['train_split']}")
+    return ", ".join(parts)
+
+
+def other_data(run_dir: Path, config: dict | None) -> str | None:
+    """When the run recorded in `run_dir` (train/config.json) trained on other data than `config` (a resolved
+    config's dict) names, both described ("theirs; this run's: ours"); None when the same, or unknown."""
+    try:
+        recorded = json.loads((run_dir / "train" / "config.json").read_text())
+    except (OSError, ValueError):  # no record, or an unreadable one: nothing to compare
+        return None
+    if config is None or not isinstance(recorded, dict):
+        return None
+    theirs, ours = _data_of(recorded), _data_of(config)
+    if all(theirs[key] == ours[key] for key in theirs.keys() & ours.keys()):
+        return None
+    return f"{_describe_data(recorded)}; this run's: {_describe_data(config)}"
+
+
+def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resumed: Path | None = None,
+                        config: dict | None = None) -> str | None:
     """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
     `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may. A
     pipeline/ train.py did not write there is never replaced, unless the run resumes one of this folder's own
@@ -82,7 +121,8 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
     beside the original's files was started with `overwrite`), except another folder's checkpoint into a
     finished run, whose pipeline/ it would replace, without `overwrite`. `resume` that finds no checkpoint starts from
     scratch, which an empty or crashed folder allows but a finished run's (its pipeline/ would be replaced)
-    does not."""
+    does not. With `config` (the new run's, as a dict), a folder holding a run on other data says so: resuming it
+    is no way out, and the default run folders of two sources can coincide."""
     train_dir, pipeline = run_dir / "train", run_dir / PIPELINE_SUBDIR
     resumed_here = resumes_here(run_dir, resumed)
     if not resumed_here and pipeline.exists() and not is_train_run(run_dir):
@@ -94,6 +134,9 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
                 "would start from scratch and replace it; start fresh with --overwrite_output_dir, or choose "
                 "another --output_dir")
     if (list_checkpoints(train_dir) or pipeline.exists()) and resume is None and not overwrite:
+        if theirs := other_data(run_dir, config):
+            return (f"{run_dir} already holds a run on other data ({theirs}); choose another --output_dir, or "
+                    "replace that run with --overwrite_output_dir")
         return (f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, start fresh with "
                 "--overwrite_output_dir, or choose another --output_dir")
     if resumed is not None and not resumed_here and pipeline.exists() and not overwrite:
@@ -114,7 +157,8 @@ def prepare_run_folder(run_dir: Path, lock: RunLock, resume_spec: str | None, re
     line error every rank is to raise (the lock released), or None."""
     train_dir = run_dir / "train"
     try:
-        if conflict := run_folder_conflict(run_dir, resume_spec, overwrite, resumed):
+        config = json.loads(files["config.json"]) if "config.json" in files else None
+        if conflict := run_folder_conflict(run_dir, resume_spec, overwrite, resumed, config):
             raise UserInputError(conflict)
         lock.acquire()
         if overwrite and not resumes_here(run_dir, resumed):  # a fresh start, or another run's checkpoint
@@ -181,8 +225,14 @@ def locate_run(latent: str | os.PathLike, runs_dir: str | os.PathLike = "runs", 
         found = [(steps, path) for steps, path in found if steps == n_steps]
     where = f"{runs_dir / pattern}/{PIPELINE_SUBDIR}"
     if not found:
+        # A subset's run, or a split's other than train, is <stem>_<subset or split>_ddpm_...: name them.
+        named = re.compile(rf"{re.escape(stem)}_.+_ddpm(_[^_]+){{4}}")
+        others = sorted(path.name for path in (runs_dir.iterdir() if runs_dir.is_dir() else [])
+                        if named.fullmatch(path.name) and (path / PIPELINE_SUBDIR).is_dir())
+        hint = (f"; runs of its subsets or splits: {', '.join(others)} (pass --model "
+                f"{runs_dir / others[0] / PIPELINE_SUBDIR})" if others else "")
         raise UserInputError(f"no trained run for --latent {latent}: looked for {where}; train first, or pass "
-                             "--model DIR (or --runs_dir, --n_dim, --lbeta, --ubeta)")
+                             f"--model DIR (or --runs_dir, --n_dim, --lbeta, --ubeta){hint}")
     if len(found) > 1:
         names = ", ".join(path.name for _, path in found)
         raise UserInputError(f"--latent {latent} matches several runs ({names}) under {runs_dir}; pick one with "

@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .call_checks import check_call
 from .unet import AdvancedUNet2DModel
 
 # The default noise schedule: DDPM (Ho et al. 2020, sec. 4) with 1000 linear betas from 1e-4 to
@@ -97,49 +98,6 @@ def start_noise_sigma(scheduler: SchedulerMixin, device: torch.device | str = "c
 def default_scheduler(**overrides) -> DDPMScheduler:
     """A `DDPMScheduler` with the project's defaults (see `DEFAULT_SCHEDULER_CONFIG`)."""
     return DDPMScheduler(**{**DEFAULT_SCHEDULER_CONFIG, **overrides})
-
-
-def _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents,
-                channels: int, factor: int = 1) -> None:
-    """`LatentDDPMPipeline.__call__`'s arguments, checked up front: a ValueError/TypeError naming the argument
-    (left to torch and diffusers, -1 steps returned the starting noise undenoised, float labels were
-    truncated, and the rest failed deep inside with messages that do not name the argument)."""
-    def is_int(v) -> bool:  # numpy's integers too (a sweep over np.arange), never a bool
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
-
-    def is_number(v) -> bool:
-        return isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_)
-
-    if latents is None and not (is_int(batch_size) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if num_inference_steps is not None and not (is_int(num_inference_steps) and num_inference_steps >= 1):
-        raise ValueError(f"num_inference_steps must be an int >= 1 (or None for the default), got "
-                         f"{num_inference_steps!r}")
-    gens = generator if isinstance(generator, list) else [generator]
-    if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
-        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
-    if class_labels is not None:
-        try:
-            labels = torch.as_tensor(class_labels)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"class_labels must be integer class ids, got {class_labels!r} ({err})") from None
-        if labels.numel() == 0:  # torch reads [] as float32: it was "got torch.float32 values"
-            raise ValueError("class_labels is empty; give one integer class id per sample")
-        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-            raise ValueError(f"class_labels must be integer class ids, got {labels.dtype} values")
-    if not is_number(guidance_scale) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if guidance_scale != 1.0 and class_labels is None:
-        raise ValueError("guidance_scale needs class_labels (guidance steers each sample towards its class); "
-                         "leave it at 1.0 for unconditional sampling")
-    if not is_number(eta) or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
-    if latents is not None and not (isinstance(latents, torch.Tensor) and latents.ndim == 4
-                                    and latents.shape[1] == channels and latents.shape[0] >= 1
-                                    and latents.shape[2] % factor == 0 and latents.shape[3] % factor == 0):
-        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise ValueError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), H and W divisible by "
-                         f"{factor} (the UNet's downsampling), got {shape}")
 
 
 class LatentDDPMPipeline(DiffusionPipeline):
@@ -261,8 +219,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
         unet, device = self.unet, self._execution_device
         c, size = unet.config.in_channels, unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        _check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents, c,
-                    getattr(unet, "downsample_factor", 1))  # a diffusers UNet2DModel (bench_quality) has none
+        check_call(batch_size, num_inference_steps, generator, class_labels, guidance_scale, eta, latents, c,
+                   getattr(unet, "downsample_factor", 1))  # a diffusers UNet2DModel (bench_quality) has none
         batch_size = latents.shape[0] if latents is not None else int(batch_size)  # numpy's numbers as Python's
         num_inference_steps = None if num_inference_steps is None else int(num_inference_steps)
         guidance_scale, eta = float(guidance_scale), float(eta)
@@ -276,7 +234,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
         # 1. Class labels; with guidance the batch is [conditional, unconditional].
         labels = None
         if unet.config.num_class_embeds is not None and class_labels is not None:
-            labels = torch.as_tensor(class_labels, device=device).reshape(-1).long()  # integers (_check_call)
+            labels = torch.as_tensor(class_labels, device=device).reshape(-1).long()  # integers (check_call)
             if labels.shape[0] != batch_size:
                 raise ValueError(f"got {labels.shape[0]} class_labels for a batch of {batch_size}")
             bad = (labels < 0) | (labels >= unet.config.num_class_embeds)

@@ -54,3 +54,28 @@ def check_call(batch_size, num_inference_steps, generator, class_labels, guidanc
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"latents must be a torch.Tensor of shape (B, {channels}, H, W), H and W divisible by "
                          f"{factor} (the UNet's downsampling), got {shape}")
+
+
+def check_callback(callback, tensor_inputs, valid: list[str]) -> None:
+    """`callback_on_step_end` and `callback_on_step_end_tensor_inputs`, as diffusers' `check_inputs` checks them
+    (names among the pipeline's `_callback_tensor_inputs`), with the valid names in the message."""
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback_on_step_end must be callable, fn(pipe, step_index, timestep, callback_kwargs) -> "
+                        f"dict, got {type(callback).__name__}")
+    if not isinstance(tensor_inputs, list | tuple) or not all(k in valid for k in tensor_inputs):
+        raise ValueError(f"callback_on_step_end_tensor_inputs must be a list of names among {valid} (the tensors "
+                         f"this pipeline can pass to the callback), got {tensor_inputs!r}")
+
+
+def step_end_latents(outputs, latents: torch.Tensor) -> torch.Tensor:
+    """The loop's latents after a step-end callback returned `outputs`: its "latents" if it has them (diffusers'
+    convention), which must keep the loop's shape, else `latents`."""
+    if not isinstance(outputs, dict):
+        raise TypeError(f"callback_on_step_end must return a dict (its callback_kwargs, changed or not), got "
+                        f"{type(outputs).__name__}")
+    new = outputs.pop("latents", latents)
+    if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
+        shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise ValueError(f"callback_on_step_end returned latents of shape {shape}; they must keep the loop's "
+                         f"shape {tuple(latents.shape)}")
+    return new

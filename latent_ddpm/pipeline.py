@@ -7,16 +7,18 @@ import inspect
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .call_checks import check_call
+from .call_checks import check_call, check_callback, step_end_latents
 from .unet import AdvancedUNet2DModel
 
 # The default noise schedule: DDPM (Ho et al. 2020, sec. 4) with 1000 linear betas from 1e-4 to
@@ -123,6 +125,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet->vae"
     _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]  # what callback_on_step_end can get (and replace)
+    _interrupt, _num_timesteps = False, 0  # set by each call (diffusers' `interrupt`, `num_timesteps`)
 
     def __init__(
         self,
@@ -173,6 +177,16 @@ class LatentDDPMPipeline(DiffusionPipeline):
         ids = getattr(self.config, "class_ids", None)
         return list(ids) if ids is not None else list(range(num_classes))
 
+    @property
+    def num_timesteps(self) -> int:
+        """`len(scheduler.timesteps)` of the current (or last) call: a step-end callback's step_index is 0..n-1."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """True once `pipe._interrupt = True` is set (in a step-end callback): this call skips its remaining steps."""
+        return self._interrupt
+
     def _denormalize(self, z: torch.Tensor) -> torch.Tensor:
         """Map model-space latents back to the data's scale: x = z * std + mean."""
         shape = (1, -1, 1, 1)
@@ -194,6 +208,8 @@ class LatentDDPMPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | tuple[str, ...] = ("latents",),
     ) -> LatentPipelineOutput | tuple:
         """Run the reverse diffusion process.
 
@@ -209,6 +225,14 @@ class LatentDDPMPipeline(DiffusionPipeline):
             output_type: "np" (float32 numpy) or "pt" (torch tensor) latents; with a `vae`, "pil" (a list
                 of PIL images) or "np_image" (float numpy (B, H, W, 3) in [0, 1]) decoded images, with
                 the latents still in `.latents` (numpy). `return_dict=False` gives `(latents,)` or `(images,)`.
+            callback_on_step_end: diffusers' step-end callback, `fn(pipe, step_index, timestep, callback_kwargs)
+                -> dict`, or a `PipelineCallback`/`MultiPipelineCallbacks` (their `tensor_inputs` are then used),
+                called after each scheduler step. `callback_kwargs["latents"]` are the loop's latents after that
+                step: model space (normalised, `(x - mean) / std`, in the scheduler's own scale), before they are
+                mapped back to the data's scale; "latents" in the returned dict replace them. Setting
+                `pipe._interrupt = True` skips the remaining steps (the output is then the latents so far).
+            callback_on_step_end_tensor_inputs: the names passed in `callback_kwargs`, among
+                `_callback_tensor_inputs` (only "latents").
         """
         if output_type not in LATENT_OUTPUT_TYPES + IMAGE_OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {LATENT_OUTPUT_TYPES + IMAGE_OUTPUT_TYPES}, "
@@ -216,6 +240,9 @@ class LatentDDPMPipeline(DiffusionPipeline):
         if output_type in IMAGE_OUTPUT_TYPES and getattr(self, "vae", None) is None:
             raise ValueError(f"output_type={output_type!r} decodes with a vae, but this pipeline has none; pass "
                              "vae= (e.g. AutoencoderKL.from_pretrained(...)) or use output_type='np'")
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         unet, device = self.unet, self._execution_device
         c, size = unet.config.in_channels, unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -259,6 +286,7 @@ class LatentDDPMPipeline(DiffusionPipeline):
         if error:
             raise ValueError(error)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
         if latents is None:
             latents = randn_tensor((batch_size, c, h, w), generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32) * start_noise_sigma(self.scheduler, device)
@@ -267,7 +295,9 @@ class LatentDDPMPipeline(DiffusionPipeline):
             step_kwargs["eta"] = eta
 
         # 3. Reverse process: predict with the UNet, then let the scheduler take x_t -> x_{t-1}.
-        for t in self.progress_bar(self.scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
             model_in = self.scheduler.scale_model_input(latents, t)
             model_in = torch.cat([model_in, model_in]) if use_cfg else model_in
             pred = unet(model_in.to(unet.dtype), t, class_labels=labels).sample.float()
@@ -276,6 +306,10 @@ class LatentDDPMPipeline(DiffusionPipeline):
                 cond, uncond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:  # diffusers' convention: returned tensors replace the loop's
+                step_tensors = {"latents": latents}  # one entry per name in _callback_tensor_inputs
+                kwargs = {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs}
+                latents = step_end_latents(callback_on_step_end(self, i, t, kwargs), latents)
 
         # 4. Back to the data's scale.
         latents = self._denormalize(latents)

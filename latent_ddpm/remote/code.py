@@ -44,7 +44,7 @@ REWRITES = {
     # The UNet's presets and config checks: a module of plain Python, pasted in whole.
     "from .unet_config import PRESETS, downsample_factor, validate_config": "INLINE unet_config.py",
     # The pipeline's argument checks: plain Python too.
-    "from .call_checks import check_call": "INLINE call_checks.py",
+    "from .call_checks import check_call, check_callback, step_end_latents": "INLINE call_checks.py",
 }
 
 # diffusers' own test for relative imports (dynamic_modules_utils.get_relative_imports).

@@ -1,6 +1,6 @@
 """Pieces several test files share: the client of `tests/_forkserver.py`, tiny saved pipelines for sample.py,
-in-process runs of the commands (train.py, sample.py, the package's `__main__`s) and their one-line errors, and
-small latents and snapshots of files on disk."""
+in-process runs of the commands (train.py, sample.py, the package's `__main__`s) and their one-line errors,
+small latents and snapshots of files on disk, and the encode and decode tests' images and flags."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate.state import AcceleratorState, GradientState, PartialState
+from PIL import Image
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler, paths
 from latent_ddpm.errors import run_cli
@@ -174,3 +175,33 @@ def load_npz(path) -> dict:
     """Every array of a .npz file (read without pickle)."""
     with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
+
+
+# --- tests/test_encode.py and tests/test_decode.py: a tiny random AutoencoderKL (factor 2, 4 latent channels) and
+# 16x16 images, so 4x8x8 latents (the fixtures vae_dir, images and encoded are in conftest.py) ----------------------
+
+RES = 16  # image resolution; latents are 4 x RES/2 x RES/2
+TINY_VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32)
+
+
+def run_main(main, argv) -> int:
+    """A command's main through run_cli (exit status, one-line errors), accelerate state reset around it."""
+    reset_accelerate()
+    try:
+        return exit_status(main, argv)
+    finally:
+        reset_accelerate()
+
+
+def image(seed: int, size=(RES, RES), mode="RGB") -> Image.Image:
+    """A smooth random image (a gradient plus noise) of `size` (w, h)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.2, 1, 3) + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB").convert(mode)
+
+
+def encode_args(data, vae, out, tmp, *extra):
+    return ["--data", data, "--vae", vae, "--resolution", RES, "--output", out, "--cache_dir", tmp / "hf",
+            "--batch_size", 2, "--shard_size", 4, *extra]

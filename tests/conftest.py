@@ -1,5 +1,5 @@
-"""Shared pytest fixtures: tiny models (CPU, fast), the original UNet reference, the training tests' data and the
-sample hardening tests' saved pipelines."""
+"""Shared pytest fixtures: tiny models (CPU, fast), the original UNet reference, the training tests' data, the
+sample hardening tests' saved pipelines and the encode and decode tests' autoencoder, images and latents."""
 
 from __future__ import annotations
 
@@ -62,3 +62,41 @@ def pipes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pipes")
     save_tiny_pipelines([(root / "uncond", None), (root / "cond", 3)])
     return root
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """A tiny random AutoencoderKL (factor 2, 4 latent channels), saved: the encode and decode tests' autoencoder."""
+    from _helpers import TINY_VAE
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    AutoencoderKL(**TINY_VAE).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """imagefolder layout: 3 cats and 3 dogs, one of them not square."""
+    from _helpers import RES, image
+
+    root = tmp_path_factory.mktemp("images") / "pets"
+    for c, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            image(10 * c + i, size=(24, RES) if i == 2 else (RES, RES)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoded(images, vae_dir, tmp_path_factory) -> Path:
+    """`images` encoded by `vae_dir` with --flip_augment (12 latents of 4x8x8, labels cat 0 and dog 1)."""
+    from _helpers import encode_args
+    from _helpers import run_main as run
+
+    from latent_ddpm import encode
+
+    tmp = tmp_path_factory.mktemp("encoded")
+    assert run(encode.main, encode_args(images, vae_dir, tmp / "latents", tmp, "--flip_augment")) == 0
+    return tmp / "latents"

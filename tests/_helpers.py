@@ -143,13 +143,17 @@ def train_subprocess(*args: str, env: dict | None = None, timeout: int = 300) ->
 
 # --- the sample.py and evaluate hardening tests -------------------------------------------------------------------
 
-#: sample.py, loaded from its file (as tests/test_sample.py does); the sample hardening tests patch and run it.
+#: sample.py, loaded from its file; the sample tests (test_sample*.py) patch and run it.
 _spec = importlib.util.spec_from_file_location("sample_hardening_script", ROOT / "sample.py")
 sample_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sample_script)
 
 #: Two samples in two denoising steps.
 SAMPLE_FAST = ["--num_inference_steps", "2", "--num_samples", "2"]
+#: Two denoising steps, no grid PNG: tests/test_sample.py's and test_sample_schedulers.py's FAST.
+SAMPLE_FAST_NO_GRID = ["--num_inference_steps", "2", "--no_grid"]
+#: The original's run folder name for x.npz, 4 channels, 1000 steps (conftest.py's `models` holds one).
+ORIGINAL_RUN = "x_ddpm_4_1000_0.0001_0.02"
 
 
 def run_sample(argv) -> int:

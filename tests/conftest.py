@@ -1,5 +1,5 @@
 """Shared pytest fixtures: tiny models (CPU, fast), the original UNet reference, the training tests' data, the
-sample hardening tests' saved pipelines and the encode and decode tests' autoencoder, images and latents."""
+sample tests' saved pipelines and the encode and decode tests' autoencoder, images and latents."""
 
 from __future__ import annotations
 
@@ -56,11 +56,23 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory) -> Path:
     """An unconditional pipeline in uncond/ and a 3-class one in cond/ (tiny UNets, 4x8x8 latents): the sample
-    hardening tests' models (tests/test_sample.py's `models` are laid out as the original's run folders)."""
+    hardening tests' models (`models` below are laid out as the original's run folders)."""
     from _helpers import save_tiny_pipelines
 
     root = tmp_path_factory.mktemp("pipes")
     save_tiny_pipelines([(root / "uncond", None), (root / "cond", 3)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """An unconditional pipeline in runs/<RUN>/pipeline and a 3-class one in cond/pipeline: the sample tests'
+    models (tests/test_sample.py, test_sample_schedulers.py)."""
+    from _helpers import ORIGINAL_RUN as RUN
+    from _helpers import save_tiny_pipelines
+
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_pipelines([(root / "runs" / RUN / "pipeline", None), (root / "cond" / "pipeline", 3)])
     return root
 
 

@@ -106,3 +106,12 @@ def test_a_saved_config_of_a_constant_lr_run_reads_back(tmp_path):
                                                                          "--lr_warmup_steps", "7"]):
         with pytest.raises(UserInputError, match="--lr_scheduler constant has no warm-up"):
             parse_train_args(argv)
+
+
+def test_the_originals_beta_flags_reach_the_config():
+    # --lbeta/--ubeta are the original's names for --beta_start/--beta_end. test_train.py's run of the original's
+    # flags passes their default values (0.0001, 0.02), so a mapping that dropped them passed it.
+    cfg = parse_train_args(["--lbeta", "0.0003", "--ubeta", "0.05"])
+    assert (cfg.beta_start, cfg.beta_end) == (0.0003, 0.05)
+    saved = cfg.to_dict()  # what train/config.json holds
+    assert (saved["beta_start"], saved["beta_end"]) == (0.0003, 0.05)

@@ -135,6 +135,19 @@ def test_original_flags_locate_the_run(models, tmp_path, monkeypatch):
         locate_run("x.npz", n_dim=3)
 
 
+def test_original_beta_flags_pick_the_run(models, tmp_path, monkeypatch):
+    # sample.py's --lbeta/--ubeta only choose the run folder (the noise schedule is the model's own). No test passed
+    # them through its command line: dropped or swapped, they failed nothing.
+    work = tmp_path / "work"
+    for name in (RUN, "x_ddpm_4_1000_0.0003_0.05"):
+        shutil.copytree(models / "runs" / RUN, work / "runs" / name)
+    monkeypatch.chdir(work)
+    assert run(["--latent", "x.npz", "--lbeta", "0.0003", "--ubeta", "0.05", "--n_samples", 1, "--n_steps", 2,
+                "--seed", 7, "--no_grid"]) == 0
+    assert (work / "runs" / "x_ddpm_4_1000_0.0003_0.05" / "generated" / "seed_7" / "samples_7_1.npz").is_file()
+    assert not (work / "runs" / RUN / "generated").exists()
+
+
 def test_no_overwrite_then_overwrite(models, tmp_path, capsys):
     out = tmp_path / "s.npz"
     out.write_bytes(b"precious")

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning(new_layout)
     if cfg.dry_run:
         if conflict := run_folder_conflict(run_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, resume,
-                                           cfg.to_dict()):
+                                           cfg.to_dict(), stats.to_dict()):
             raise UserInputError(conflict)
         if problem := unwritable_folder(run_dir):  # what step 6 would refuse
             raise UserInputError(f"--output_dir {run_dir}: {problem}; choose another --output_dir")

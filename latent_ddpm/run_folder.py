@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -97,23 +98,45 @@ def _describe_data(config: dict) -> str:
     return ", ".join(parts)
 
 
-def other_data(run_dir: Path, config: dict | None) -> str | None:
-    """When the run recorded in `run_dir` (train/config.json) trained on other data than `config` (a resolved
-    config's dict) names, both described ("theirs; this run's: ours"); None when the same, or unknown."""
+def _read_json(path: Path) -> object:
     try:
-        recorded = json.loads((run_dir / "train" / "config.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):  # no record, or an unreadable one: nothing to compare
         return None
+
+
+def _same_stats(recorded: object, stats: dict) -> bool:
+    """Whether `recorded` (a train/latent_stats.json) holds `stats` (to 1e-3: another process count sums the
+    same data in another order)."""
+    if not isinstance(recorded, dict) or recorded.get("mode") != stats.get("mode"):
+        return False
+    pairs = [(stats.get(key), recorded.get(key)) for key in ("mean", "std")]
+    if any((ours is None) != (theirs is None) for ours, theirs in pairs):
+        return False
+    return all(isinstance(theirs, list) and len(theirs) == len(ours)
+               and all(isinstance(v, int | float) and math.isclose(u, v, rel_tol=1e-3)
+                       for u, v in zip(ours, theirs, strict=True))
+               for ours, theirs in pairs if ours is not None)
+
+
+def other_data(run_dir: Path, config: dict | None, stats: dict | None = None) -> str | None:
+    """When the run recorded in `run_dir` (train/config.json) trained on other data than `config` (a resolved
+    config's dict) names, both described ("theirs; this run's: ours"); None when the same, or unknown. With
+    `stats` (the data's `LatentStats.to_dict()`), data named otherwise but with the recorded statistics
+    (train/latent_stats.json) is the same data, moved or renamed."""
+    recorded = _read_json(run_dir / "train" / "config.json")
     if config is None or not isinstance(recorded, dict):
         return None
     theirs, ours = _data_of(recorded), _data_of(config)
     if all(theirs[key] == ours[key] for key in theirs.keys() & ours.keys()):
         return None
+    if stats is not None and _same_stats(_read_json(run_dir / "train" / "latent_stats.json"), stats):
+        return None
     return f"{_describe_data(recorded)}; this run's: {_describe_data(config)}"
 
 
 def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resumed: Path | None = None,
-                        config: dict | None = None) -> str | None:
+                        config: dict | None = None, stats: dict | None = None) -> str | None:
     """Why a new run may not start in `run_dir` (it holds a run, ours or the original project's, and neither
     `resume` nor `overwrite` was asked for), as a one-line message naming the flags; None when it may. A
     pipeline/ train.py did not write there is never replaced, unless the run resumes one of this folder's own
@@ -121,8 +144,9 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
     beside the original's files was started with `overwrite`), except another folder's checkpoint into a
     finished run, whose pipeline/ it would replace, without `overwrite`. `resume` that finds no checkpoint starts from
     scratch, which an empty or crashed folder allows but a finished run's (its pipeline/ would be replaced)
-    does not. With `config` (the new run's, as a dict), a folder holding a run on other data says so: resuming it
-    is no way out, and the default run folders of two sources can coincide."""
+    does not. With `config` and `stats` (the new run's config and data statistics, as dicts; `other_data`), a
+    folder holding a run on other data says so: resuming it is no way out, and the default run folders of two
+    sources can coincide."""
     train_dir, pipeline = run_dir / "train", run_dir / PIPELINE_SUBDIR
     resumed_here = resumes_here(run_dir, resumed)
     if not resumed_here and pipeline.exists() and not is_train_run(run_dir):
@@ -134,7 +158,7 @@ def run_folder_conflict(run_dir: Path, resume: str | None, overwrite: bool, resu
                 "would start from scratch and replace it; start fresh with --overwrite_output_dir, or choose "
                 "another --output_dir")
     if (list_checkpoints(train_dir) or pipeline.exists()) and resume is None and not overwrite:
-        if theirs := other_data(run_dir, config):
+        if theirs := other_data(run_dir, config, stats):
             return (f"{run_dir} already holds a run on other data ({theirs}); choose another --output_dir, or "
                     "replace that run with --overwrite_output_dir")
         return (f"{run_dir} already holds a run; continue it with --resume_from_checkpoint latest, start fresh with "
@@ -157,8 +181,9 @@ def prepare_run_folder(run_dir: Path, lock: RunLock, resume_spec: str | None, re
     line error every rank is to raise (the lock released), or None."""
     train_dir = run_dir / "train"
     try:
-        config = json.loads(files["config.json"]) if "config.json" in files else None
-        if conflict := run_folder_conflict(run_dir, resume_spec, overwrite, resumed, config):
+        config, stats = (json.loads(files[name]) if name in files else None
+                         for name in ("config.json", "latent_stats.json"))
+        if conflict := run_folder_conflict(run_dir, resume_spec, overwrite, resumed, config, stats):
             raise UserInputError(conflict)
         lock.acquire()
         if overwrite and not resumes_here(run_dir, resumed):  # a fresh start, or another run's checkpoint

@@ -1,6 +1,6 @@
 """Default run folders name only the data's stem (plus a subset, and a split other than train), as the original
 project did: two sources can share one. A folder holding a run on other data is refused with a message that says
-so (resuming it is no way out), and sample.py's run lookup names the runs of a source's subsets and splits."""
+so (resuming it is no way out; the same data moved elsewhere is still that run), and sample.py's run lookup names the runs of a source's subsets and splits."""
 
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def test_a_default_run_folder_of_other_data_is_refused_as_such(two_sources, tmp_
     code, _, err = cli(train.main, ["--train_data", str(first), *TRAIN_FAST, "--dry_run"], capfd)
     one_line_error(code, err, "already holds a run; continue it with --resume_from_checkpoint latest")
     assert snapshot(tmp_path / "runs") == before
+    # The same data moved elsewhere (its statistics recorded beside the run) is still this run: continue it.
+    (tmp_path / "moved").mkdir()
+    first.rename(tmp_path / "moved" / "lat.npz")
+    code, _, err = cli(train.main, ["--train_data", "moved/lat.npz", *TRAIN_FAST, "--dry_run"], capfd)
+    one_line_error(code, err, "already holds a run; continue it with --resume_from_checkpoint latest")
 
 
 def _record(run: Path, **config) -> None:
@@ -77,6 +82,20 @@ def test_other_data_compares_the_source_its_key_subset_and_split(tmp_path):
     (old / "train" / "config.json").write_text("{not json")
     assert other_data(old, {**same, "train_data": "other"}) is None
     assert other_data(tmp_path / "none", same) is None
+
+
+def test_other_data_with_the_same_statistics_is_the_same_data(tmp_path):
+    run = tmp_path / "run"
+    _record(run, train_data="/old/lat.npz")
+    stats = {"mode": "channel", "mean": [0.5, -1.0], "std": [2.0, 0.25]}
+    (run / "train" / "latent_stats.json").write_text(json.dumps(stats))
+    moved = {"train_data": "/new/lat.npz"}
+    assert other_data(run, moved, stats) is None
+    assert other_data(run, moved, {**stats, "mean": [0.5, -1.0 + 1e-6]}) is None  # summed in another order
+    for other in ({**stats, "mean": [0.5, -1.1]}, {**stats, "mode": "global"}, {**stats, "std": [2.0]},
+                  {"mode": "none", "mean": None, "std": None}):
+        assert other_data(run, moved, other) == "/old/lat.npz; this run's: /new/lat.npz", other
+    assert other_data(run, moved) is not None  # no statistics given: the names decide
 
 
 def test_locate_run_names_the_runs_of_a_sources_subsets_and_splits(tmp_path):

@@ -1,6 +1,7 @@
 """Default run folders name only the data's stem (plus a subset, and a split other than train), as the original
 project did: two sources can share one. A folder holding a run on other data is refused with a message that says
-so (resuming it is no way out; the same data moved elsewhere is still that run), and sample.py's run lookup names the runs of a source's subsets and splits."""
+so (resuming it is no way out; the same data moved elsewhere is still that run), and sample.py's run lookup names
+the runs of a source's subsets and splits."""
 
 from __future__ import annotations
 

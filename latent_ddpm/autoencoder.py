@@ -53,8 +53,8 @@ def load_data_vae(info: dict | None, where: str) -> Any:
         gone = Path(source).is_absolute() and not Path(source).exists()
         reason = "that folder no longer exists" if gone else err.reason
         logging.getLogger(__name__).warning(
-            "%s/%s names the autoencoder %s, which cannot be loaded (%s); training without it: previews stay "
-            "latents and the pipeline is saved without a VAE", where, ENCODING_FILE, source, reason)
+            "%s names the autoencoder %s, which cannot be loaded (%s); training without it: previews stay "
+            "latents and the pipeline is saved without a VAE", Path(where) / ENCODING_FILE, source, reason)
         return None
 
 

@@ -196,3 +196,14 @@ def test_uploaded_pipeline_with_vae_loads_with_the_package(pipe_with_vae, tmp_pa
     got = loaded(generator=torch.Generator().manual_seed(1), **kw).images
     expected = pipe_with_vae(generator=torch.Generator().manual_seed(1), **kw).images
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_data_folders_unloadable_autoencoder_is_named_once(tmp_path, caplog):
+    # `--train_data latents/` (a trailing slash) named latents//encoding.json in the warning.
+    from latent_ddpm.autoencoder import load_data_vae
+
+    gone = tmp_path / "moved_vae"
+    with caplog.at_level("WARNING", logger="latent_ddpm.autoencoder"):
+        assert load_data_vae({"vae": {"id": str(gone)}}, f"{tmp_path}/latents/") is None
+    assert (f"{tmp_path}/latents/encoding.json names the autoencoder {gone}, which cannot be loaded (that folder no "
+            "longer exists); training without it") in caplog.text

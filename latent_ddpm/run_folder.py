@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+from contextlib import suppress
 from pathlib import Path
 
 from .checkpointing import (
@@ -82,8 +83,10 @@ DATA_FIELDS = ("train_data", "latent_key", "train_split", "dataset_config_name")
 def _data_of(config: dict) -> dict:
     """`config`'s `DATA_FIELDS`, with an existing path resolved (the same file named two ways is the same data)."""
     out = {key: config[key] for key in DATA_FIELDS if key in config}
-    if isinstance(out.get("train_data"), str) and Path(out["train_data"]).exists():
-        out["train_data"] = str(Path(out["train_data"]).resolve())
+    # A recorded name too long for this file system, or under a folder this user may not enter: as written.
+    with suppress(OSError, ValueError):
+        if isinstance(out.get("train_data"), str) and Path(out["train_data"]).exists():
+            out["train_data"] = str(Path(out["train_data"]).resolve())
     return out
 
 
@@ -114,9 +117,15 @@ def _same_stats(recorded: object, stats: dict) -> bool:
     if any((ours is None) != (theirs is None) for ours, theirs in pairs):
         return False
     return all(isinstance(theirs, list) and len(theirs) == len(ours)
-               and all(isinstance(v, int | float) and math.isclose(u, v, rel_tol=1e-3)
-                       for u, v in zip(ours, theirs, strict=True))
+               and all(isinstance(v, int | float) and _close(u, v) for u, v in zip(ours, theirs, strict=True))
                for ours, theirs in pairs if ours is not None)
+
+
+def _close(ours: float, theirs: float) -> bool:
+    try:
+        return math.isclose(ours, theirs, rel_tol=1e-3)
+    except OverflowError:  # a recorded integer beyond any float
+        return False
 
 
 def other_data(run_dir: Path, config: dict | None, stats: dict | None = None) -> str | None:

@@ -111,3 +111,17 @@ def test_locate_run_names_the_runs_of_a_sources_subsets_and_splits(tmp_path):
             f"(pass --model {runs}/lat_test_ddpm_4_1000_0.0001_0.02/pipeline)") in message
     assert "latent_ddpm_4_1_1_1" not in message  # another stem's run, not a subset's
     assert locate_run("lat_vae_b", runs_dir=runs) == runs / "lat_vae_b_ddpm_4_1000_0.0001_0.02"
+
+
+def test_a_malformed_record_is_compared_not_raised(tmp_path):
+    # A recorded path too long for the file system (or under a folder this user may not enter) made Path.exists
+    # raise: train.py --dry_run gave a traceback, a run 'cannot prepare the run folder'.
+    long_name, moved = tmp_path / ("y" * 300), {"train_data": "/new/lat.npz"}
+    _record(tmp_path / "long", train_data=str(long_name))
+    assert other_data(tmp_path / "long", moved) == f"{long_name}; this run's: /new/lat.npz"
+    # A recorded integer beyond any float made math.isclose raise.
+    run = tmp_path / "run"
+    _record(run, train_data="/old/lat.npz")
+    (run / "train" / "latent_stats.json").write_text('{"mode": "channel", "mean": [1' + "0" * 400 + '], "std": [1]}')
+    ours = {"mode": "channel", "mean": [1.0], "std": [1.0]}
+    assert other_data(run, moved, ours) == "/old/lat.npz; this run's: /new/lat.npz"

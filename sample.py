@@ -7,7 +7,7 @@
     accelerate launch --num_processes 4 sample.py --model DIR --num_samples 50000   # same samples, faster
 
 Output: `<run>/generated/seed_<seed>/samples_<seed>_<n>.npz` (or --output) with `samples`
-(N, C, H, W) float32 in the data's scale and `labels` (N,) int64 when class-conditional, plus a PNG
+(N, C, H, W) float32 in the data's scale and `labels` (N,) int64 when sampled with --class_labels, plus a PNG
 grid next to it. Sample i depends only on (seed, i), never on the batch size or process count.
 With --decode (or --vae), the latents are also decoded with an autoencoder: one PNG per sample in
 `<output stem>_images/` (`000000.png`, ...) and a grid `<output stem>_images.png` (docs/encode.md).

@@ -69,13 +69,15 @@ def check_callback(callback, tensor_inputs, valid: list[str]) -> None:
 
 def step_end_latents(outputs, latents: torch.Tensor) -> torch.Tensor:
     """The loop's latents after a step-end callback returned `outputs`: its "latents" if it has them (diffusers'
-    convention), which must keep the loop's shape, else `latents`."""
+    convention), which must be a tensor of the loop's shape (taken in the loop's dtype and device), else `latents`."""
     if not isinstance(outputs, dict):
         raise TypeError(f"callback_on_step_end must return a dict (its callback_kwargs, changed or not), got "
                         f"{type(outputs).__name__}")
     new = outputs.pop("latents", latents)
-    if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
-        shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
-        raise ValueError(f"callback_on_step_end returned latents of shape {shape}; they must keep the loop's "
-                         f"shape {tuple(latents.shape)}")
-    return new
+    if not isinstance(new, torch.Tensor):
+        raise ValueError(f"callback_on_step_end returned latents as {type(new).__name__}; they must be a torch "
+                         f"tensor of the loop's shape {tuple(latents.shape)}")
+    if new.shape != latents.shape:
+        raise ValueError(f"callback_on_step_end returned latents of shape {tuple(new.shape)}; they must keep the "
+                         f"loop's shape {tuple(latents.shape)}")
+    return new.to(device=latents.device, dtype=latents.dtype)  # a half or double copy would change the output

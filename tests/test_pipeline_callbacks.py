@@ -111,7 +111,7 @@ BAD_CALLBACKS = [
     (dict(callback_on_step_end=lambda *a: {"latents": torch.zeros(1, 2, 8, 8)}), ValueError,
      r"returned latents of shape \(1, 2, 8, 8\); they must keep the loop's shape \(2, 2, 8, 8\)"),
     (dict(callback_on_step_end=lambda *a: {"latents": np.zeros((2, 2, 8, 8))}), ValueError,
-     "returned latents of shape ndarray"),
+     "returned latents as ndarray; they must be a torch tensor of the loop's shape"),
 ]
 
 
@@ -119,6 +119,20 @@ BAD_CALLBACKS = [
 def test_bad_callbacks_are_named(make_pipe, kwargs, error, message):
     with pytest.raises(error, match=message):
         make_pipe()(batch_size=2, num_inference_steps=2, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_returned_latents_are_taken_in_the_loops_dtype(make_pipe, dtype):
+    # A callback returning a half or double copy at the last step changed the output's dtype ("np" is float32).
+    def cast_last(p, step_index, timestep, callback_kwargs):
+        last = step_index == p.num_timesteps - 1
+        return {"latents": callback_kwargs["latents"].to(dtype)} if last else callback_kwargs
+
+    pipe = make_pipe()
+    for output_type in ("np", "pt"):
+        out = pipe(batch_size=1, num_inference_steps=2, generator=gen(0), callback_on_step_end=cast_last,
+                   output_type=output_type).latents
+        assert out.dtype in (np.float32, torch.float32), (output_type, out.dtype)
 
 
 def test_interrupt_skips_the_remaining_steps(make_pipe):

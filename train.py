@@ -73,6 +73,7 @@ from latent_ddpm.run_folder import (
     run_folder_conflict,
 )
 from latent_ddpm.unet import PRESETS, downsample_factor
+from latent_ddpm.unet_config import size_advice
 
 logger = logging.getLogger("latent_ddpm.train")
 
@@ -104,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     # 3. Model: preset + overrides, sized to the data; then the statistics (one streaming float64 pass).
     model_args = {**PRESETS[cfg.preset], **cfg.model_overrides()}
     with suppress(TypeError):  # first the data's size (a malformed down_sample: the model names it)
-        check_compatible(dataset, downsample_factor=downsample_factor(model_args.get("down_sample", ())),
-                         source=data.source)
+        down_sample = model_args.get("down_sample", ())
+        origin = "--model_config" if "down_sample" in cfg.model_overrides() else f"--preset {cfg.preset}"
+        check_compatible(dataset, downsample_factor=downsample_factor(down_sample), source=data.source,
+                         fix=size_advice(down_sample, height, width, origin))
     try:
         unet = AdvancedUNet2DModel(**model_args, in_channels=channels, sample_size=[height, width],
                                    num_class_embeds=num_classes)

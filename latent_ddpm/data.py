@@ -297,15 +297,17 @@ def _load_hub(repo_id: str, split: str, latent_key: str, label_key: str, verify:
 
 
 def check_compatible(ds: datasets.Dataset, in_channels: int | None = None, downsample_factor: int | None = None,
-                     source: str = "dataset") -> None:
-    """Raise `DataError` if the latents' channels differ from the model's or H, W are not divisible by its factor."""
+                     source: str = "dataset",
+                     fix: str = "crop/pad the latents or use fewer downsampling levels") -> None:
+    """Raise `DataError` if the latents' channels differ from the model's or H, W are not divisible by its factor
+    (`fix`: what the message advises for the size)."""
     c, h, w = ds.features["latents"].shape
     if in_channels is not None and c != in_channels:
         raise DataError(f"{source}: latents have {c} channels but the model expects {in_channels}; "
                         f"build the model with in_channels={c} or use matching latents")
     if downsample_factor and (h % downsample_factor or w % downsample_factor):
         raise DataError(f"{source}: latent size {h}x{w} is not divisible by the model's downsampling factor "
-                        f"{downsample_factor}; crop/pad the latents or use fewer downsampling levels")
+                        f"{downsample_factor}; {fix}")
 
 
 # ----------------------------------------------------------------------------- conversion

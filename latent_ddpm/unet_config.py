@@ -3,6 +3,7 @@ layer is built, each failure a ValueError naming the setting (knows nothing but 
 
 from __future__ import annotations
 
+import json
 import math
 
 # Named configurations. `seed` is the original project's exact model (6,069,156 parameters at
@@ -25,6 +26,19 @@ def downsample_factor(down_sample) -> int:
     """2 to the number of down-sampling steps: a model with these `down_sample` flags takes H and W divisible
     by it."""
     return 2 ** sum(bool(d) for d in down_sample)
+
+
+def size_advice(down_sample, height: int, width: int, origin: str) -> str:
+    """How to train on H x W latents that `down_sample` (from `origin`, e.g. "--preset large") halves too often: the
+    flags with the deepest down-sampling steps turned off until 2 ** steps divides H and W, as a --model_config."""
+    fit = [bool(d) for d in down_sample]
+    for i in reversed(range(len(fit))):
+        if height % downsample_factor(fit) == 0 and width % downsample_factor(fit) == 0:
+            break
+        fit[i] = False
+    steps = sum(bool(d) for d in down_sample)
+    return (f"crop/pad the latents to a multiple of {2 ** steps}, or down-sample fewer times ({origin} halves them "
+            f"{steps} time{'s' * (steps != 1)}): --model_config '{{\"down_sample\": {json.dumps(fit)}}}'")
 
 
 def check_types(**config) -> None:

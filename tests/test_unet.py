@@ -11,6 +11,7 @@ import torch
 
 from latent_ddpm import PRESETS, AdvancedUNet2DModel
 from latent_ddpm.unet import SelfAttention
+from latent_ddpm.unet_config import downsample_factor, size_advice
 
 # sha256 of the original's state-dict listing ("key\t(shape)" lines of original_unet_state_dict.tsv),
 # so the check runs even where the shared seed folder is absent.
@@ -94,6 +95,21 @@ def test_downsample_factor_and_layer_counts(make_unet):
     assert [len(b.resnets) for b in m.down_blocks] == [2, 2]
     assert [len(b.resnets) for b in m.mid_blocks] == [4] and [len(b.attentions) for b in m.mid_blocks] == [3]
     assert [len(b.resnets) for b in m.up_blocks] == [1, 1]
+
+
+@pytest.mark.parametrize("preset, size, advised", [
+    ("large", (28, 28), [True, True, False]), ("small", (6, 6), [True, False]),
+    ("seed", (12, 18), [True, False, False]), ("tiny", (1, 64), [False, False]),
+    ("seed", (7, 7), [False, False, False])])
+def test_size_advice_gives_a_model_config_that_fits(preset, size, advised):
+    # latents the preset halves too often (a DC-AE 28x28, an audio 1x64): the error advises the deepest steps off
+    down_sample = PRESETS[preset]["down_sample"]
+    factor = downsample_factor(down_sample)
+    assert size[0] % factor or size[1] % factor
+    advice = size_advice(down_sample, *size, f"--preset {preset}")
+    assert advice.endswith(f"""--model_config '{{"down_sample": {str(advised).lower()}}}'""")
+    assert f"a multiple of {factor}" in advice and f"--preset {preset} halves them" in advice
+    assert size[0] % downsample_factor(advised) == 0 and size[1] % downsample_factor(advised) == 0
 
 
 def test_presets_build():

@@ -51,7 +51,10 @@ def check_latent_meta(where: str, shape: tuple[int, ...], dtype: np.dtype) -> No
         raise DataError(f"{where}: holds Python objects (dtype object), which are never unpickled; "
                         "save a numeric array, e.g. np.stack(list_of_arrays).astype(np.float32)")
     if len(shape) != 4:
-        hint = " (add a channel axis: X[:, None])" if len(shape) == 3 else ""
+        hint = {2: " (one flat vector per sample: reshape to (N, C, H, W), e.g. X.reshape(len(X), C, H, W), and save "
+                   "it again)", 3: " (add a channel axis: X[:, None])",
+                5: " (one axis too many: drop or merge it, e.g. X.squeeze(1) or X.reshape(-1, C, H, W))"}
+        hint = hint.get(len(shape), "")
         raise DataError(f"{where}: latents must be 4-D (N, C, H, W), got shape {tuple(shape)}{hint}")
     if dtype.kind != "f":
         raise DataError(f"{where}: latents must be floating point, got dtype {dtype}; "
@@ -72,7 +75,9 @@ def check_labels_meta(where: str, shape: tuple[int, ...], dtype: np.dtype, n: in
         raise LabelsError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {dtype}; "
                         "map class names to ids, e.g. np.unique(y, return_inverse=True)[1]")
     if tuple(shape) != (n,):
-        raise DataError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(shape)}")
+        hint = ("" if len(shape) != 2 or shape[0] != n else "; save them as y.reshape(-1)" if shape[1] == 1 else
+                "; one-hot or score rows? save the class ids, y.argmax(1)")
+        raise DataError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(shape)}{hint}")
 
 
 def check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:

@@ -35,6 +35,30 @@ def test_zero_size_dimension(tmp_path, suffix):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("shape, hint", [
+    ((6, 4 * 8 * 8), "(one flat vector per sample: reshape to (N, C, H, W), e.g. X.reshape(len(X), C, H, W)"),
+    ((6, 1, 4, 8, 8), "(one axis too many: drop or merge it, e.g. X.squeeze(1) or X.reshape(-1, C, H, W))")])
+def test_latents_of_another_rank_say_how_to_reshape(tmp_path, shape, hint):
+    # flattened latents (a Parquet column of vectors) or an extra axis: the line says what to save instead
+    flat = np.zeros(shape, np.float32).reshape(6, -1)
+    pq.write_table(pa.table({"latents": flat.tolist()}), tmp_path / "flat.parquet")
+    np.savez(tmp_path / "x.npz", X=np.zeros(shape, np.float32))
+    for path in [tmp_path / "x.npz", *([tmp_path / "flat.parquet"] if len(shape) == 2 else [])]:
+        with pytest.raises(DataError, match=r"latents must be 4-D") as info:
+            load_latents(path, cache_dir=tmp_path / "cache")
+        assert hint in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("y, hint", [
+    (np.eye(3, dtype=np.int64)[np.arange(6) % 3], "; one-hot or score rows? save the class ids, y.argmax(1)"),
+    (np.zeros((6, 1), np.int64), "; save them as y.reshape(-1)")])
+def test_labels_of_shape_n_by_k_say_what_to_save(tmp_path, y, hint):
+    np.savez(tmp_path / "x.npz", X=np.zeros((6, 4, 8, 8), np.float32), y=y)
+    with pytest.raises(DataError, match=r"labels must have shape \(6,\) to match 6 latents") as info:
+        load_latents(tmp_path / "x.npz")
+    assert str(info.value).endswith(hint)
+
+
 def corrupt_deflate_member(path: Path, member: str) -> None:
     """Make the middle of a compressed member's data an invalid deflate block, so that zlib raises there.
 

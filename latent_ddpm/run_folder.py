@@ -109,16 +109,15 @@ def _read_json(path: Path) -> object:
 
 
 def _same_stats(recorded: object, stats: dict) -> bool:
-    """Whether `recorded` (a train/latent_stats.json) holds `stats` (to 1e-3: another process count sums the
-    same data in another order)."""
-    if not isinstance(recorded, dict) or recorded.get("mode") != stats.get("mode"):
+    """Whether `recorded` (a train/latent_stats.json) holds `stats`, measured on the data (to 1e-3, as a resume's
+    fingerprint compares them). "scale" and "none" statistics are the same for any data: they never match."""
+    if not isinstance(recorded, dict) or recorded.get("mode") != stats.get("mode") or stats.get("mode") not in (
+            "channel", "global"):
         return False
     pairs = [(stats.get(key), recorded.get(key)) for key in ("mean", "std")]
-    if any((ours is None) != (theirs is None) for ours, theirs in pairs):
-        return False
-    return all(isinstance(theirs, list) and len(theirs) == len(ours)
+    return all(isinstance(ours, list) and isinstance(theirs, list) and len(theirs) == len(ours)
                and all(isinstance(v, int | float) and _close(u, v) for u, v in zip(ours, theirs, strict=True))
-               for ours, theirs in pairs if ours is not None)
+               for ours, theirs in pairs)
 
 
 def _close(ours: float, theirs: float) -> bool:
@@ -263,7 +262,7 @@ def locate_run(latent: str | os.PathLike, runs_dir: str | os.PathLike = "runs", 
         named = re.compile(rf"{re.escape(stem)}_.+_ddpm(_[^_]+){{4}}")
         others = sorted(path.name for path in (runs_dir.iterdir() if runs_dir.is_dir() else [])
                         if named.fullmatch(path.name) and (path / PIPELINE_SUBDIR).is_dir())
-        hint = (f"; runs of its subsets or splits: {', '.join(others)} (pass --model "
+        hint = (f"; runs named {stem}_* (its subsets or splits, or other data): {', '.join(others)} (pass --model "
                 f"{runs_dir / others[0] / PIPELINE_SUBDIR})" if others else "")
         raise UserInputError(f"no trained run for --latent {latent}: looked for {where}; train first, or pass "
                              f"--model DIR (or --runs_dir, --n_dim, --lbeta, --ubeta){hint}")

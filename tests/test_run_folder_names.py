@@ -97,6 +97,12 @@ def test_other_data_with_the_same_statistics_is_the_same_data(tmp_path):
                   {"mode": "none", "mean": None, "std": None}):
         assert other_data(run, moved, other) == "/old/lat.npz; this run's: /new/lat.npz", other
     assert other_data(run, moved) is not None  # no statistics given: the names decide
+    # A scaling factor's statistics (or none) are the same for any data (Stable Diffusion latents with
+    # --scaling_factor): the names decide, else a run on other data would be offered to resume.
+    for fixed in ({"mode": "scale", "mean": [0.0, 0.0], "std": [5.49, 5.49]}, {"mode": "none", "mean": None,
+                                                                              "std": None}):
+        (run / "train" / "latent_stats.json").write_text(json.dumps(fixed))
+        assert other_data(run, moved, fixed) == "/old/lat.npz; this run's: /new/lat.npz", fixed
 
 
 def test_locate_run_names_the_runs_of_a_sources_subsets_and_splits(tmp_path):
@@ -107,7 +113,8 @@ def test_locate_run_names_the_runs_of_a_sources_subsets_and_splits(tmp_path):
         locate_run("lat.npz", runs_dir=runs)
     message = str(refused.value)
     assert "no trained run for --latent lat.npz" in message
-    assert ("runs of its subsets or splits: lat_test_ddpm_4_1000_0.0001_0.02, lat_vae_b_ddpm_4_1000_0.0001_0.02 "
+    assert ("runs named lat_* (its subsets or splits, or other data): lat_test_ddpm_4_1000_0.0001_0.02, "
+            "lat_vae_b_ddpm_4_1000_0.0001_0.02 "
             f"(pass --model {runs}/lat_test_ddpm_4_1000_0.0001_0.02/pipeline)") in message
     assert "latent_ddpm_4_1_1_1" not in message  # another stem's run, not a subset's
     assert locate_run("lat_vae_b", runs_dir=runs) == runs / "lat_vae_b_ddpm_4_1000_0.0001_0.02"

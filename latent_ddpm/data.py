@@ -55,6 +55,7 @@ from .validation import (
     check_latent_meta,
     chunk_rows,
     latent_features,
+    pick_column,
 )
 
 # Re-exported for `from latent_ddpm.data import ...`. CHUNK_BYTES is read from `latent_ddpm.validation`:
@@ -86,11 +87,11 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
                  cache_dir: str | os.PathLike | None = None) -> datasets.Dataset:
     """Rename the latent/label columns to `latents`/`labels`, cast to the project schema (`_cast`) and check it."""
     names = ds.column_names
-    lat = next((c for c in (latent_key, *LATENT_COLUMNS) if c in names), None)
+    lat = pick_column(names, latent_key, LATENT_COLUMNS)
     if lat is None:
         raise DataError(f"{where}: no latents column (looked for '{latent_key}', 'latents', 'X'); the columns are "
                         f"{names}; pass the right one with --latent_key / latent_key=")
-    lab = None if label_key is None else next((c for c in (label_key, *LABEL_COLUMNS) if c in names), None)
+    lab = None if label_key is None else pick_column(names, label_key, LABEL_COLUMNS)
     ds = ds.select_columns([c for c in (lat, lab) if c is not None])
     ds = ds.rename_columns({k: v for k, v in ((lat, "latents"), (lab, "labels")) if k is not None and k != v})
     if len(ds) == 0:

@@ -25,6 +25,8 @@ from datasets.arrow_writer import ArrowWriter
 from .errors import first_line
 from .safetensorsio import SAFETENSORS_SUFFIXES, open_safetensors
 from .validation import (
+    LABEL_COLUMNS,
+    LATENT_COLUMNS,
     DataError,
     NaNCounter,
     check_float32_range,
@@ -33,6 +35,7 @@ from .validation import (
     check_latent_meta,
     chunk_rows,
     latent_features,
+    pick_column,
 )
 
 #: `.npy`/`.npz`/`.safetensors` files whose latents take up to this size as float32 load straight into memory;
@@ -150,16 +153,18 @@ def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file:
         where = str(path)
         shape, chunks = _numpy_chunks(path, None, where)
     else:
-        keys = npz_keys(path)
-        if latent_key not in keys:
-            raise DataError(f"{path}: no array named '{latent_key}'; the file has {keys}; "
+        keys = npz_keys(path)  # as the other formats: latent_key, else latents or X; label_key, else labels or y
+        key = pick_column(keys, latent_key, LATENT_COLUMNS)
+        if key is None:
+            also = " or ".join(f"'{k}'" for k in LATENT_COLUMNS if k != latent_key)
+            raise DataError(f"{path}: no array named '{latent_key}' (nor {also}); the file has {keys}; "
                             "pass the right one with --latent_key / latent_key=")
-        where = f"{path}[{latent_key}]"
-        shape, chunks = _numpy_chunks(path, latent_key + ".npy", where)
-        if label_key is not None and label_key in keys:
-            read = lambda: np.load(path, allow_pickle=False)[label_key]
-            lwhere = f"{path}[{label_key}]"
-            labels = _read_labels(lwhere, read, shape[0], lambda: _header(path, label_key + ".npy", lwhere))
+        where = f"{path}[{key}]"
+        shape, chunks = _numpy_chunks(path, key + ".npy", where)
+        if (lkey := None if label_key is None else pick_column(keys, label_key, LABEL_COLUMNS)) is not None:
+            read = lambda: np.load(path, allow_pickle=False)[lkey]
+            lwhere = f"{path}[{lkey}]"
+            labels = _read_labels(lwhere, read, shape[0], lambda: _header(path, lkey + ".npy", lwhere))
     if labels_file is not None:
         if labels is not None:  # silently preferring either would train on labels the user did not mean
             raise DataError(f"{path}: it holds its own labels '{label_key}' and a labels file "

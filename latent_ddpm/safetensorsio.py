@@ -21,6 +21,7 @@ from .validation import (
     check_labels_meta,
     check_latent_meta,
     chunk_rows,
+    pick_column,
 )
 
 #: File suffixes read with the `safetensors` library.
@@ -49,11 +50,6 @@ def safetensors_keys(path: Path) -> list[str]:
             return list(f.keys())
     except READ_ERRORS as err:
         raise DataError(f"{path}: not a readable .safetensors file ({first_line(err)}); {RESAVE}") from err
-
-
-def _pick(keys: list[str], wanted: str | None, others: tuple[str, ...]) -> str | None:
-    """The first of `wanted`, then `others`, that the file holds (None if none does)."""
-    return next((k for k in (wanted, *others) if k is not None and k in keys), None)
 
 
 def _latent_chunks(path: Path, key: str, shape: tuple[int, ...], where: str) -> Iterator[np.ndarray]:
@@ -94,7 +90,7 @@ def open_safetensors(path: Path, latent_key: str, label_key: str | None
     `latent_key`, else `latents` or `X`; the labels `label_key`, else `labels` or `y` (`label_key` None: none).
     Only the header and the labels are read here; the latents stream later, in chunks."""
     keys = safetensors_keys(path)
-    key = _pick(keys, latent_key, LATENT_COLUMNS)
+    key = pick_column(keys, latent_key, LATENT_COLUMNS)
     if key is None:
         also = " or ".join(f"'{k}'" for k in LATENT_COLUMNS if k != latent_key)
         raise DataError(f"{path}: no tensor named '{latent_key}' (nor {also}); the file has {keys}; pass the right "
@@ -110,6 +106,6 @@ def open_safetensors(path: Path, latent_key: str, label_key: str | None
         raise DataError(f"{where}: latents must be floating point (float16, bfloat16, float32 or float64), got "
                         f"dtype {_dtype_name(name)}; convert them with x.float()")
     check_latent_meta(where, shape, FLOAT_DTYPES[name])
-    label = None if label_key is None else _pick(keys, label_key, LABEL_COLUMNS)
+    label = None if label_key is None else pick_column(keys, label_key, LABEL_COLUMNS)
     labels = None if label is None or label == key else _read_labels(path, label, shape[0])
     return where, shape, _latent_chunks(path, key, shape, where), labels

@@ -13,6 +13,12 @@ from .errors import UserInputError
 
 #: Accepted names of the latents and labels in Arrow/Parquet/hub/safetensors sources (besides the keys given).
 LATENT_COLUMNS, LABEL_COLUMNS = ("latents", "X"), ("labels", "y")
+
+
+def pick_column(names: list[str], wanted: str | None, others: tuple[str, ...]) -> str | None:
+    """The first of `wanted`, then `others` (`LATENT_COLUMNS` or `LABEL_COLUMNS`), that a source holds (None if
+    none does): every format falls back to the same names."""
+    return next((k for k in (wanted, *others) if k is not None and k in names), None)
 #: Bytes of latents read per step when streaming (conversion, checks, statistics): bounds memory.
 CHUNK_BYTES = 32 * 2**20
 #: The largest accepted class id. A class-conditional model has one embedding row per id up to the largest, so

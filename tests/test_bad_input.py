@@ -127,7 +127,7 @@ CASES = [
     ("train-labels-n-plus-1", "train", lambda d: ["--latent", d / "labels_n_plus_1.npz", "--class_conditional"],
      "labels must have shape (64,) to match 64 latents, got (65,)"),
     ("train-3d-latents", "train", lambda d: ["--latent", d / "x3d.npz"], "must be 4-D (N, C, H, W)"),
-    ("train-wrong-key", "train", lambda d: ["--latent", d / "other_key.npz"], "no array named 'X'; the file has"),
+    ("train-wrong-key", "train", lambda d: ["--latent", d / "other_key.npz"], "no array named 'X' (nor 'latents')"),
     ("train-truncated-npz", "train", lambda d: ["--latent", d / "truncated.npz"], "truncated.npz"),
     ("train-nan", "train", lambda d: ["--latent", d / "nan.npy"], "1 NaN/Inf values in the latents, the first in "
      "sample 5"),

@@ -9,6 +9,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from _helpers import read_back
 
 from latent_ddpm import data, validation
 from latent_ddpm.data import DataError, check_compatible, convert, dataset_from_arrays, load_latents
@@ -229,8 +230,20 @@ def test_error_unknown_format(tmp_path):
 
 
 def test_error_missing_key_lists_keys(tmp_path, xy):
-    np.savez(tmp_path / "a.npz", latents=xy[0], classes=xy[1])
-    expect_error(tmp_path / "a.npz", r"no array named 'X'; the file has \['latents', 'classes'\]")
+    np.savez(tmp_path / "a.npz", Z=xy[0], classes=xy[1])
+    expect_error(tmp_path / "a.npz", r"no array named 'X' \(nor 'latents'\); the file has \['Z', 'classes'\]")
+
+
+def test_npz_falls_back_to_the_names_other_formats_take(tmp_path, xy):
+    # latents/labels were taken from .safetensors and Arrow sources but refused in a .npz.
+    np.savez(tmp_path / "a.npz", latents=xy[0], labels=xy[1])
+    x, y = read_back(load_latents(tmp_path / "a.npz"))
+    np.testing.assert_array_equal(x, xy[0])
+    np.testing.assert_array_equal(y, xy[1])
+    np.savez(tmp_path / "b.npz", X=xy[0], latents=xy[0] + 1, y=xy[1], labels=xy[1] + 1)  # the asked-for names first
+    x, y = read_back(load_latents(tmp_path / "b.npz"))
+    np.testing.assert_array_equal(x, xy[0])
+    np.testing.assert_array_equal(y, xy[1])
 
 
 def test_error_not_4d(tmp_path):

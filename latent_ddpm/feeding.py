@@ -29,6 +29,9 @@ from .errors import UserInputError
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
 #: Modes of `compute_stats`: per-channel mean/std, one mean/std for all channels, or identity.
 STATS_MODES = ("channel", "global", "none")
+#: Ids no label uses below the largest, above which a warning suggests mapping them to 0..K-1: the UNet embeds
+#: every id up to the largest (time_emb_dim parameters each; 1,000,000 ids make a tiny UNet 250x larger).
+UNUSED_IDS_WARNING = 10_000
 
 
 @dataclass
@@ -86,6 +89,11 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
     # Ids are kept as given (sample.py takes the user's own ids): the UNet embeds 0..max, the pipeline records
     # which of them the data has, so that sampling and the run's evaluation stay on trained classes.
     class_ids = sorted(pc.unique(dataset.data.column("labels")).to_pylist())
+    if class_ids and class_ids[-1] + 1 - len(class_ids) > UNUSED_IDS_WARNING:
+        warnings.warn(f"{source}: {len(class_ids)} classes with ids up to {class_ids[-1]}; the UNet embeds every id "
+                      f"from 0 ({class_ids[-1] + 1} embeddings, {class_ids[-1] + 1 - len(class_ids)} unused), which "
+                      "costs parameters and memory: map the labels to 0..K-1, e.g. np.unique(y, return_inverse=True)[1]"
+                      ", to save them", stacklevel=2)
     return TrainingData(dataset, name, source, class_ids)
 
 

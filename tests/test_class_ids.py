@@ -154,3 +154,24 @@ def test_class_ids_are_checked_when_built():
                               (101, [1.5], "integer class ids"), (101, 3, "list of integer")]:
         with pytest.raises(ValueError, match=message):
             tiny_pipe(num, ids)
+
+
+
+def test_sparse_ids_far_above_the_class_count_warn(tmp_path):
+    # Two classes with ids up to 1,000,000 made a tiny UNet 250x larger, silently (the ids are kept as given).
+    import warnings
+
+    from latent_ddpm.feeding import UNUSED_IDS_WARNING, load_training_data
+
+    x = np.zeros((4, 2, 4, 4), np.float32) + np.arange(4, dtype=np.float32)[:, None, None, None]
+    far, near = UNUSED_IDS_WARNING + 7, UNUSED_IDS_WARNING + 1  # 10,006 unused ids; 9,998 (under the limit)
+    for ids, expected in (([5, 5, far, 5], [f"2 classes with ids up to {far}; the UNet embeds every id from 0 "
+                                            f"({far + 1} embeddings, {far - 1} unused)"]),
+                          ([3, 70, 1000, 3], []), ([0, near, 2, 3], [])):
+        np.savez(tmp_path / "x.npz", X=x, y=np.array(ids))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = load_training_data(str(tmp_path / "x.npz"), class_conditional=True)
+        assert data.class_ids == sorted(set(ids))
+        said = [str(w.message) for w in caught if "map the labels to 0..K-1" in str(w.message)]
+        assert len(said) == len(expected) and all(e in m for e, m in zip(expected, said, strict=True)), (ids, said)

@@ -153,7 +153,7 @@ def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file:
         where = str(path)
         shape, chunks = _numpy_chunks(path, None, where)
     else:
-        keys = npz_keys(path)  # as the other formats: latent_key, else latents or X; label_key, else labels or y
+        keys = npz_keys(path)  # as the other formats: latent_key, else latents or X; label_key, else labels, label or y
         key = pick_column(keys, latent_key, LATENT_COLUMNS)
         if key is None:
             also = " or ".join(f"'{k}'" for k in LATENT_COLUMNS if k != latent_key)

@@ -87,7 +87,7 @@ def _read_labels(path: Path, key: str, n: int) -> np.ndarray:
 def open_safetensors(path: Path, latent_key: str, label_key: str | None
                      ) -> tuple[str, tuple[int, ...], Iterator[np.ndarray], np.ndarray | None]:
     """(where, shape, latent chunk iterator, labels or None) for a `.safetensors` file. The latents are the tensor
-    `latent_key`, else `latents` or `X`; the labels `label_key`, else `labels` or `y` (`label_key` None: none).
+    `latent_key`, else `latents` or `X`; the labels `label_key`, else `labels`, `label` or `y` (`label_key` None: none).
     Only the header and the labels are read here; the latents stream later, in chunks."""
     keys = safetensors_keys(path)
     key = pick_column(keys, latent_key, LATENT_COLUMNS)

@@ -12,7 +12,7 @@ import numpy as np
 from .errors import UserInputError
 
 #: Accepted names of the latents and labels in Arrow/Parquet/hub/safetensors sources (besides the keys given).
-LATENT_COLUMNS, LABEL_COLUMNS = ("latents", "X"), ("labels", "y")
+LATENT_COLUMNS, LABEL_COLUMNS = ("latents", "X"), ("labels", "label", "y")  # "label": the hub's usual name
 
 
 def pick_column(names: list[str], wanted: str | None, others: tuple[str, ...]) -> str | None:

@@ -246,6 +246,16 @@ def test_npz_falls_back_to_the_names_other_formats_take(tmp_path, xy):
     np.testing.assert_array_equal(y, xy[1])
 
 
+def test_the_hubs_label_column_is_taken(tmp_path, xy):
+    # A hub dataset's labels are usually a `label` column (datasets' ClassLabel); it was dropped as "no labels".
+    datasets.Dataset.from_dict({"latents": xy[0], "label": xy[1]}).save_to_disk(tmp_path / "saved")
+    np.savez(tmp_path / "a.npz", X=xy[0], label=xy[1])
+    for source in (tmp_path / "saved", tmp_path / "a.npz"):
+        x, y = read_back(load_latents(source))
+        np.testing.assert_array_equal(x, xy[0])
+        np.testing.assert_array_equal(y, xy[1])
+
+
 def test_error_not_4d(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((5, 4, 4), np.float32))
     expect_error(tmp_path / "x.npy", r"4-D \(N, C, H, W\), got shape \(5, 4, 4\) \(add a channel axis")

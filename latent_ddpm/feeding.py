@@ -32,6 +32,10 @@ STATS_MODES = ("channel", "global", "none")
 #: Ids no label uses below the largest, above which a warning suggests mapping them to 0..K-1: the UNet embeds
 #: every id up to the largest (time_emb_dim parameters each; 1,000,000 ids make a tiny UNet 250x larger).
 UNUSED_IDS_WARNING = 10_000
+#: Square latents whose last axis is this many times smaller than the other two look channels-last (NHWC): a
+#: 4-channel 32x32 latent saved (N, 32, 32, 4) reads as 32 channels of 32x4 (real NCHW latents have C != H or
+#: a wide last axis: 4x32x32, 16x16x16, 32x8x8).
+CHANNELS_LAST_RATIO = 4
 
 
 @dataclass
@@ -73,7 +77,11 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
         added = [re.sub(r"[^\w.-]", "_", part) for part in (subset, None if split == "train" else split) if part]
         name = "_".join(part for part in [Path(train_data.rstrip("/")).stem, *added] if part)
     source = train_data or "demo"
-    channels = dataset.features["latents"].shape[0]
+    channels, height, width = dataset.features["latents"].shape
+    if channels == height and width * CHANNELS_LAST_RATIO <= channels:  # (N, H, W, C) of square latents
+        warnings.warn(f"{source}: latents of {channels}x{height}x{width} look channels-last (N, H, W, C), as TF/JAX "
+                      f"save them: this trains {channels} channels of {height}x{width}. If so, save "
+                      "X.transpose(0, 3, 1, 2) (N, C, H, W) instead", stacklevel=2)
     if n_dim is not None and n_dim != channels:
         raise UserInputError(f"--n_dim {n_dim} does not match the data: {source} has {channels} channels; "
                              f"drop --n_dim or pass --n_dim {channels}")

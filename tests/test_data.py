@@ -316,3 +316,24 @@ def test_check_compatible(xy):
         check_compatible(ds, downsample_factor=4, source="x.npz")
     with pytest.raises(DataError, match="x.npz: latents have 3 channels but the model expects 4"):
         check_compatible(ds, in_channels=4, source="x.npz")
+
+
+@pytest.mark.parametrize("shape, warns", [((32, 32, 4), True), ((64, 64, 1), True), ((8, 8, 4), False),
+                                          ((4, 32, 32), False), ((16, 16, 16), False), ((32, 8, 8), False),
+                                          ((8, 1, 64), False)])
+def test_channels_last_latents_warn(tmp_path, shape, warns):
+    # (N, H, W, C) latents, as TF/JAX save them, trained silently as C=H channels of HxW.
+    import warnings
+
+    from latent_ddpm.feeding import load_training_data
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_training_data(str(tmp_path / "x.npy"))
+    said = [str(w.message) for w in caught if "channels-last" in str(w.message)]
+    assert len(said) == warns, said
+    if warns:
+        c, h, w = shape
+        assert f"latents of {c}x{h}x{w} look channels-last (N, H, W, C)" in said[0]
+        assert "save X.transpose(0, 3, 1, 2) (N, C, H, W) instead" in said[0]

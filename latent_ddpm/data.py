@@ -54,6 +54,7 @@ from .validation import (
     check_label_max,
     check_latent_meta,
     chunk_rows,
+    column_candidates,
     latent_features,
     pick_column,
 )
@@ -89,7 +90,8 @@ def _standardize(ds: datasets.Dataset, where: str, latent_key: str, label_key: s
     names = ds.column_names
     lat = pick_column(names, latent_key, LATENT_COLUMNS)
     if lat is None:
-        raise DataError(f"{where}: no latents column (looked for '{latent_key}', 'latents', 'X'); the columns are "
+        looked = ", ".join(f"'{k}'" for k in column_candidates(latent_key, LATENT_COLUMNS))
+        raise DataError(f"{where}: no latents column (looked for {looked}); the columns are "
                         f"{names}; pass the right one with --latent_key / latent_key=")
     lab = None if label_key is None else pick_column(names, label_key, LABEL_COLUMNS)
     ds = ds.select_columns([c for c in (lat, lab) if c is not None])

@@ -34,6 +34,7 @@ from .validation import (
     check_labels_meta,
     check_latent_meta,
     chunk_rows,
+    column_candidates,
     latent_features,
     pick_column,
 )
@@ -153,11 +154,12 @@ def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file:
         where = str(path)
         shape, chunks = _numpy_chunks(path, None, where)
     else:
-        keys = npz_keys(path)  # as the other formats: latent_key, else latents or X; label_key, else labels, label or y
+        keys = npz_keys(path)  # names as every format: validation.pick_column
         key = pick_column(keys, latent_key, LATENT_COLUMNS)
         if key is None:
-            also = " or ".join(f"'{k}'" for k in LATENT_COLUMNS if k != latent_key)
-            raise DataError(f"{path}: no array named '{latent_key}' (nor {also}); the file has {keys}; "
+            others = column_candidates(latent_key, LATENT_COLUMNS)[1:]
+            also = f" (nor {' or '.join(repr(k) for k in others)})" if others else ""
+            raise DataError(f"{path}: no array named '{latent_key}'{also}; the file has {keys}; "
                             "pass the right one with --latent_key / latent_key=")
         where = f"{path}[{key}]"
         shape, chunks = _numpy_chunks(path, key + ".npy", where)

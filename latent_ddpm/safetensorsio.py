@@ -21,6 +21,7 @@ from .validation import (
     check_labels_meta,
     check_latent_meta,
     chunk_rows,
+    column_candidates,
     pick_column,
 )
 
@@ -87,13 +88,15 @@ def _read_labels(path: Path, key: str, n: int) -> np.ndarray:
 def open_safetensors(path: Path, latent_key: str, label_key: str | None
                      ) -> tuple[str, tuple[int, ...], Iterator[np.ndarray], np.ndarray | None]:
     """(where, shape, latent chunk iterator, labels or None) for a `.safetensors` file. The latents are the tensor
-    `latent_key`, else `latents` or `X`; the labels `label_key`, else `labels`, `label` or `y` (`label_key` None: none).
+    `latent_key` (else, for a default key, `latents` or `X`); the labels `label_key` (else, for a default key,
+    `labels`, `label` or `y`; `label_key` None: none): `validation.pick_column`.
     Only the header and the labels are read here; the latents stream later, in chunks."""
     keys = safetensors_keys(path)
     key = pick_column(keys, latent_key, LATENT_COLUMNS)
     if key is None:
-        also = " or ".join(f"'{k}'" for k in LATENT_COLUMNS if k != latent_key)
-        raise DataError(f"{path}: no tensor named '{latent_key}' (nor {also}); the file has {keys}; pass the right "
+        others = column_candidates(latent_key, LATENT_COLUMNS)[1:]
+        also = f" (nor {' or '.join(repr(k) for k in others)})" if others else ""
+        raise DataError(f"{path}: no tensor named '{latent_key}'{also}; the file has {keys}; pass the right "
                         "one with --latent_key / latent_key=")
     where = f"{path}[{key}]"
     try:

@@ -15,10 +15,17 @@ from .errors import UserInputError
 LATENT_COLUMNS, LABEL_COLUMNS = ("latents", "X"), ("labels", "label", "y")  # "label": the hub's usual name
 
 
-def pick_column(names: list[str], wanted: str | None, others: tuple[str, ...]) -> str | None:
-    """The first of `wanted`, then `others` (`LATENT_COLUMNS` or `LABEL_COLUMNS`), that a source holds (None if
-    none does): every format falls back to the same names."""
-    return next((k for k in (wanted, *others) if k is not None and k in names), None)
+def column_candidates(wanted: str, usual: tuple[str, ...]) -> tuple[str, ...]:
+    """The names looked for, in order: `wanted`, then the other `usual` names (`LATENT_COLUMNS` or
+    `LABEL_COLUMNS`) when `wanted` is one of them (a default); a name the user chose alone, so that a typo is
+    caught, not replaced by another column."""
+    return (wanted, *(k for k in usual if k != wanted)) if wanted in usual else (wanted,)
+
+
+def pick_column(names: list[str], wanted: str, usual: tuple[str, ...]) -> str | None:
+    """The first of `column_candidates(wanted, usual)` that a source holds (None if none does): every format
+    follows this one rule."""
+    return next((k for k in column_candidates(wanted, usual) if k in names), None)
 #: Bytes of latents read per step when streaming (conversion, checks, statistics): bounds memory.
 CHUNK_BYTES = 32 * 2**20
 #: The largest accepted class id. A class-conditional model has one embedding row per id up to the largest, so

@@ -246,6 +246,24 @@ def test_npz_falls_back_to_the_names_other_formats_take(tmp_path, xy):
     np.testing.assert_array_equal(y, xy[1])
 
 
+def test_a_key_the_user_chose_is_looked_for_alone(tmp_path, xy):
+    # Falling back to the usual names is for the defaults: a mistyped --latent_key read X, a mistyped --label_key y.
+    from safetensors.numpy import save_file
+
+    save_file({"X": xy[0], "y": xy[1]}, str(tmp_path / "a.safetensors"))
+    np.savez(tmp_path / "a.npz", X=xy[0], y=xy[1])
+    datasets.Dataset.from_dict({"X": xy[0], "y": xy[1]}).save_to_disk(tmp_path / "saved")
+    for source, message in ((tmp_path / "a.safetensors", r"no tensor named 'Z'; the file has"),
+                            (tmp_path / "a.npz", r"no array named 'Z'; the file has"),
+                            (tmp_path / "saved", r"no latents column \(looked for 'Z'\); the columns are")):
+        expect_error(source, message, latent_key="Z")
+        x, y = read_back(load_latents(source, label_key="nope"))
+        np.testing.assert_array_equal(x, xy[0])
+        assert y is None, source
+        _, y = read_back(load_latents(source, label_key="labels"))  # a usual name still finds the others
+        np.testing.assert_array_equal(y, xy[1])
+
+
 def test_the_hubs_label_column_is_taken(tmp_path, xy):
     # A hub dataset's labels are usually a `label` column (datasets' ClassLabel); it was dropped as "no labels".
     datasets.Dataset.from_dict({"latents": xy[0], "label": xy[1]}).save_to_disk(tmp_path / "saved")

@@ -44,8 +44,9 @@ from .validation import (
 IN_MEMORY_MAX_BYTES = 256 * 2**20
 #: Where `load_latents` caches big `.npy`/`.npz`/`.safetensors` files as Arrow (override with $LATENT_DDPM_CACHE).
 DEFAULT_CACHE_DIR = Path(os.environ.get("LATENT_DDPM_CACHE", Path.home() / ".cache" / "latent_ddpm"))
-#: Bump when the cached Arrow layout changes, so that old cache files are not reused.
-CACHE_VERSION = 1
+#: Bump when the cached Arrow layout, or what a call reads, changes, so that old cache files are not reused (2: a
+#: .npz's 'latents'/'labels' and every format's 'label' became fallbacks; older copies of those files lack them).
+CACHE_VERSION = 2
 #: What reading a damaged file raises: a bad archive, a truncated or corrupt (compressed) member, a bad header.
 READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 

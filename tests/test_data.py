@@ -71,6 +71,22 @@ def test_big_file_goes_to_arrow_cache(tmp_path, xy, monkeypatch):
     assert again.cache_files[0]["filename"] == ds.cache_files[0]["filename"]
 
 
+def test_a_cache_made_before_the_label_fallbacks_is_not_reused(tmp_path, xy, monkeypatch):
+    # A .npz's 'labels' (or 'label') array was not read before they were fallbacks: its cache holds no labels,
+    # under the name the same call gives now (path, size, mtime, keys asked for); reused, --class_conditional said
+    # the data had no labels.
+    from latent_ddpm import npyio
+
+    np.savez(tmp_path / "a.npz", X=xy[0], labels=xy[1])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with monkeypatch.context() as old:
+        old.setattr(npyio, "CACHE_VERSION", 1)
+        stale = cache / f"a-{npyio.source_key(tmp_path / 'a.npz', 'X', 'y', None)}.arrow"
+    npyio.write_numpy(tmp_path / "a.npz", dict(path=str(stale)), "X", None, None)  # as it was cached: no labels
+    assert_same(load_latents(tmp_path / "a.npz", cache_dir=cache, in_memory_max_bytes=0), *xy)
+
+
 def test_saved_folder_parquet_arrow_and_torch_format(tmp_path, xy):
     ds = dataset_from_arrays(*xy)
     ds.save_to_disk(str(tmp_path / "saved"))

@@ -23,7 +23,7 @@ import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 
 from .errors import first_line
-from .safetensorsio import SAFETENSORS_SUFFIXES, open_safetensors
+from .safetensorsio import SAFETENSORS_SUFFIXES, open_safetensors, safetensors_keys
 from .validation import (
     LABEL_COLUMNS,
     LATENT_COLUMNS,
@@ -170,9 +170,11 @@ def _open_numpy(path: Path, latent_key: str, label_key: str | None, labels_file:
             labels = _read_labels(lwhere, read, shape[0], lambda: _header(path, lkey + ".npy", lwhere))
     if labels_file is not None:
         if labels is not None:  # silently preferring either would train on labels the user did not mean
-            raise DataError(f"{path}: it holds its own labels '{label_key}' and a labels file "
+            keys = safetensors_keys(path) if path.suffix.lower() in SAFETENSORS_SUFFIXES else npz_keys(path)
+            held = pick_column(keys, label_key, LABEL_COLUMNS)  # label_key's fallback, maybe 'labels' or 'label'
+            raise DataError(f"{path}: it holds its own labels '{held}' and a labels file "
                             f"{labels_file} was given too; use one: drop the labels file, or re-save the "
-                            f"{path.suffix.lower()} without '{label_key}'")
+                            f"{path.suffix.lower()} without '{held}'")
         if not Path(labels_file).is_file():
             raise DataError(f"{labels_file}: no such labels file; check the path")
         labels = _read_labels(str(labels_file), lambda: np.load(labels_file, allow_pickle=False), shape[0],

@@ -235,5 +235,11 @@ def test_a_labels_file_beside_npz_labels_is_refused(npz_dir, tmp_path, monkeypat
     one_line_error(*cli(data.main, ["convert", str(npz_dir / "in.npz"), "out", "--labels_file", "other.npy"],
                         capfd)[::2], "holds its own labels 'y'")
     assert not Path("out").exists()
+    for name in ("labels", "label"):  # label_key's fallbacks: the line named 'y', which the file did not hold
+        np.savez("named.npz", X=latents(), **{name: np.zeros(N, dtype=np.int64)})
+        for args in (["--labels_file", "other.npy"], ["--label_key", name, "--labels_file", "other.npy"]):
+            one_line_error(*cli(data.main, ["convert", "named.npz", "out", *args], capfd)[::2],
+                           f"holds its own labels '{name}' and a labels file other.npy was given too; use one: drop "
+                           f"the labels file, or re-save the .npz without '{name}'")
     np.savez("unlabelled.npz", X=latents())  # an .npz without labels may take them from a file
     assert cli(data.main, ["convert", "unlabelled.npz", "out", "--labels_file", "other.npy"], capfd)[0] == 0

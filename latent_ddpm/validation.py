@@ -42,8 +42,8 @@ class DataError(UserInputError):
 
 
 class LabelsError(DataError):
-    """Labels that are not class ids (not integers, negative, too large): a command that read them only because the
-    file has them (`data convert`'s default y) adds how to leave them out."""
+    """Labels that are not class ids (not integers, not one per sample, negative, too large): a command that read
+    them only because the file has them (`data convert`'s default y, or its fallbacks) adds how to leave them out."""
 
 
 def latent_features(shape: tuple[int, int, int], labels: bool) -> datasets.Features:
@@ -90,7 +90,7 @@ def check_labels_meta(where: str, shape: tuple[int, ...], dtype: np.dtype, n: in
     if tuple(shape) != (n,):
         hint = ("" if len(shape) != 2 or shape[0] != n else "; save them as y.reshape(-1)" if shape[1] == 1 else
                 "; one-hot or score rows? save the class ids, y.argmax(1)")
-        raise DataError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(shape)}{hint}")
+        raise LabelsError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(shape)}{hint}")
 
 
 def check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:

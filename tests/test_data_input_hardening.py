@@ -344,8 +344,9 @@ def test_convert_no_labels_leaves_an_original_y_out(tmp_path, capsys):
     err = capsys.readouterr().err  # the default y: the message names the way to leave it out
     assert "labels must be integers" in err and err.rstrip().endswith("or pass --no_labels to convert the latents "
                                                                      "without them")
-    for labels in (np.arange(N) - 1, np.array(["cat"] * N)):  # negative ids, class names
-        np.savez(tmp_path / "other.npz", X=latents(), y=labels)
+    for key, labels in (("y", np.arange(N) - 1), ("y", np.array(["cat"] * N)),  # negative ids, class names; one-hot
+                        ("label", np.eye(3, dtype=np.int64)[np.arange(N) % 3]), ("labels", np.arange(N + 1))):
+        np.savez(tmp_path / "other.npz", X=latents(), **{key: labels})
         assert exit_status(data.main, ["convert", str(tmp_path / "other.npz"), str(tmp_path / "a")]) == 2
         assert "--no_labels" in capsys.readouterr().err
     assert exit_status(data.main, ["convert", str(tmp_path / "orig.npz"), str(tmp_path / "a"), "--label_key", "y"]) == 2

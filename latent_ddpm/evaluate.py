@@ -236,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_labels and args.label_key is not None:
         raise UserInputError("--no_labels: it ignores the labels; drop it or --label_key")
     samples, labels = load_samples(args.samples, args.samples_key)
+    if args.label_key is not None:  # a typo would fall back to the 'labels', 'label' or 'y' a source also holds
+        from .data import source_names
+
+        if (names := source_names(args.reference)) is not None and args.label_key not in names:
+            raise UserInputError(f"--label_key {args.label_key}: {args.reference} has no such labels (it has "
+                                 f"{names}); name its labels array or column, or leave --label_key out")
     label_key = None if args.no_labels else args.label_key or "y"
     reference, ref_labels = load_reference(args.reference, args.latent_key, label_key, args.max_reference,
                                            optional_labels=args.label_key is None, split=args.split,

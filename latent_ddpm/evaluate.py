@@ -162,7 +162,8 @@ def load_reference(source: str, latent_key: str = "X", label_key: str | None = "
     """Reference latents from any source `latent_ddpm.data.load_latents` reads (its `split` and `subset`, where it
     has them), subsampled (seeded) to `limit`. With `optional_labels`, labels that are not class ids (the original's
     `y` need not be) are left out with a note instead of refused."""
-    from .data import DataError, load_latents
+    from .data import LABEL_COLUMNS, DataError, load_latents, source_names
+    from .validation import pick_column
 
     where = {"split": split, "subset": subset}
     try:
@@ -171,7 +172,8 @@ def load_reference(source: str, latent_key: str = "X", label_key: str | None = "
         if not optional_labels or label_key is None:
             raise
         ds = load_latents(source, latent_key=latent_key, label_key=None, **where)  # a latents' problem raises again
-        stderr_line(f"note: {source}: its '{label_key}' labels are not class ids, so there are no per-class figures; "
+        held = pick_column(source_names(source) or [label_key], label_key, LABEL_COLUMNS)  # maybe a fallback
+        stderr_line(f"note: {source}: its '{held}' labels are not class ids, so there are no per-class figures; "
                     "pass --no_labels to skip them, or --label_key to name the class ids")
     return reference_rows(ds, limit)
 

@@ -258,6 +258,9 @@ def test_reference_labels_a_typo_is_refused_and_no_labels_ignores_them(tmp_path,
     assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz")]) == 0
     out, err = capsys.readouterr()
     assert "per_class" not in json.loads(out) and "'y' labels are not class ids" in err and "--no_labels" in err
+    np.savez(tmp_path / "named.npz", X=x, label=np.array(["cat", "dog"] * 32))  # a fallback's class names
+    assert run_evaluate([*base, "--reference", str(tmp_path / "named.npz")]) == 0
+    assert "'label' labels are not class ids" in capsys.readouterr().err  # it named 'y', which the file lacks
     assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz"), "--label_key", "y"]) == 2
     assert "labels must be integers" in one_error_line(capsys)
     assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz"), "--no_labels"]) == 0

@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--latent_key", default="X", help="array name of the latents in a .npz or .safetensors "
                       "(default X; a .safetensors may also name them latents)")
     conv.add_argument("--label_key", default=None, help="array name of the labels in a .npz or .safetensors "
-                      "(default: y, when the file has it; labels in a .safetensors)")
+                      "(default: y, else labels or label, when the file has one)")
     conv.add_argument("--labels_file", default=None, help="a .npy of int labels for a .npy input")
     conv.add_argument("--no_labels", action="store_true", help="leave the labels out (an original project's y "
                       "that is not class ids, which its training never used)")

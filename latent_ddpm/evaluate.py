@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                    "shards, a saved DatasetDict, a hub dataset; default train), e.g. test for held-out latents")
     p.add_argument("--subset", default=None, help="the reference's subset (config), where it has several")
     p.add_argument("--latent_key", default="X", help="array of latents in a reference .npz (default X)")
-    p.add_argument("--label_key", default=None, help="array of labels in a reference .npz (default: y, when the "
-                   "file has it)")
+    p.add_argument("--label_key", default=None, help="array or column of labels in the reference (default: y, else "
+                   "labels or label, when it has one)")
     p.add_argument("--no_labels", action="store_true", help="ignore the reference's labels (no per-class figures)")
     p.add_argument("--samples_key", default="samples", help="array of latents in the samples file (default samples)")
     p.add_argument("--k", type=int, default=K_NEIGHBOURS, help="k of the k-NN radii (default 3)")

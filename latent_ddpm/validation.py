@@ -11,7 +11,7 @@ import numpy as np
 
 from .errors import UserInputError
 
-#: Accepted names of the latents and labels in Arrow/Parquet/hub/safetensors sources (besides the keys given).
+#: The usual names of the latents and labels, looked for in every source when the key is one of them (`pick_column`).
 LATENT_COLUMNS, LABEL_COLUMNS = ("latents", "X"), ("labels", "label", "y")  # "label": the hub's usual name
 
 
@@ -26,6 +26,8 @@ def pick_column(names: list[str], wanted: str, usual: tuple[str, ...]) -> str | 
     """The first of `column_candidates(wanted, usual)` that a source holds (None if none does): every format
     follows this one rule."""
     return next((k for k in column_candidates(wanted, usual) if k in names), None)
+
+
 #: Bytes of latents read per step when streaming (conversion, checks, statistics): bounds memory.
 CHUNK_BYTES = 32 * 2**20
 #: The largest accepted class id. A class-conditional model has one embedding row per id up to the largest, so

@@ -17,6 +17,7 @@ from .validation import (
     LABEL_COLUMNS,
     LATENT_COLUMNS,
     DataError,
+    LabelsError,
     check_labels,
     check_labels_meta,
     check_latent_meta,
@@ -75,8 +76,10 @@ def _read_labels(path: Path, key: str, n: int) -> np.ndarray:
         meta = f.get_slice(key)
         shape, name = tuple(meta.get_shape()), meta.get_dtype()
         if name not in INT_DTYPES:
-            raise DataError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {_dtype_name(name)}; "
-                            "save them as an int64 tensor, e.g. torch.unique(y, return_inverse=True)[1]")
+            if name in FLOAT_DTYPES and shape != (n,):  # one-hot or score rows: y.argmax(1), not torch.unique
+                check_labels_meta(where, shape, FLOAT_DTYPES[name], n)
+            raise LabelsError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {_dtype_name(name)}; "
+                              "save them as an int64 tensor, e.g. torch.unique(y, return_inverse=True)[1]")
         check_labels_meta(where, shape, INT_DTYPES[name], n)
         try:
             labels = f.get_tensor(key).numpy()

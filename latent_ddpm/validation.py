@@ -85,14 +85,15 @@ def check_latent_meta(where: str, shape: tuple[int, ...], dtype: np.dtype) -> No
 
 
 def check_labels_meta(where: str, shape: tuple[int, ...], dtype: np.dtype, n: int) -> None:
-    """The checks of `check_labels` that need only the shape and dtype (a .npy header): run before reading."""
-    if dtype.hasobject or dtype.kind not in "iu":
-        raise LabelsError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {dtype}; "
-                        "map class names to ids, e.g. np.unique(y, return_inverse=True)[1]")
-    if tuple(shape) != (n,):
+    """The checks of `check_labels` that need only the shape and dtype (a .npy header): run before reading. The
+    shape of numbers first: one-hot rows are often float (keras' to_categorical), and np.unique is no fix for them."""
+    if tuple(shape) != (n,) and not dtype.hasobject and dtype.kind in "biuf":
         hint = ("" if len(shape) != 2 or shape[0] != n else "; save them as y.reshape(-1)" if shape[1] == 1 else
                 "; one-hot or score rows? save the class ids, y.argmax(1)")
         raise LabelsError(f"{where}: labels must have shape ({n},) to match {n} latents, got {tuple(shape)}{hint}")
+    if dtype.hasobject or dtype.kind not in "iu":
+        raise LabelsError(f"{where}: labels must be integers (class ids 0..K-1), got dtype {dtype}; "
+                        "map class names to ids, e.g. np.unique(y, return_inverse=True)[1]")
 
 
 def check_labels(where: str, y: np.ndarray, n: int) -> np.ndarray:

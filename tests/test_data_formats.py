@@ -231,6 +231,9 @@ def test_convert_takes_a_safetensors_file(tmp_path, capsys):
     with pytest.raises(DataError, match=r"--label_key cls: .*a\.safetensors has no such array \(it has \['X', "
                        r"'labels'\]\)"):
         data.main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "out2"), "--label_key", "cls"])
+    save_file({"X": torch.from_numpy(x), "y": torch.from_numpy(y).float()}, tmp_path / "b.safetensors")
+    with pytest.raises(DataError, match=r"got dtype float32; .*; or pass --no_labels to convert the latents without"):
+        data.main(["convert", str(tmp_path / "b.safetensors"), str(tmp_path / "out2")])  # as a .npz's y
 
 
 def write_bad(path: Path, case: str) -> None:
@@ -250,6 +253,7 @@ def write_bad(path: Path, case: str) -> None:
                "float_labels": {"X": x, "y": torch.arange(N).float()},
                "short_labels": {"X": x, "y": torch.arange(N - 1)},
                "2d_labels": {"X": x, "y": torch.zeros(N, 1, dtype=torch.int64)},
+               "one_hot_labels": {"X": x, "label": torch.eye(3)[torch.arange(N) % 3]},
                "negative_labels": {"X": x, "y": torch.arange(N) - 1},
                "empty_latents": {"X": x[:0], "y": torch.arange(0)}}[case]
     save_file(tensors, path)
@@ -268,6 +272,8 @@ def write_bad(path: Path, case: str) -> None:
     ("float_labels", r"\[y\]: labels must be integers \(class ids 0..K-1\), got dtype float32"),
     ("short_labels", r"\[y\]: labels must have shape \(10,\) to match 10 latents, got \(9,\)"),
     ("2d_labels", r"labels must have shape \(10,\) to match 10 latents, got \(10, 1\)"),
+    ("one_hot_labels", r"\[label\]: labels must have shape \(10,\) to match 10 latents, got \(10, 3\); one-hot or "
+     r"score rows\? save the class ids, y\.argmax\(1\)$"),
     ("negative_labels", r"labels must be >= 0, found -1 at index 0"),
     ("empty_latents", r"the dataset is empty"),
 ], ids=lambda v: v if "\\" not in v and " " not in v else "")

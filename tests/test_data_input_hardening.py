@@ -51,6 +51,7 @@ def test_latents_of_another_rank_say_how_to_reshape(tmp_path, shape, hint):
 
 @pytest.mark.parametrize("y, hint", [
     (np.eye(3, dtype=np.int64)[np.arange(6) % 3], "; one-hot or score rows? save the class ids, y.argmax(1)"),
+    (np.eye(3, dtype=np.float32)[np.arange(6) % 3], "; one-hot or score rows? save the class ids, y.argmax(1)"),
     (np.zeros((6, 1), np.int64), "; save them as y.reshape(-1)")])
 def test_labels_of_shape_n_by_k_say_what_to_save(tmp_path, y, hint):
     np.savez(tmp_path / "x.npz", X=np.zeros((6, 4, 8, 8), np.float32), y=y)

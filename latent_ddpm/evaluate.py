@@ -172,9 +172,9 @@ def load_reference(source: str, latent_key: str = "X", label_key: str | None = "
         if not optional_labels or label_key is None:
             raise
         ds = load_latents(source, latent_key=latent_key, label_key=None, **where)  # a latents' problem raises again
-        held = pick_column(source_names(source) or [label_key], label_key, LABEL_COLUMNS)  # maybe a fallback
-        stderr_line(f"note: {source}: its '{held}' labels are not class ids, so there are no per-class figures; "
-                    "pass --no_labels to skip them, or --label_key to name the class ids")
+        held = pick_column(source_names(source) or [], label_key, LABEL_COLUMNS)  # maybe a fallback; None: unknown
+        stderr_line(f"note: {source}: its {f'{held!r} ' if held else ''}labels are not class ids, so there are no "
+                    "per-class figures; pass --no_labels to skip them, or --label_key to name the class ids")
     return reference_rows(ds, limit)
 
 

@@ -14,6 +14,7 @@ import types
 import zipfile
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 from _helpers import exit_status, one_error_line
@@ -261,6 +262,11 @@ def test_reference_labels_a_typo_is_refused_and_no_labels_ignores_them(tmp_path,
     np.savez(tmp_path / "named.npz", X=x, label=np.array(["cat", "dog"] * 32))  # a fallback's class names
     assert run_evaluate([*base, "--reference", str(tmp_path / "named.npz")]) == 0
     assert "'label' labels are not class ids" in capsys.readouterr().err  # it named 'y', which the file lacks
+    (tmp_path / "shards").mkdir()  # names not known before loading (a folder of shards, a hub dataset): none
+    datasets.Dataset.from_dict({"latents": x, "label": ["cat", "dog"] * 32}).to_parquet(
+        str(tmp_path / "shards" / "train-00000-of-00001.parquet"))
+    assert run_evaluate([*base, "--reference", str(tmp_path / "shards")]) == 0
+    assert "shards: its labels are not class ids" in capsys.readouterr().err
     assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz"), "--label_key", "y"]) == 2
     assert "labels must be integers" in one_error_line(capsys)
     assert run_evaluate([*base, "--reference", str(tmp_path / "floaty.npz"), "--no_labels"]) == 0

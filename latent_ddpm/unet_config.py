@@ -37,8 +37,9 @@ def size_advice(down_sample, height: int, width: int, origin: str) -> str:
             break
         fit[i] = False
     steps = sum(bool(d) for d in down_sample)
+    flag = f"--model_config '{{\"down_sample\": {json.dumps(fit)}}}'"
     return (f"crop/pad the latents to a multiple of {2 ** steps}, or down-sample fewer times ({origin} halves them "
-            f"{steps} time{'s' * (steps != 1)}): --model_config '{{\"down_sample\": {json.dumps(fit)}}}'")
+            f"{steps} time{'s' * (steps != 1)}): {flag} (with any other keys of your --model_config)")
 
 
 def check_types(**config) -> None:

@@ -138,7 +138,7 @@ CASES = [
      "labels must be integers"),
     ("train-odd-size", "train", lambda d: ["--latent", d / "odd7.npz"], "7x7 is not divisible by the model's "
      """downsampling factor 2; crop/pad the latents to a multiple of 2, or down-sample fewer times (--preset tiny """
-     """halves them 1 time): --model_config '{"down_sample": [false, false]}'"""),
+     """halves them 1 time): --model_config '{"down_sample": [false, false]}' (with any other keys"""),
     ("train-unknown-format", "train", lambda d: ["--latent", d / "latents.txt"], "unknown format '.txt'"),
     ("train-torch-pickle", "train", lambda d: ["--latent", d / "a_list.pth"],
      "a pickle ('.pth', e.g. from torch.save) is never loaded, as it can run code; save the latents as safetensors"),

@@ -107,7 +107,8 @@ def test_size_advice_gives_a_model_config_that_fits(preset, size, advised):
     factor = downsample_factor(down_sample)
     assert size[0] % factor or size[1] % factor
     advice = size_advice(down_sample, *size, f"--preset {preset}")
-    assert advice.endswith(f"""--model_config '{{"down_sample": {str(advised).lower()}}}'""")
+    assert advice.endswith(f"""--model_config '{{"down_sample": {str(advised).lower()}}}' (with any other keys of """
+                           "your --model_config)")
     assert f"a multiple of {factor}" in advice and f"--preset {preset} halves them" in advice
     assert size[0] % downsample_factor(advised) == 0 and size[1] % downsample_factor(advised) == 0
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from .data import DataError, iter_chunks, load_latents, source_names
 from .demo import demo_dataset
 from .errors import UserInputError
+from .validation import LABEL_COLUMNS, column_candidates
 
 #: Default budget for keeping the whole dataset on the device (bytes of latents + labels).
 DEFAULT_MEMORY_BUDGET = 2 * 2**30
@@ -90,7 +91,9 @@ def load_training_data(train_data: str | None, latent_key: str = "X", label_key:
         holds = f" (it holds {', '.join(map(repr, names))})" if names else ""
         fix = ("a .npy holds no labels: join them with python -m latent_ddpm.data convert IN.npy OUT --labels_file "
                "LABELS.npy" if str(train_data).endswith(".npy") else "name the labels with --label_key")
-        raise UserInputError(f"--class_conditional needs labels, but {train_data} has no '{label_key}' labels{holds}; "
+        *first, last = (f"'{k}'" for k in column_candidates(label_key, LABEL_COLUMNS))
+        looked = f"{', '.join(first)} or {last}" if first else last
+        raise UserInputError(f"--class_conditional needs labels, but {train_data} has no {looked} labels{holds}; "
                              f"{fix}, or drop --class_conditional")
     if not class_conditional:
         return TrainingData(dataset, name, source, None)

@@ -159,7 +159,7 @@ CASES = [
     ("train-split-empty", "train", lambda d: ["--latent", d / "saved_dict", "--train_split", " "],
      "--train_split: is empty; name a split"),
     ("train-labels-needed", "train", lambda d: ["--latent", d / "unlabelled.npz", "--class_conditional"],
-     "--class_conditional needs labels"),
+     "has no 'y', 'labels' or 'label' labels"),
     ("train-labels-other-key", "train", lambda d: ["--latent", d / "other_label_key.npz", "--class_conditional",
                                                     "--label_key", "labelz"],
      "has no 'labelz' labels (it holds 'X', 'classes'); name the labels with --label_key"),  # named neither

@@ -71,6 +71,13 @@ def exit_status(main, argv: list) -> int:
 
 #: The shape of `latents()`: N samples of C x H x W.
 N, C, H, W = 8, 4, 8, 8
+#: Training timesteps of the pipeline tests' tiny pipelines (conftest's `make_pipe`): small, so a full DDPM run is fast.
+PIPE_TIMESTEPS = 20
+
+
+def gen(seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed`, for pipeline calls."""
+    return torch.Generator().manual_seed(seed)
 
 
 def latents(n: int = N, seed: int = 0, dtype=np.float32) -> np.ndarray:

@@ -33,6 +33,24 @@ def make_unet():
     return make
 
 
+@pytest.fixture
+def make_pipe(make_unet):
+    """Build a tiny `LatentDDPMPipeline` (conftest's tiny UNet, `PIPE_TIMESTEPS` training timesteps, no progress
+    bar) with the given normalisation and UNet config overrides."""
+    from _helpers import PIPE_TIMESTEPS
+
+    from latent_ddpm import LatentDDPMPipeline, default_scheduler
+
+    def make(seed: int = 0, latents_mean=None, latents_std=None, **unet_overrides) -> LatentDDPMPipeline:
+        pipe = LatentDDPMPipeline(unet=make_unet(seed=seed, **unet_overrides),
+                                  scheduler=default_scheduler(num_train_timesteps=PIPE_TIMESTEPS),
+                                  latents_mean=latents_mean, latents_std=latents_std)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def original_unet():
     """The `benchmarks/original_unet.py` module (a reference, not part of the package)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import PIPE_TIMESTEPS, gen
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -16,23 +17,7 @@ from diffusers import (
 
 from latent_ddpm import AdvancedUNet2DModel, LatentDDPMPipeline, default_scheduler
 
-T = 20  # training timesteps: small, so a full DDPM run is fast
-
-
-@pytest.fixture
-def make_pipe(make_unet):
-    def make(seed: int = 0, latents_mean=None, latents_std=None, **unet_overrides) -> LatentDDPMPipeline:
-        pipe = LatentDDPMPipeline(unet=make_unet(seed=seed, **unet_overrides),
-                                  scheduler=default_scheduler(num_train_timesteps=T),
-                                  latents_mean=latents_mean, latents_std=latents_std)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    return make
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+T = PIPE_TIMESTEPS  # training timesteps of conftest's make_pipe
 
 
 def test_default_scheduler_recipe():

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
+from _helpers import gen
 from diffusers import DiffusionPipeline, HeunDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback, SDCFGCutoffCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from latent_ddpm import LatentDDPMPipeline, default_scheduler
 from latent_ddpm.hub import prepare_upload_folder
 from latent_ddpm.pipeline import start_noise_sigma
 
@@ -21,18 +23,9 @@ OLD_CORNER = [[-2.0581812858581543, -3.1016509532928467], [-0.8004962205886841, 
 
 
 @pytest.fixture
-def make_pipe(make_unet):
-    def make(**unet_overrides) -> LatentDDPMPipeline:
-        pipe = LatentDDPMPipeline(unet=make_unet(**unet_overrides), scheduler=default_scheduler(num_train_timesteps=20),
-                                  latents_mean=MEAN, latents_std=STD)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    return make
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def make_pipe(make_pipe):
+    """conftest's tiny pipeline, normalised by MEAN and STD (callbacks see model-space latents)."""
+    return functools.partial(make_pipe, latents_mean=MEAN, latents_std=STD)
 
 
 def data_scale_mean(shape: tuple) -> np.ndarray:

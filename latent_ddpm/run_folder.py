@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -109,21 +108,15 @@ def _read_json(path: Path) -> object:
 
 
 def _same_stats(recorded: object, stats: dict) -> bool:
-    """Whether `recorded` (a train/latent_stats.json) holds `stats`, measured on the data (to 1e-3, as a resume's
-    fingerprint compares them). "scale" and "none" statistics are the same for any data: they never match."""
-    if not isinstance(recorded, dict) or recorded.get("mode") != stats.get("mode") or stats.get("mode") not in (
-            "channel", "global"):
+    """Whether `recorded` (a train/latent_stats.json) holds `stats` as a resume's data check compares them
+    (`LatentStats.fingerprint`). "scale" and "none" statistics are the same for any data: they never match."""
+    from .feeding import LatentStats  # here, not at the top: run_folder is imported without the data stack
+
+    if not isinstance(recorded, dict) or stats.get("mode") not in ("channel", "global"):
         return False
-    pairs = [(stats.get(key), recorded.get(key)) for key in ("mean", "std")]
-    return all(isinstance(ours, list) and isinstance(theirs, list) and len(theirs) == len(ours)
-               and all(isinstance(v, int | float) and _close(u, v) for u, v in zip(ours, theirs, strict=True))
-               for ours, theirs in pairs)
-
-
-def _close(ours: float, theirs: float) -> bool:
     try:
-        return math.isclose(ours, theirs, rel_tol=1e-3)
-    except OverflowError:  # a recorded integer beyond any float
+        return LatentStats.from_dict(recorded).fingerprint() == LatentStats.from_dict(stats).fingerprint()
+    except (KeyError, TypeError, ValueError, OverflowError):  # a malformed record (an integer beyond any float)
         return False
 
 

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_labels and args.label_key is not None:
         raise UserInputError("--no_labels: it ignores the labels; drop it or --label_key")
     samples, labels = load_samples(args.samples, args.samples_key)
-    if args.label_key is not None:  # a typo would fall back to the 'labels', 'label' or 'y' a source also holds
+    if args.label_key is not None:  # named, it must be there: a usual name ('labels') the file lacks would fall
+        # back to another it holds ('y'); where the names are known only once loaded, the check after loading
         from .data import source_names
 
         if (names := source_names(args.reference)) is not None and args.label_key not in names:

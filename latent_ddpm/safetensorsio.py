@@ -22,7 +22,7 @@ from .validation import (
     check_labels_meta,
     check_latent_meta,
     chunk_rows,
-    column_candidates,
+    others_looked_for,
     pick_column,
 )
 
@@ -97,8 +97,7 @@ def open_safetensors(path: Path, latent_key: str, label_key: str | None
     keys = safetensors_keys(path)
     key = pick_column(keys, latent_key, LATENT_COLUMNS)
     if key is None:
-        others = column_candidates(latent_key, LATENT_COLUMNS)[1:]
-        also = f" (nor {' or '.join(repr(k) for k in others)})" if others else ""
+        also = others_looked_for(latent_key, LATENT_COLUMNS)
         raise DataError(f"{path}: no tensor named '{latent_key}'{also}; the file has {keys}; pass the right "
                         "one with --latent_key / latent_key=")
     where = f"{path}[{key}]"

@@ -22,6 +22,13 @@ def column_candidates(wanted: str, usual: tuple[str, ...]) -> tuple[str, ...]:
     return (wanted, *(k for k in usual if k != wanted)) if wanted in usual else (wanted,)
 
 
+def others_looked_for(wanted: str, usual: tuple[str, ...]) -> str:
+    """For a message naming a missing `wanted`: " (nor 'latents')", the other names `pick_column` looked for ("" when
+    it looked for `wanted` alone)."""
+    others = column_candidates(wanted, usual)[1:]
+    return f" (nor {' or '.join(repr(k) for k in others)})" if others else ""
+
+
 def pick_column(names: list[str], wanted: str, usual: tuple[str, ...]) -> str | None:
     """The first of `column_candidates(wanted, usual)` that a source holds (None if none does): every format
     follows this one rule."""
